@@ -1,0 +1,475 @@
+"""hosts.yaml -> a typed, validated Inventory.
+
+Every problem in the file becomes ONE InventoryError whose message names the file,
+the line, the key path and what is wrong, e.g.::
+
+    hosts.yaml:14: homeservers.one.test.host: 'vps9' is not a host in this inventory
+    (known hosts: vps1, vps2)
+
+Paths inside the inventory (SSH keys, CA bundles) are relative to the file itself.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+
+class InventoryError(Exception):
+    """A hosts.yaml problem an operator can fix; the message says where and what."""
+
+
+# One DNS label: letters, digits, hyphens; no leading/trailing hyphen; 63 chars max.
+_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+DOMAIN_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})+$")
+# Names used as host keys and compose project parts.
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+SIZE_RE = re.compile(r"^[1-9][0-9]*[KMG]$")
+
+ACME_DIRECTORIES = {
+    "staging": "https://acme-staging-v02.api.letsencrypt.org/directory",
+    "production": "https://acme-v02.api.letsencrypt.org/directory",
+}
+
+DEFAULT_IMAGES = {
+    "synapse": "matrixdotorg/synapse:v1.163.2",
+    "postgres": "postgres:15-bookworm",
+    "nginx": "nginx:1.22",
+    "certbot": "certbot/certbot:v2.1.0",
+}
+
+
+def check_domain(value: str) -> str:
+    """Lower-case `value` and check it is a fully qualified DNS name."""
+    value = value.strip().lower().rstrip(".")
+    if not DOMAIN_RE.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid domain name (labels of letters, digits and "
+            "hyphens, separated by dots, at least two labels)"
+        )
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Host(_Model):
+    """A machine reached over SSH."""
+
+    name: str = ""
+    address: str
+    user: str = "root"
+    port: int = Field(22, ge=1, le=65535)
+    key: Optional[Path] = None
+    sudo: Optional[bool] = None  # default: True unless user is root
+    images: Literal["pull", "push"] = "pull"
+    base_dir: str = "/opt/matrix"
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        try:
+            return str(ipaddress.ip_address(v))
+        except ValueError:
+            return check_domain(v)
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v: str) -> str:
+        if not re.match(r"^[a-z_][a-z0-9_-]{0,31}$", v):
+            raise ValueError(f"{v!r} is not a valid Unix user name")
+        return v
+
+    @field_validator("base_dir")
+    @classmethod
+    def _base_dir(cls, v: str) -> str:
+        if not re.match(r"^/[A-Za-z0-9._/-]+$", v) or ".." in v.split("/"):
+            raise ValueError(f"{v!r} must be an absolute path without '..'")
+        return v.rstrip("/")
+
+    @property
+    def use_sudo(self) -> bool:
+        return self.user != "root" if self.sudo is None else self.sudo
+
+
+class Federation(_Model):
+    enabled: bool = True
+    # Also serve federation on 8448 (besides 443 through delegation).
+    port_8448: bool = False
+    # Only federate with these domains (None: with everyone).
+    allow_domains: Optional[list[str]] = None
+    # CA bundle (PEM) that Synapse trusts for outbound federation, in addition
+    # to nothing else: when set, ONLY these roots are trusted (Synapse's own rule).
+    trusted_ca: Optional[Path] = None
+    # Private networks Synapse may federate into. Synapse blocks private
+    # addresses by default; an explicit list here lifts that for these CIDRs only.
+    allow_ip_ranges: list[str] = []
+    # Notary servers for signing keys (None: Synapse's default, matrix.org).
+    trusted_key_servers: Optional[list[dict[str, Any]]] = None
+
+    @field_validator("allow_domains")
+    @classmethod
+    def _domains(cls, v):
+        return None if v is None else [check_domain(d) for d in v]
+
+    @field_validator("allow_ip_ranges")
+    @classmethod
+    def _ranges(cls, v):
+        return [str(ipaddress.ip_network(r, strict=False)) for r in v]
+
+
+class Element(_Model):
+    enabled: bool = False
+    hostname: Optional[str] = None
+    version: str = "latest"
+    brand: str = "Element"
+    keep: int = Field(3, ge=1, le=20)
+    feed: str = "https://api.github.com/repos/element-hq/element-web/releases"
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, v):
+        return None if v is None else check_domain(v)
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        v = v.removeprefix("v")
+        if v != "latest" and not re.match(r"^[0-9]+(\.[0-9]+){1,3}(-rc\.?[0-9]+)?$", v):
+            raise ValueError(f"{v!r} is not a version like 1.11.85 or 'latest'")
+        return v
+
+
+class Postgres(_Model):
+    database: str = "synapse"
+    user: str = "synapse"
+
+    @field_validator("database", "user")
+    @classmethod
+    def _ident(cls, v: str) -> str:
+        if not re.match(r"^[a-z_][a-z0-9_]{0,62}$", v):
+            raise ValueError(f"{v!r} must be lower-case letters, digits and '_'")
+        return v
+
+
+class Homeserver(_Model):
+    """One Synapse homeserver: its Matrix domain and where it runs."""
+
+    server_name: str = ""
+    host: str
+    public_hostname: Optional[str] = None  # default: matrix.<server_name>
+    registration: Literal["disabled", "open", "token"] = "disabled"
+    admin_api_allow: list[str] = []
+    max_upload_size: str = "50M"
+    federation: Federation = Federation()
+    element: Element = Element()
+    postgres: Postgres = Postgres()
+    # Extra Synapse settings, merged into the managed override file.
+    synapse_settings: dict[str, Any] = {}
+
+    @field_validator("public_hostname")
+    @classmethod
+    def _hostname(cls, v):
+        return None if v is None else check_domain(v)
+
+    @field_validator("admin_api_allow")
+    @classmethod
+    def _cidrs(cls, v):
+        return [str(ipaddress.ip_network(r, strict=False)) for r in v]
+
+    @field_validator("max_upload_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        if not SIZE_RE.match(str(v)):
+            raise ValueError(f"{v!r} must be a size like 50M (K, M or G)")
+        return v
+
+    @model_validator(mode="after")
+    def _element_hostname(self):
+        if self.element.enabled and not self.element.hostname:
+            raise ValueError("element.hostname is required when element.enabled is true")
+        return self
+
+    @property
+    def hostname(self) -> str:
+        return self.public_hostname or f"matrix.{self.server_name}"
+
+    @property
+    def slug(self) -> str:
+        """A name safe for compose projects and container aliases."""
+        return self.server_name.replace(".", "-")
+
+
+class Acme(_Model):
+    email: Optional[str] = None
+    directory: str = "staging"
+    # PEM bundle that verifies the ACME server itself (a private CA).
+    ca_bundle: Optional[Path] = None
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, v):
+        if v is not None and not re.match(r"^[^@\s]+@[^@\s]+\.[^@\s]+$", v):
+            raise ValueError(f"{v!r} is not an e-mail address")
+        return v
+
+    @field_validator("directory")
+    @classmethod
+    def _directory(cls, v: str) -> str:
+        if v in ACME_DIRECTORIES or v.startswith("https://"):
+            return v
+        raise ValueError("must be 'staging', 'production' or an https:// URL")
+
+    @property
+    def directory_url(self) -> str:
+        return ACME_DIRECTORIES.get(self.directory, self.directory)
+
+
+class Ssh(_Model):
+    # known_hosts file to check host keys against (default: ~/.ssh/known_hosts).
+    known_hosts: Optional[Path] = None
+    # Accept and record the key of a host never seen before (like OpenSSH's
+    # StrictHostKeyChecking=accept-new). A CHANGED key is always refused.
+    accept_new_hosts: bool = False
+    connect_timeout: int = Field(10, ge=1, le=300)
+
+
+class Inventory(_Model):
+    """The whole hosts.yaml."""
+
+    path: Path = Path("hosts.yaml")
+    ssh: Ssh = Ssh()
+    acme: Acme = Acme()
+    images: dict[str, str] = {}
+    hosts: dict[str, Host]
+    homeservers: dict[str, Homeserver] = {}
+
+    @field_validator("images")
+    @classmethod
+    def _images(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = set(v) - set(DEFAULT_IMAGES)
+        if unknown:
+            raise ValueError(
+                f"unknown image key {sorted(unknown)[0]!r} (known: {', '.join(DEFAULT_IMAGES)})"
+            )
+        return {**DEFAULT_IMAGES, **v}
+
+    def image(self, name: str) -> str:
+        return self.images.get(name) or DEFAULT_IMAGES[name]
+
+    def homeservers_on(self, host: str) -> list[Homeserver]:
+        return [hs for hs in self.homeservers.values() if hs.host == host]
+
+    def host_by_name_or_address(self, wanted: str) -> Host:
+        for host in self.hosts.values():
+            if wanted in (host.name, host.address):
+                return host
+        raise InventoryError(
+            f"{self.path}: no host named or addressed {wanted!r} "
+            f"(known hosts: {', '.join(f'{h.name} ({h.address})' for h in self.hosts.values())})"
+        )
+
+    def homeserver(self, wanted: str) -> Homeserver:
+        try:
+            return self.homeservers[wanted.lower()]
+        except KeyError:
+            raise InventoryError(
+                f"{self.path}: no homeserver {wanted!r} "
+                f"(known: {', '.join(self.homeservers) or 'none'})"
+            ) from None
+
+
+# ---------------------------------------------------------------------------
+# Loading and error reporting
+
+
+def _line_map(text: str) -> dict[tuple, int]:
+    """Map each key path in the YAML document to its 1-based line number."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = (*path, str(key_node.value))
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[(*path, i)] = item.start_mark.line + 1
+                walk(item, (*path, i))
+
+    try:
+        walk(yaml.compose(text, Loader=yaml.SafeLoader), ())
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def _where(path: Path, lines: dict[tuple, int], loc: tuple) -> str:
+    loc = tuple(str(p) if not isinstance(p, int) else p for p in loc)
+    while loc and loc not in lines:
+        loc = loc[:-1]
+    return f"{path}:{lines[loc]}" if loc in lines else str(path)
+
+
+def _model_for(loc: tuple) -> Optional[type[BaseModel]]:
+    """The model class that holds the last key of `loc` (for 'did you mean')."""
+    model: Any = Inventory
+    parts = list(loc[:-1])
+    while parts:
+        field = model.model_fields.get(str(parts.pop(0))) if model else None
+        if field is None:
+            return None
+        ann = field.annotation
+        if getattr(ann, "__origin__", None) is dict:
+            ann = ann.__args__[1]
+            if parts:
+                parts.pop(0)  # the mapping key (a host or homeserver name)
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return model
+
+
+def _describe(err: dict) -> str:
+    loc = err["loc"]
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        model = _model_for(loc)
+        known = [f for f in (model.model_fields if model else {}) if f not in ("name", "server_name", "path")]
+        guess = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"; did you mean {guess[0]!r}?" if guess else ""
+        return f"unknown key{hint} (known keys here: {', '.join(known)})"
+    if kind == "missing":
+        return "this key is required"
+    msg = err["msg"]
+    return msg.removeprefix("Value error, ")
+
+
+_MANAGED_SECTIONS = ("ssh", "acme", "images", "hosts", "homeservers")
+
+
+def load(path: str | Path) -> Inventory:
+    """Read and validate an inventory file; raise InventoryError on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InventoryError(f"{path}: inventory file not found") from None
+    except OSError as exc:
+        raise InventoryError(f"{path}: cannot read inventory: {exc.strerror}") from None
+    return parse(text, path)
+
+
+def parse(text: str, path: Path = Path("hosts.yaml")) -> Inventory:
+    """Validate inventory text (as read from `path`); raise InventoryError."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise InventoryError(f"{where}: YAML syntax error: {problem}") from None
+    lines = _line_map(text)
+    if not isinstance(data, dict):
+        raise InventoryError(f"{path}: the inventory must be a mapping with a 'hosts' key")
+    for key in ("hosts", "homeservers"):
+        if isinstance(data.get(key), dict):
+            for name, item in data[key].items():
+                if item is not None and not isinstance(item, dict):
+                    raise InventoryError(
+                        f"{_where(path, lines, (key, name))}: {key}.{name}: must be a mapping"
+                    )
+    base = path.parent
+    try:
+        data = _with_names_and_paths(data, base)
+        inv = Inventory(path=path, **data)
+    except ValidationError as exc:
+        # An unknown key usually explains a "missing" one next to it: report it first.
+        err = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
+        loc = tuple(err["loc"])
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        raise InventoryError(f"{_where(path, lines, loc)}: {dotted}: {_describe(err)}") from None
+    except TypeError as exc:
+        raise InventoryError(f"{path}: {exc}") from None
+    _cross_check(inv, path, lines)
+    return inv
+
+
+def _with_names_and_paths(data: dict, base: Path) -> dict:
+    """Copy mapping keys into models (hosts.NAME.name, homeservers.DOMAIN.server_name)
+    and resolve file paths relative to the inventory file."""
+    data = dict(data)
+
+    def rel(value):
+        if value is None or not isinstance(value, str):
+            return value
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else base / p
+
+    hosts = {}
+    for name, host in (data.get("hosts") or {}).items():
+        host = dict(host or {})
+        host["name"] = str(name)
+        if "key" in host:
+            host["key"] = rel(host["key"])
+        hosts[str(name)] = host
+    data["hosts"] = hosts
+    servers = {}
+    for name, hs in (data.get("homeservers") or {}).items():
+        hs = dict(hs or {})
+        hs["server_name"] = str(name)
+        fed = hs.get("federation")
+        if isinstance(fed, dict) and "trusted_ca" in fed:
+            hs["federation"] = {**fed, "trusted_ca": rel(fed["trusted_ca"])}
+        servers[str(name)] = hs
+    data["homeservers"] = servers
+    for section, key in (("acme", "ca_bundle"), ("ssh", "known_hosts")):
+        if isinstance(data.get(section), dict) and key in data[section]:
+            data[section] = {**data[section], key: rel(data[section][key])}
+    return data
+
+
+def _cross_check(inv: Inventory, path: Path, lines: dict) -> None:
+    """Rules that span several entries."""
+
+    def fail(loc: tuple, msg: str):
+        dotted = ".".join(str(p) for p in loc)
+        raise InventoryError(f"{_where(path, lines, loc)}: {dotted}: {msg}")
+
+    for name in inv.hosts:
+        if not NAME_RE.match(name):
+            fail(("hosts", name), "host names are lower-case letters, digits, '-' and '_'")
+    claimed: dict[str, str] = {}
+    for key, hs in inv.homeservers.items():
+        try:
+            if check_domain(key) != key:
+                raise ValueError(f"{key!r} must be written in lower case without a trailing dot")
+        except ValueError as exc:
+            fail(("homeservers", key), str(exc))
+        if hs.host not in inv.hosts:
+            fail(
+                ("homeservers", key, "host"),
+                f"{hs.host!r} is not a host in this inventory "
+                f"(known hosts: {', '.join(inv.hosts) or 'none'})",
+            )
+        names = [(("homeservers", key), hs.server_name), (("homeservers", key, "public_hostname"), hs.hostname)]
+        if hs.element.enabled:
+            names.append((("homeservers", key, "element", "hostname"), hs.element.hostname))
+        for loc, name in names:
+            owner = claimed.get(name)
+            if owner is not None and owner != key:
+                fail(loc, f"hostname {name!r} is already claimed by homeserver {owner!r}")
+            claimed[name] = key

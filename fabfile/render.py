@@ -1,0 +1,233 @@
+"""Pure rendering: (inventory, host) -> every directory and file the host must hold.
+
+No SSH, no clock, no randomness: the same inventory gives the same bytes. Secrets are
+not rendered at all; they are made once on the host (see fabfile/secrets.py) and the
+rendered files only name the paths where they live.
+
+Each file says what must act when it changes (its `trigger`):
+
+    proxy:stack          `up` the reverse-proxy stack
+    proxy:reload         `nginx -t`, then reload nginx
+    synapse:<sn>:stack   `up` that homeserver's stack (recreates what changed)
+    synapse:<sn>:restart restart that homeserver's Synapse
+    ""                   nothing (static content served as it is)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import jinja2
+import yaml
+
+from .inventory import Homeserver, Host, Inventory, InventoryError
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+
+NETWORK = "synapse-fabric"
+PROXY_PROJECT = "synapse-fabric-proxy"
+ROOT = "0:0"
+SYNAPSE_UID = "991:991"
+POSTGRES_UID = "999:999"
+
+
+@dataclass(frozen=True)
+class RemoteDir:
+    path: str
+    mode: int = 0o755
+    owner: str = ROOT
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    path: str
+    content: bytes
+    mode: int = 0o644
+    owner: str = ROOT
+    trigger: str = ""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where things live on a host (see README, "On a host")."""
+
+    base: str
+
+    @property
+    def proxy(self) -> str:
+        return f"{self.base}/reverse_proxy"
+
+    def synapse(self, server_name: str) -> str:
+        return f"{self.base}/synapse/{server_name}"
+
+    def secret(self, server_name: str, name: str) -> str:
+        return f"{self.synapse(server_name)}/secrets/{name}"
+
+    def certs(self, cert_name: str) -> str:
+        return f"{self.proxy}/certs/{cert_name}"
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    host: Host
+    dirs: tuple[RemoteDir, ...]
+    files: tuple[RemoteFile, ...]
+    homeservers: tuple[Homeserver, ...] = field(default=())
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.host.base_dir)
+
+    def file(self, path: str) -> RemoteFile:
+        return next(f for f in self.files if f.path == path)
+
+
+def synapse_project(hs: Homeserver) -> str:
+    return f"synapse-{hs.slug}"
+
+
+def synapse_upstream(hs: Homeserver) -> str:
+    """The name nginx uses for this homeserver's Synapse on the shared network."""
+    return f"synapse-{hs.slug}"
+
+
+def cert_names(hs: Homeserver) -> list[str]:
+    """Every public name of a homeserver; one certificate (named after the
+    server_name) covers them all."""
+    names = [hs.server_name, hs.hostname]
+    if hs.element.enabled:
+        names.append(hs.element.hostname)
+    return list(dict.fromkeys(names))
+
+
+_env = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+    undefined=jinja2.StrictUndefined,
+    keep_trailing_newline=True,
+    autoescape=False,
+)
+
+
+def _template(name: str, **context) -> bytes:
+    try:
+        return _env.get_template(name).render(**context).encode()
+    except jinja2.TemplateNotFound as exc:  # a packaging bug, not an operator error
+        raise RuntimeError(f"template missing: templates/{exc.name}") from None
+
+
+def _read_local(path: Path, key: str, read: Callable[[Path], bytes]) -> bytes:
+    try:
+        return read(path)
+    except OSError as exc:
+        raise InventoryError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def render_host(
+    inv: Inventory, host_name: str, read: Callable[[Path], bytes] = Path.read_bytes
+) -> DesiredState:
+    """Everything host `host_name` must hold. `read` loads the local files the
+    inventory names (CA bundles)."""
+    host = inv.hosts[host_name]
+    lay = Layout(host.base_dir)
+    servers = sorted(inv.homeservers_on(host_name), key=lambda hs: hs.server_name)
+    images = {name: inv.image(name) for name in ("synapse", "postgres", "nginx", "certbot")}
+    common = {"host": host, "network": NETWORK, "images": images}
+
+    dirs: list[RemoteDir] = [
+        RemoteDir(lay.base),
+        RemoteDir(f"{lay.base}/synapse"),
+        RemoteDir(lay.proxy),
+        RemoteDir(f"{lay.proxy}/nginx"),
+        RemoteDir(f"{lay.proxy}/nginx/conf.d"),
+        RemoteDir(f"{lay.proxy}/certs", 0o700),
+        RemoteDir(f"{lay.proxy}/acme", 0o700),
+        RemoteDir(f"{lay.proxy}/acme/webroot"),
+        RemoteDir(f"{lay.proxy}/acme/letsencrypt", 0o700),
+        RemoteDir(f"{lay.proxy}/acme/lib", 0o700),
+        RemoteDir(f"{lay.proxy}/well-known"),
+        RemoteDir(f"{lay.proxy}/element"),
+    ]
+    files: list[RemoteFile] = []
+
+    def add(path, template, trigger="", mode=0o644, **ctx):
+        files.append(RemoteFile(path, _template(template, **common, **ctx), mode, ROOT, trigger))
+
+    # -- reverse proxy -------------------------------------------------------
+    port_8448 = any(hs.federation.enabled and hs.federation.port_8448 for hs in servers)
+    add(f"{lay.proxy}/.env", "reverse_proxy/.env.j2", "proxy:stack", project=PROXY_PROJECT)
+    add(
+        f"{lay.proxy}/docker-compose.yml",
+        "reverse_proxy/docker-compose.yml.j2",
+        "proxy:stack",
+        port_8448=port_8448,
+        acme_ca_bundle=inv.acme.ca_bundle is not None,
+    )
+    if inv.acme.ca_bundle is not None:
+        files.append(
+            RemoteFile(
+                f"{lay.proxy}/acme/ca-bundle.pem",
+                _read_local(inv.acme.ca_bundle, "acme.ca_bundle", read),
+            )
+        )
+    conf_d = f"{lay.proxy}/nginx/conf.d"
+    add(f"{conf_d}/00-default.conf", "reverse_proxy/nginx/conf.d/00-default.conf.j2", "proxy:reload")
+    add(f"{conf_d}/proxy-headers.inc", "reverse_proxy/nginx/conf.d/proxy-headers.inc.j2", "proxy:reload")
+
+    for hs in servers:
+        sn = hs.server_name
+        ctx = {"hs": hs, "upstream": synapse_upstream(hs), "cert_name": sn}
+        dirs.append(RemoteDir(lay.certs(sn), 0o700))
+        add(f"{conf_d}/{hs.hostname}.conf", "reverse_proxy/nginx/conf.d/homeserver.conf.j2", "proxy:reload", **ctx)
+        if hs.hostname != sn:
+            add(f"{conf_d}/{sn}.conf", "reverse_proxy/nginx/conf.d/delegation.conf.j2", "proxy:reload", **ctx)
+        wk = f"{lay.proxy}/well-known/{sn}"
+        dirs += [RemoteDir(wk), RemoteDir(f"{wk}/matrix")]
+        add(f"{wk}/matrix/server", "reverse_proxy/well-known/matrix/server.j2", **ctx)
+        add(f"{wk}/matrix/client", "reverse_proxy/well-known/matrix/client.j2", **ctx)
+        if hs.element.enabled:
+            eh = hs.element.hostname
+            add(f"{conf_d}/{eh}.conf", "reverse_proxy/nginx/conf.d/element.conf.j2", "proxy:reload", **ctx)
+            dirs.append(RemoteDir(f"{lay.proxy}/element/{eh}"))
+            add(f"{lay.proxy}/element/{eh}/config.json", "reverse_proxy/element/config.json.j2", **ctx)
+
+    # -- one synapse stack per homeserver -----------------------------------
+    for hs in servers:
+        sn = hs.server_name
+        root = lay.synapse(sn)
+        ctx = {"hs": hs, "upstream": synapse_upstream(hs), "project": synapse_project(hs)}
+        dirs += [
+            RemoteDir(root),
+            RemoteDir(f"{root}/data", 0o750, SYNAPSE_UID),
+            RemoteDir(f"{root}/conf.d"),
+            RemoteDir(f"{root}/postgres", 0o700, POSTGRES_UID),
+            RemoteDir(f"{root}/secrets", 0o700),
+        ]
+        stack = f"synapse:{sn}:stack"
+        restart = f"synapse:{sn}:restart"
+        add(f"{root}/.env", "synapse/.env.j2", stack, **ctx)
+        add(f"{root}/docker-compose.yml", "synapse/docker-compose.yml.j2", stack, **ctx)
+        add(f"{root}/conf.d/50-synapse-fabric.yaml", "synapse/conf.d/50-synapse-fabric.yaml.j2", restart, **ctx)
+        if hs.synapse_settings:
+            # The operator's extra settings are data, dumped as YAML, never templated.
+            extra = "# Managed by synapse-fabric: synapse_settings from hosts.yaml.\n"
+            extra += yaml.safe_dump(hs.synapse_settings, sort_keys=True, default_flow_style=False)
+            files.append(RemoteFile(f"{root}/conf.d/90-operator.yaml", extra.encode(), 0o644, ROOT, restart))
+        if hs.federation.trusted_ca:
+            dirs.append(RemoteDir(f"{root}/ca"))
+            key = f"homeservers.{sn}.federation.trusted_ca"
+            files.append(
+                RemoteFile(
+                    f"{root}/ca/federation-roots.pem",
+                    _read_local(hs.federation.trusted_ca, key, read),
+                    trigger=restart,
+                )
+            )
+
+    return DesiredState(
+        host=host,
+        dirs=tuple(sorted(set(dirs), key=lambda d: d.path)),
+        files=tuple(sorted(files, key=lambda f: f.path)),
+        homeservers=tuple(servers),
+    )

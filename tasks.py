@@ -1,0 +1,123 @@
+"""synapse-fabric: deploy and run Matrix Synapse homeservers over SSH.
+
+The inventory is `hosts.yaml` unless config says otherwise (`inventory:` in
+invoke.yaml, or INVOKE_INVENTORY=path). `inv --list` shows every task;
+`inv --help TASK` explains its flags.
+"""
+
+from invoke import Collection, task
+
+from fabfile.cli import CONFIG_DEFAULTS, load_inventory, not_built
+
+
+@task(
+    help={
+        "host": "only this inventory host (repeatable)",
+        "homeserver": "only this homeserver (its server_name; repeatable)",
+        "dry_run": "print the plan as diffs (secrets masked); change nothing",
+    },
+    iterable=["host", "homeserver"],
+)
+def deploy(c, host=None, homeserver=None, dry_run=False):
+    """Converge every host (in parallel) to what hosts.yaml describes."""
+    load_inventory(c)
+    not_built("deploy", 5)
+
+
+@task(
+    help={
+        "homeserver": "the homeserver (server_name) to register on",
+        "user": "localpart (alice) or full ID (@alice:example.org)",
+        "admin": "make the user a server admin",
+        "password_file": "read the password from this file ('-' for stdin); default: prompt twice",
+    }
+)
+def register_user(c, homeserver, user, admin=False, password_file=None):
+    """Register a user on a running homeserver (a no-op if it exists)."""
+    load_inventory(c)
+    not_built("register-user", 6)
+
+
+@task(
+    help={
+        "homeserver": "the homeserver (server_name) the user is on",
+        "user": "localpart (alice) or full ID (@alice:example.org)",
+        "password_file": "read the password from this file ('-' for stdin); default: prompt twice",
+        "logout": "also end all of the user's sessions",
+    }
+)
+def reset_password(c, homeserver, user, password_file=None, logout=False):
+    """Set a user's password hash in the homeserver's PostgreSQL."""
+    load_inventory(c)
+    not_built("reset-password", 6)
+
+
+@task(
+    help={
+        "homeserver": "the homeserver (server_name) to move",
+        "to": "the inventory host to move it to",
+        "dry_run": "check and print the plan; change nothing",
+        "finish": "after DNS points at the new host: remove the old host's forwarding and data",
+        "abort": "roll back an interrupted migration",
+        "yes": "do not ask before removing the old copy (with --finish)",
+    }
+)
+def migrate_host(c, homeserver, to=None, dry_run=False, finish=False, abort=False, yes=False):
+    """Move a homeserver to another host; the old host forwards until DNS follows."""
+    load_inventory(c)
+    not_built("migrate-host", 8)
+
+
+@task(
+    help={
+        "host": "only this inventory host",
+        "version": "install this version instead of the newest",
+        "check": "only report the installed and the newest version",
+        "rollback": "go back to the previous version",
+    }
+)
+def element_update(c, host=None, version=None, check=False, rollback=False):
+    """Install the newest (or a given) Element Web release on the hosts."""
+    load_inventory(c)
+    not_built("element-update", 9)
+
+
+@task(help={"homeserver": "only this homeserver (server_name)"})
+def check(c, homeserver=None):
+    """Self-check DNS, certificates, delegation, federation and exposure."""
+    load_inventory(c)
+    not_built("check", 7)
+
+
+@task
+def sandbox_up(c):
+    """Build the images and start the local sandbox (stand-in hosts, DNS, ACME CA)."""
+    from tests.sandbox import sandbox
+
+    sandbox.up()
+
+
+@task
+def sandbox_down(c):
+    """Remove everything the sandbox created (containers, networks, volumes)."""
+    from tests.sandbox import sandbox
+
+    sandbox.down()
+
+
+@task
+def sandbox_status(c):
+    """Show the sandbox's containers, addresses and state."""
+    from tests.sandbox import sandbox
+
+    for row in sandbox.status():
+        print(row)
+
+
+sandbox = Collection("sandbox")
+sandbox.add_task(sandbox_up, "up")
+sandbox.add_task(sandbox_down, "down")
+sandbox.add_task(sandbox_status, "status")
+
+ns = Collection(deploy, register_user, reset_password, migrate_host, element_update, check, sandbox)
+ns.configure(CONFIG_DEFAULTS)

@@ -1,0 +1,45 @@
+"""The two fronts: every task is listed, and errors are one line with a non-zero exit."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def run(*argv, env=None):
+    import os
+
+    return subprocess.run(
+        [str(BIN / argv[0]), *argv[1:]], cwd=REPO, capture_output=True, text=True,
+        env={**os.environ, **(env or {})}, timeout=60,
+    )
+
+
+def test_inv_list_shows_every_task():
+    out = run("inv", "--list").stdout
+    for name in ("deploy", "register-user", "reset-password", "migrate-host", "element-update", "check",
+                 "sandbox.up", "sandbox.down", "sandbox.status"):
+        assert f"  {name} " in out, name
+
+
+def test_fab_list_shows_bootstrap():
+    assert "  bootstrap " in run("fab", "--list").stdout
+
+
+def test_inventory_path_comes_from_invoke_config(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("hosts:\n  web:\n    adress: 1.2.3.4\n")
+    res = run("inv", "check", env={"INVOKE_INVENTORY": str(bad)})
+    assert res.returncode == 2
+    assert f"{bad}:3: hosts.web.adress: unknown key; did you mean 'address'?" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_fab_unknown_host_lists_known_ones():
+    res = run("fab", "-H", "nowhere", "bootstrap")
+    assert res.returncode == 2
+    assert "no host named or addressed 'nowhere'" in res.stderr
+    assert "vps1 (172.29.231.11)" in res.stderr
+    assert "Traceback" not in res.stderr
