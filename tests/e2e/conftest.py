@@ -1,0 +1,87 @@
+"""End-to-end fixtures: ONE sandbox (tests/sandbox/compose.yml, project `sfab`) shared
+by every e2e test of the session.
+
+How the pieces fit (the same steps as `python -m tests.sandbox.sandbox up`, split
+where pytest-docker takes over):
+
+1. `sandbox_prepared` checks that a Docker engine answers, builds or reuses the
+   `host` and `infra` images and writes the state files compose mounts
+   (`sandbox.prepare`), and exports the image tags that compose.yml reads.
+2. pytest-docker's `docker_services` runs `docker-compose -p sfab -f ... up -d`
+   (our `docker_setup` depends on `sandbox_prepared`, so images and state exist
+   first) and, at session end, `down --volumes` (skipped with SFAB_KEEP_SANDBOX=1,
+   which leaves the sandbox running for a look or for the next session: `up` is
+   idempotent).
+3. `sandbox` waits until it is usable (`sandbox.wait_ready`: SSH on every VPS,
+   DNS records in challtestsrv, pebble's roots in state/acme-roots.pem) and hands
+   tests a `SandboxInfo`.
+
+No engine: the e2e tests are skipped, except with CI=true where they fail (so a CI
+machine that lost its engine cannot go green). A failed image build always fails.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.sandbox import sandbox as sb
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def _keep() -> bool:
+    return os.environ.get("SFAB_KEEP_SANDBOX", "").strip().lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def sandbox_prepared() -> dict[str, str]:
+    if not sb.engine_answers():
+        msg = "no Docker engine answers (`docker version`); the e2e sandbox needs one"
+        if _ci():
+            pytest.fail(f"{msg} (CI=true: failing instead of skipping)", pytrace=False)
+        pytest.skip(msg)
+    try:
+        return sb.prepare(log=print)
+    except sb.SandboxError as exc:
+        pytest.fail(f"sandbox images/state: {exc}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def docker_compose_command() -> str:
+    return "docker-compose"
+
+
+@pytest.fixture(scope="session")
+def docker_compose_file() -> str:
+    return str(sb.COMPOSE_FILE)
+
+
+@pytest.fixture(scope="session")
+def docker_compose_project_name() -> str:
+    return sb.PROJECT
+
+
+@pytest.fixture(scope="session")
+def docker_setup(sandbox_prepared):
+    # compose v1 has no `up --wait`; readiness is checked by the `sandbox` fixture
+    return ["up -d --remove-orphans"]
+
+
+@pytest.fixture(scope="session")
+def docker_cleanup():
+    if _keep():
+        return []
+    return ["down --volumes --remove-orphans --timeout 5"]
+
+
+@pytest.fixture(scope="session")
+def sandbox(docker_services, sandbox_prepared) -> sb.SandboxInfo:
+    try:
+        info = sb.wait_ready(log=print)
+    except sb.SandboxError as exc:
+        pytest.fail(f"sandbox not ready: {exc}", pytrace=False)
+    info.images = dict(sandbox_prepared)
+    return info

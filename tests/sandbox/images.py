@@ -1,0 +1,281 @@
+"""Local stand-in images for the sandbox (see tests/sandbox/README.md).
+
+No registry is reachable, so every image is built here: a Debian bookworm base made
+with debootstrap, then one folder per image under tests/sandbox/images/.  Each image
+carries the label ``synapse-fabric.inputs-hash``; a build is skipped when an image
+with the tag and that label already exists.
+
+    python -m tests.sandbox.images [build|list] [NAME...]
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+IMAGES_DIR = HERE / "images"
+REPO = HERE.parent.parent
+CACHE = REPO / ".cache"
+LABEL = "synapse-fabric.inputs-hash"
+
+DEBOOTSTRAP = ["debootstrap", "--variant=minbase", "bookworm", "{rootfs}",
+               "http://deb.debian.org/debian"]
+IMPORT_CHANGES = [
+    "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "ENV LANG=C.UTF-8",
+    'CMD ["bash"]',
+]
+# Wheels are downloaded on the machine (PyPI is unreachable from inside containers)
+# for the image's Python: Debian bookworm's CPython 3.11 on x86_64, glibc 2.36.
+WHEEL_PLATFORM_ARGS = (
+    ["--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
+     "--abi", "cp311", "--abi", "abi3", "--abi", "none"]
+    + [a for v in range(36, 4, -1) for a in ("--platform", f"manylinux_2_{v}_x86_64")]
+    + ["--platform", "manylinux2014_x86_64", "--platform", "manylinux2010_x86_64",
+       "--platform", "manylinux1_x86_64", "--platform", "linux_x86_64"]
+)
+
+
+@dataclass
+class Spec:
+    name: str
+    tag: str                      # may contain {hash12}
+    base: str | None = "base"     # name of the spec whose tag is passed as BASE
+    wheels: list[str] = field(default_factory=list)  # requirements to pip download
+
+    @property
+    def folder(self) -> Path:
+        return IMAGES_DIR / self.name
+
+
+# The registry. Other modules may append: SPECS["x"] = Spec("x", "some/tag:{hash12}").
+SPECS: dict[str, Spec] = {s.name: s for s in [
+    Spec("base", "synapse-fabric/debian:bookworm-{hash12}", base=None),
+    Spec("synapse", "matrixdotorg/synapse:v1.163.2",
+         wheels=["matrix-synapse==1.163.2", "psycopg2-binary==2.9.13"]),
+    Spec("postgres", "postgres:15-bookworm"),
+    Spec("nginx", "nginx:1.22"),
+    Spec("certbot", "certbot/certbot:v2.1.0"),
+    Spec("host", "synapse-fabric/sandbox-host:{hash12}"),
+    Spec("infra", "synapse-fabric/sandbox-infra:{hash12}"),
+]}
+
+
+def _spec(name: str) -> Spec:
+    if name not in SPECS:
+        raise KeyError(f"unknown image {name!r}; known: {', '.join(SPECS)}")
+    return SPECS[name]
+
+
+def _hash_folder(h, folder: Path) -> None:
+    files = [p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    for p in sorted(files, key=lambda p: p.relative_to(folder).as_posix()):
+        data = p.read_bytes()
+        rel = p.relative_to(folder).as_posix()
+        h.update(f"{rel}\0{os.access(p, os.X_OK):d}\0{len(data)}\0".encode())
+        h.update(data)
+
+
+def _wheel_dir(spec: Spec) -> Path:
+    return CACHE / "wheels" / spec.name
+
+
+def wheels(name: str, log=print) -> str:
+    """Download the spec's wheel set (once) and return its pinned requirement list."""
+    spec = _spec(name)
+    wdir = _wheel_dir(spec)
+    request = json.dumps([spec.wheels, WHEEL_PLATFORM_ARGS])
+    lock, req = wdir / "requirements.txt", wdir / "request.json"
+    if lock.is_file() and req.is_file() and req.read_text() == request:
+        return lock.read_text()
+    t0 = time.monotonic()
+    log(f"images: downloading wheels for {name} into {wdir}")
+    shutil.rmtree(wdir, ignore_errors=True)
+    wdir.mkdir(parents=True)
+    _run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
+          "-d", str(wdir), *WHEEL_PLATFORM_ARGS, *spec.wheels])
+    pins = set()
+    for whl in wdir.glob("*.whl"):
+        dist, version = whl.name.split("-")[:2]
+        pins.add(f"{dist.replace('_', '-').lower()}=={version}")
+    text = "".join(f"{p}\n" for p in sorted(pins))
+    lock.write_text(text)
+    req.write_text(request)
+    log(f"images: {len(pins)} wheels for {name} in {time.monotonic() - t0:.1f}s")
+    return text
+
+
+def inputs_hash(name: str) -> str:
+    spec = _spec(name)
+    h = hashlib.sha256()
+    if spec.base is None:  # the debootstrap base
+        h.update(json.dumps([DEBOOTSTRAP, IMPORT_CHANGES]).encode())
+    else:
+        h.update(f"base\0{inputs_hash(spec.base)}\0".encode())
+    _hash_folder(h, spec.folder)
+    if spec.wheels:
+        h.update(b"wheels\0" + wheels(name).encode())
+    return h.hexdigest()
+
+
+def tag_of(name: str) -> str:
+    spec = _spec(name)
+    if "{hash12}" not in spec.tag:
+        return spec.tag
+    return spec.tag.format(hash12=inputs_hash(name)[:12])
+
+
+def _run(argv: list[str], **kw) -> subprocess.CompletedProcess:
+    res = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+    if res.returncode != 0:
+        tail = "\n".join(res.stdout.decode(errors="replace").splitlines()[-60:])
+        raise RuntimeError(f"command failed ({res.returncode}): {argv[:4]}...\n{tail}")
+    return res
+
+
+def _label_of(tag: str) -> str | None:
+    res = subprocess.run(["docker", "image", "inspect", "--format",
+                          "{{json .Config.Labels}}", tag], capture_output=True, text=True)
+    if res.returncode != 0:
+        return None
+    return (json.loads(res.stdout) or {}).get(LABEL)
+
+
+def _mounts_under(path: Path) -> list[str]:
+    with open("/proc/mounts") as f:
+        return [ln.split()[1] for ln in f if ln.split()[1].startswith(str(path))]
+
+
+def _build_base(spec: Spec, tag: str, digest: str) -> None:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="rootfs-", dir=CACHE))
+    rootfs = tmp / "rootfs"
+    try:
+        _run([a.format(rootfs=rootfs) for a in DEBOOTSTRAP])
+        overlay = spec.folder / "rootfs"  # optional files laid over the rootfs
+        if overlay.is_dir():
+            shutil.copytree(overlay, rootfs, dirs_exist_ok=True, symlinks=True)
+        for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
+            for p in (rootfs / junk).glob("*"):
+                if p.is_file():
+                    p.unlink()
+        changes = [a for c in IMPORT_CHANGES + [f"LABEL {LABEL}={digest}"] for a in ("-c", c)]
+        tar = subprocess.Popen(["tar", "--numeric-owner", "-C", str(rootfs), "-c", "."],
+                               stdout=subprocess.PIPE)
+        try:
+            _run(["docker", "import", *changes, "-", tag], stdin=tar.stdout)
+        finally:
+            tar.stdout.close()
+            if tar.wait() != 0:
+                raise RuntimeError("tar of the debootstrap rootfs failed")
+    finally:
+        mounts = _mounts_under(tmp)
+        if mounts:  # never rmtree through a leftover /proc or /sys mount
+            print(f"images: NOT removing {tmp}: still mounted: {mounts}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build_context(spec: Spec) -> Path:
+    if not spec.wheels:
+        return spec.folder
+    ctx = CACHE / "build" / spec.name
+    shutil.rmtree(ctx, ignore_errors=True)
+    shutil.copytree(spec.folder, ctx, symlinks=True)
+    (ctx / "wheels").mkdir()
+    for f in _wheel_dir(spec).iterdir():
+        try:
+            os.link(f, ctx / "wheels" / f.name)
+        except OSError:
+            shutil.copy2(f, ctx / "wheels" / f.name)
+    return ctx
+
+
+def _ensure_one(name: str, done: dict[str, str], log) -> str | None:
+    if name in done:
+        return done[name]
+    spec = _spec(name)
+    if spec.base is not None and not (spec.folder / "Dockerfile").is_file():
+        log(f"images: SKIP {name}: {spec.folder} has no Dockerfile yet")
+        return None
+    base_tag = None
+    if spec.base is not None:
+        base_tag = _ensure_one(spec.base, done, log)
+        if base_tag is None:
+            log(f"images: SKIP {name}: its base {spec.base} is unavailable")
+            return None
+    if spec.wheels:
+        wheels(name, log)
+    t0 = time.monotonic()
+    digest = inputs_hash(name)
+    tag = tag_of(name)
+    if _label_of(tag) == digest:
+        log(f"images: {name:<8} {tag} cached ({time.monotonic() - t0:.1f}s)")
+    else:
+        log(f"images: {name:<8} {tag} building...")
+        if spec.base is None:
+            _build_base(spec, tag, digest)
+        else:
+            ctx = _build_context(spec)
+            try:
+                _run(["docker", "build", "-t", tag, "--label", f"{LABEL}={digest}",
+                      "--build-arg", f"BASE={base_tag}", "-f", str(ctx / "Dockerfile"),
+                      str(ctx)])
+            finally:
+                if ctx != spec.folder:
+                    shutil.rmtree(ctx, ignore_errors=True)
+        log(f"images: {name:<8} {tag} built in {time.monotonic() - t0:.1f}s")
+    done[name] = tag
+    return tag
+
+
+def ensure(names=None, log=print) -> dict[str, str]:
+    """Build the named images (default: all whose folder exists) unless cached.
+
+    Returns {name: tag} for every image that is now available (bases included)."""
+    names = list(names) if names else [n for n, s in SPECS.items() if s.base is not None]
+    done: dict[str, str] = {}
+    t0 = time.monotonic()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / "images.lock", "w") as lock:  # one builder at a time per machine
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log("images: waiting for another process building images...")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        for name in names:
+            _ensure_one(name, done, log)
+    log(f"images: ready in {time.monotonic() - t0:.1f}s: {', '.join(done) or 'nothing'}")
+    return done
+
+
+def main(argv: list[str]) -> int:
+    cmd, names = (argv[0], argv[1:]) if argv else ("build", [])
+    if cmd == "build":
+        ensure(names or None)
+    elif cmd == "list":
+        for name in names or SPECS:
+            spec = _spec(name)
+            if spec.base is not None and not (spec.folder / "Dockerfile").is_file():
+                print(f"{name:<8} (no folder yet)")
+                continue
+            tag = tag_of(name)
+            state = "cached" if _label_of(tag) == inputs_hash(name) else "missing"
+            print(f"{name:<8} {tag:<45} {state}")
+    else:
+        print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
