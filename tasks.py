@@ -7,7 +7,9 @@ invoke.yaml, or INVOKE_INVENTORY=path). `inv --list` shows every task;
 
 from invoke import Collection, task
 
-from fabfile.cli import CONFIG_DEFAULTS, load_inventory, not_built
+from invoke.exceptions import Exit
+
+from fabfile.cli import CONFIG_DEFAULTS, expected_failures, load_inventory, not_built
 
 
 @task(
@@ -20,8 +22,14 @@ from fabfile.cli import CONFIG_DEFAULTS, load_inventory, not_built
 )
 def deploy(c, host=None, homeserver=None, dry_run=False):
     """Converge every host (in parallel) to what hosts.yaml describes."""
-    load_inventory(c)
-    not_built("deploy", 5)
+    from fabfile import deploy as converge
+
+    inv = load_inventory(c)
+    with expected_failures():
+        names = converge.select_hosts(inv, host, homeserver)
+        results = converge.deploy(inv, names, dry_run=dry_run)
+    if any(r.failed for r in results):
+        raise Exit(code=1)
 
 
 @task(

@@ -7,18 +7,22 @@ port and key (fabric's own -H user@host:port parts are not used).
 from fabric import task
 from invoke import Collection
 
-from .cli import CONFIG_DEFAULTS, load_inventory, not_built
+from .cli import CONFIG_DEFAULTS, expected_failures, load_inventory
 
 
 @task
 def bootstrap(c):
     """Prepare a bare host (Docker, compose, trees) and deploy what hosts.yaml assigns it."""
-    inv = load_inventory(c)
-    from .cli import expected_failures
+    from invoke.exceptions import Exit
 
+    from . import deploy
+
+    inv = load_inventory(c)
     with expected_failures():
-        inv.host_by_name_or_address(c.host)
-    not_built("bootstrap", 5)
+        host = inv.host_by_name_or_address(c.host)
+        results = deploy.deploy(inv, [host.name], install=True)
+    if any(r.failed for r in results):
+        raise Exit(code=1)
 
 
 ns = Collection(bootstrap)

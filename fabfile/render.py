@@ -75,6 +75,7 @@ class DesiredState:
     dirs: tuple[RemoteDir, ...]
     files: tuple[RemoteFile, ...]
     homeservers: tuple[Homeserver, ...] = field(default=())
+    images: tuple[str, ...] = field(default=())  # image references the host needs
 
     @property
     def layout(self) -> Layout:
@@ -230,4 +231,6 @@ def render_host(
         dirs=tuple(sorted(set(dirs), key=lambda d: d.path)),
         files=tuple(sorted(files, key=lambda f: f.path)),
         homeservers=tuple(servers),
+        images=tuple(sorted({images["nginx"], images["certbot"]} | (
+            {images["synapse"], images["postgres"]} if servers else set()))),
     )

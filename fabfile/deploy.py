@@ -1,0 +1,230 @@
+"""Converge hosts: render -> facts -> plan -> apply -> report (see shared design).
+
+Each host runs in its own thread with its own SSH connection and lock; a failing
+host does not stop the others. A converged host costs two remote commands: the
+lock and the facts.
+"""
+
+from __future__ import annotations
+
+import io
+import shlex
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Optional
+
+from . import docker, facts as facts_mod, plan as plan_mod, proxy, synapse
+from .inventory import Inventory, InventoryError
+from .plan import Plan
+from .remote import Remote, RemoteError, open_remote
+from .render import PROXY_PROJECT, RemoteFile, cert_names, render_host, synapse_project
+from .report import Reporter, masked_diff
+
+
+@dataclass
+class HostResult:
+    host: str
+    changed: int = 0
+    ok: int = 0
+    restarted: list[str] = field(default_factory=list)
+    error: Optional[str] = None
+    seconds: float = 0.0
+    commands: int = 0
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+
+def select_hosts(inv: Inventory, hosts: list[str] | None, homeservers: list[str] | None) -> list[str]:
+    """Inventory host names to act on, from --host / --homeserver filters."""
+    names = list(inv.hosts)
+    if hosts:
+        for h in hosts:
+            if h not in inv.hosts:
+                raise InventoryError(f"{inv.path}: no host {h!r} (known hosts: {', '.join(inv.hosts)})")
+        names = [n for n in names if n in hosts]
+    if homeservers:
+        wanted = {inv.homeserver(s).host for s in homeservers}
+        names = [n for n in names if n in wanted]
+    if not hosts:
+        # A host with no homeserver (e.g. a migration target) is left alone
+        # unless named: deploying it would only start an idle proxy.
+        names = [n for n in names if inv.homeservers_on(n)]
+    return names
+
+
+def deploy(
+    inv: Inventory,
+    host_names: list[str],
+    dry_run: bool = False,
+    install: bool = False,
+    report: Optional[Reporter] = None,
+) -> list[HostResult]:
+    """Converge `host_names` in parallel. `install` (bootstrap) installs Docker first."""
+    report = report or Reporter()
+    states = {name: render_host(inv, name) for name in host_names}  # render errors stop all
+    wanted = sorted({ref for s in states.values() for ref in s.images})
+    pushing = any(inv.hosts[n].images == "push" for n in host_names)
+    local = docker.local_image_ids(wanted) if pushing else {}
+    if pushing:
+        missing = [ref for ref in wanted if ref not in local]
+        if missing:
+            raise InventoryError(
+                f"image source 'push' needs these images on this machine first: {', '.join(missing)}"
+            )
+    with ThreadPoolExecutor(max_workers=max(1, len(host_names))) as pool:
+        futures = [
+            pool.submit(_converge_host, inv, states[n], local, dry_run, install, report)
+            for n in host_names
+        ]
+        results = [f.result() for f in futures]
+    report.summary(results, dry_run)
+    return results
+
+
+def _converge_host(inv, state, local_images, dry_run, install, report) -> HostResult:
+    name = state.host.name
+    result = HostResult(name)
+    started = time.monotonic()
+    remote: Optional[Remote] = None
+    log = lambda msg: report.line(name, msg)  # noqa: E731
+    try:
+        remote = open_remote(inv, state.host)
+        remote.lock()
+        if install:
+            docker.install(remote, log)
+            docker.start_engine(remote)
+        facts = facts_mod.parse(remote.run(facts_mod.script(state), what="gather facts").out)
+        if not facts.docker:
+            raise RemoteError(f"{name}: Docker is not installed; run `fab -H {name} bootstrap` first")
+        if not facts.compose:
+            raise RemoteError(f"{name}: neither `docker compose` nor `docker-compose` is installed; run bootstrap")
+        push = state.host.images == "push"
+        plan = plan_mod.make(state, facts, local_images, push)
+        result.ok = plan.ok
+        result.changed = len(plan.changes)
+        for change in plan.changes:
+            log(change.line())
+        if dry_run:
+            _show_diffs(remote, plan, report)
+            result.restarted = plan.restarts
+        elif not plan.empty:
+            _apply(remote, plan, facts, log, result)
+    except (RemoteError, InventoryError) as exc:
+        result.error = str(exc)
+    except Exception as exc:  # an unexpected failure must not hide the other hosts
+        result.error = f"{name}: unexpected {type(exc).__name__}: {exc}"
+    finally:
+        if remote is not None:
+            result.commands = remote.commands
+            remote.close()
+        result.seconds = time.monotonic() - started
+    return result
+
+
+def _show_diffs(remote: Remote, plan: Plan, report: Reporter) -> None:
+    changed = [f for f in plan.files]
+    old = remote.read_files([f.path for f in changed])
+    for f in changed:
+        report.diff(remote.name, masked_diff(f.path, old.get(f.path), f.content))
+    for action in plan.restarts:
+        report.line(remote.name, f"would restart: {action}")
+
+
+def _tar(files: list[RemoteFile], suffix: str) -> bytes:
+    buf = io.BytesIO()
+    now = time.time()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for f in files:
+            info = tarfile.TarInfo(f.path.lstrip("/") + suffix)
+            info.size = len(f.content)
+            info.mode = f.mode
+            uid, gid = f.owner.split(":")
+            info.uid, info.gid = int(uid), int(gid)
+            info.mtime = now
+            tar.addfile(info, io.BytesIO(f.content))
+    return buf.getvalue()
+
+
+def _apply(remote: Remote, plan: Plan, facts, log, result: HostResult) -> None:
+    state = plan.state
+    lay = state.layout
+    compose = docker.compose_cmd(facts)
+    if plan.engine_start:
+        log("starting the Docker engine")
+        docker.start_engine(remote)
+    docker.push_images(remote, plan.images, log)
+
+    # Files, directories, secrets, ownership: one command, files written atomically
+    # (extracted beside their target as *.sfab-new, then renamed over it).
+    files = list(plan.files)
+    for sn in plan.placeholder_certs:
+        hs = next(h for h in state.homeservers if h.server_name == sn)
+        chain, key = proxy.placeholder_cert(cert_names(hs))
+        files += [
+            RemoteFile(f"{lay.certs(sn)}/fullchain.pem", chain, 0o644),
+            RemoteFile(f"{lay.certs(sn)}/privkey.pem", key, 0o600),
+        ]
+    reload_confs = [f.path for f in plan.files if f.trigger == "proxy:reload"] if plan.nginx_reload else []
+    lines = ["set -e"]
+    for d in plan.dirs:
+        p = shlex.quote(d.path)
+        lines.append(f"mkdir -p {p} && chmod {d.mode:o} {p} && chown {d.owner} {p}")
+    if files:
+        lines.append("tar -x -p --same-owner --numeric-owner -f - -C /")
+        for f in files:
+            p = shlex.quote(f.path)
+            if f.path in reload_confs:
+                lines.append(f"if [ -e {p} ]; then cp -p {p} {p}{proxy.BACKUP}; fi")
+            lines.append(f"mv -f {p}.sfab-new {p}")
+    hs_by_name = {h.server_name: h for h in state.homeservers}
+    for sn in plan.secrets:
+        lines.append(synapse.secrets_script(lay, hs_by_name[sn]))
+    for sn in plan.chown_data:
+        lines.append(synapse.chown_data_script(lay, hs_by_name[sn]))
+    remote.run("\n".join(lines) + "\n", stdin=_tar(files, ".sfab-new") if files else None, what="write files")
+
+    touched: list[str] = []
+    nginx_error = None
+    if plan.proxy_up:
+        log("starting the reverse-proxy stack")
+        remote.run(f"cd {shlex.quote(lay.proxy)} && {compose} up -d --remove-orphans", what="proxy up")
+        result.restarted.append("reverse proxy (up)")
+        touched.append(PROXY_PROJECT)
+    elif plan.nginx_reload:
+        try:
+            remote.run(proxy.reload_script(reload_confs), what="nginx reload")
+            result.restarted.append("nginx (reload)")
+        except RemoteError as exc:
+            nginx_error = str(exc)
+            log(nginx_error)
+    for sn in plan.generate:
+        log(f"{sn}: running Synapse generate (config, signing key)")
+        remote.run(synapse.generate_script(lay, hs_by_name[sn], compose), what=f"{sn}: generate", timeout=300)
+    for sn in plan.synapse_up:
+        hs = hs_by_name[sn]
+        log(f"{sn}: starting its stack")
+        remote.run(f"cd {shlex.quote(lay.synapse(sn))} && {compose} up -d --remove-orphans", what=f"{sn}: up")
+        result.restarted.append(f"{sn} (up)")
+        touched.append(synapse_project(hs))
+    for sn in plan.synapse_restart:
+        hs = hs_by_name[sn]
+        if synapse_project(hs) in touched and sn not in plan.generate:
+            # `up` recreated it only if its compose definition changed: restart anyway
+            pass
+        log(f"{sn}: restarting Synapse")
+        project = synapse_project(hs)
+        remote.run(
+            f"docker restart $(docker ps -q --filter label=com.docker.compose.project={project} "
+            "--filter label=com.docker.compose.service=synapse)",
+            what=f"{sn}: restart",
+        )
+        result.restarted.append(f"{sn} (restart)")
+        if project not in touched:
+            touched.append(project)
+    docker.wait_healthy(remote, touched, log)
+    if nginx_error:
+        raise RemoteError(nginx_error)

@@ -1,0 +1,140 @@
+"""Docker on a host: install the engine and compose, start the engine (with or
+without systemd), drive compose projects, ship images, wait for health."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import time
+from typing import Callable, Iterator
+
+from .facts import Facts
+from .remote import Remote, RemoteError
+
+INSTALL_SCRIPT = r"""
+set -e
+export DEBIAN_FRONTEND=noninteractive
+if ! command -v apt-get >/dev/null 2>&1; then
+  echo "only Debian/Ubuntu hosts (apt) are supported" >&2; exit 3
+fi
+if ! command -v docker >/dev/null 2>&1; then
+  apt-get update -qq
+  apt-get install -y -qq docker.io >/dev/null
+fi
+if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null 2>&1; then
+  apt-get update -qq
+  # Ubuntu ships the v2 plugin as docker-compose-v2; Debian 12 only has v1.
+  apt-get install -y -qq docker-compose-v2 >/dev/null 2>&1 || apt-get install -y -qq docker-compose >/dev/null
+fi
+"""
+
+# Starts the engine so that it outlives the SSH session: systemd where it is PID 1,
+# otherwise a detached dockerd (its own session, no controlling terminal).
+START_ENGINE = r"""
+if docker info >/dev/null 2>&1; then exit 0; fi
+if [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then
+  systemctl enable --now docker >/dev/null
+else
+  mkdir -p /var/log
+  setsid nohup dockerd >>/var/log/dockerd.log 2>&1 </dev/null &
+fi
+for i in $(seq 1 60); do docker info >/dev/null 2>&1 && exit 0; sleep 1; done
+echo "the Docker engine did not start; last lines of its log:" >&2
+tail -n 20 /var/log/dockerd.log >&2 2>/dev/null || journalctl -u docker -n 20 --no-pager >&2
+exit 1
+"""
+
+
+def compose_cmd(facts: Facts) -> str:
+    return "docker compose" if facts.compose == "v2" else "docker-compose"
+
+
+def install(remote: Remote, log: Callable[[str], None]) -> None:
+    """Install Docker and compose through apt (no-op when present)."""
+    log("installing Docker and compose (apt)")
+    remote.run(INSTALL_SCRIPT, what="install Docker", timeout=900)
+
+
+def start_engine(remote: Remote) -> None:
+    remote.run(START_ENGINE, what="start the Docker engine", timeout=120)
+
+
+def local_image_ids(refs: list[str]) -> dict[str, str]:
+    """Image IDs on this (the operator's) machine, for the `push` image source."""
+    ids = {}
+    for ref in refs:
+        res = subprocess.run(
+            ["docker", "image", "inspect", "--format", "{{.Id}}", ref],
+            capture_output=True, text=True,
+        )
+        if res.returncode == 0:
+            ids[ref] = res.stdout.strip()
+    return ids
+
+
+def _stream(proc: subprocess.Popen, counter: list[int]) -> Iterator[bytes]:
+    while True:
+        chunk = proc.stdout.read(1 << 20)
+        if not chunk:
+            return
+        counter[0] += len(chunk)
+        yield chunk
+
+
+def push_images(remote: Remote, refs: list[str], log: Callable[[str], None]) -> None:
+    """`docker save | docker load` over the SSH connection, one stream for all."""
+    if not refs:
+        return
+    started = time.monotonic()
+    log(f"shipping {len(refs)} image(s) over SSH: {', '.join(refs)}")
+    proc = subprocess.Popen(["docker", "save", *refs], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    sent = [0]
+    try:
+        remote.run("docker load -q", stdin=_stream(proc, sent), what="docker load", timeout=1800)
+    finally:
+        proc.stdout.close()
+        err = proc.stderr.read().decode(errors="replace")
+        if proc.wait() != 0:
+            raise RemoteError(f"{remote.name}: docker save failed locally: {err.strip()}")
+    took = time.monotonic() - started
+    log(f"shipped {sent[0] / 1e6:.0f} MB in {took:.1f}s")
+
+
+def wait_healthy(remote: Remote, projects: list[str], log: Callable[[str], None], timeout: int = 180) -> None:
+    """Wait (on the host, in one command) until every container of `projects` is
+    healthy (or running, when it has no health check). On timeout, fail with the
+    unhealthy containers' last log lines."""
+    if not projects:
+        return
+    filters = " ".join(f"--filter label=com.docker.compose.project={shlex.quote(p)}" for p in projects)
+    script = f"""
+deadline=$(( $(date +%s) + {timeout} ))
+start=$(date +%s)
+last=""
+while :; do
+  bad=""
+  for p in {' '.join(shlex.quote(p) for p in projects)}; do
+    ids=$(docker ps -aq --filter label=com.docker.compose.project=$p)
+    [ -n "$ids" ] || bad="$bad $p:no-containers"
+    for id in $ids; do
+      s=$(docker inspect -f '{{{{.Name}}}}={{{{if .State.Health}}}}{{{{.State.Health.Status}}}}{{{{else}}}}{{{{.State.Status}}}}{{{{end}}}}' $id)
+      case "$s" in *=healthy|*=running) ;; *) bad="$bad ${{s#/}}";; esac
+    done
+  done
+  [ -z "$bad" ] && {{ echo "healthy after $(( $(date +%s) - start ))s"; exit 0; }}
+  if [ "$bad" != "$last" ]; then echo "waiting ($(( $(date +%s) - start ))s):$bad"; last="$bad"; fi
+  if [ $(date +%s) -ge $deadline ]; then
+    echo "not healthy after {timeout}s:$bad" >&2
+    for id in $(docker ps -aq {filters}); do
+      s=$(docker inspect -f '{{{{if .State.Health}}}}{{{{.State.Health.Status}}}}{{{{else}}}}{{{{.State.Status}}}}{{{{end}}}}' $id)
+      case "$s" in healthy|running) continue;; esac
+      echo "--- last log lines of $(docker inspect -f '{{{{.Name}}}}' $id) ($s):" >&2
+      docker logs --tail 25 $id 2>&1 | sed 's/^/    /' >&2
+    done
+    exit 1
+  fi
+  sleep 1
+done
+"""
+    remote.run(script, what=f"wait for {', '.join(projects)}", timeout=timeout + 60,
+               on_stdout=lambda line: log(line))

@@ -1,0 +1,145 @@
+"""What is on a host now, gathered in ONE remote command.
+
+The script prints one tab-separated record a line:
+
+    S  path type mode uid:gid      stat of every managed path that exists
+    H  path sha256                 content hash of every managed file that exists
+    B  docker                      the docker client is installed
+    E  version                     the engine answers
+    K  v2|v1                       compose flavour (plugin or docker-compose binary)
+    C  project service state id    every compose container
+    I  repo:tag id                 every local image
+    O  server_name path            a path under data/ not owned by 991:991
+    1  comm                        what runs as PID 1 (systemd or not)
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+
+from .render import DesiredState, SYNAPSE_UID
+
+
+@dataclass
+class Stat:
+    kind: str  # "regular file", "directory", ...
+    mode: int
+    owner: str
+
+
+@dataclass
+class Container:
+    project: str
+    service: str
+    state: str  # running, exited, ...
+    status: str  # "Up 3 minutes (healthy)"
+    id: str
+
+
+@dataclass
+class Facts:
+    stats: dict[str, Stat] = field(default_factory=dict)
+    hashes: dict[str, str] = field(default_factory=dict)
+    docker: bool = False
+    engine: str = ""
+    compose: str = ""  # "v2", "v1" or ""
+    containers: list[Container] = field(default_factory=list)
+    images: dict[str, str] = field(default_factory=dict)
+    wrong_owner: dict[str, str] = field(default_factory=dict)
+    pid1: str = ""
+
+    def running(self, project: str, service: str) -> bool:
+        return any(
+            c.project == project and c.service == service and c.state == "running"
+            for c in self.containers
+        )
+
+    def exists(self, path: str) -> bool:
+        return path in self.stats
+
+
+def secret_paths(state: DesiredState) -> list[str]:
+    lay = state.layout
+    return [
+        lay.secret(hs.server_name, name)
+        for hs in state.homeservers
+        for name in ("postgres_password", "pgpass")
+    ]
+
+
+def generated_paths(state: DesiredState) -> list[str]:
+    """Files Synapse's `generate` writes (never overwritten once there)."""
+    lay = state.layout
+    out = []
+    for hs in state.homeservers:
+        data = f"{lay.synapse(hs.server_name)}/data"
+        out += [f"{data}/homeserver.yaml", f"{data}/{hs.server_name}.signing.key"]
+    return out
+
+
+def cert_paths(state: DesiredState) -> list[str]:
+    lay = state.layout
+    return [
+        f"{lay.certs(hs.server_name)}/{name}"
+        for hs in state.homeservers
+        for name in ("fullchain.pem", "privkey.pem")
+    ]
+
+
+def script(state: DesiredState) -> str:
+    """The facts script for this desired state."""
+    files = [f.path for f in state.files]
+    extra = secret_paths(state) + generated_paths(state) + cert_paths(state)
+    stat_paths = [d.path for d in state.dirs] + files + extra
+    q = lambda paths: " ".join(shlex.quote(p) for p in paths)  # noqa: E731
+    lines = [
+        f"stat -c 'S\t%n\t%F\t%a\t%u:%g' -- {q(stat_paths)} 2>/dev/null",
+        f"sha256sum -- {q(files)} 2>/dev/null | sed 's/^\\([0-9a-f]*\\)  /H\\t\\1\\t/'",
+        "printf '1\\t%s\\n' \"$(cat /proc/1/comm 2>/dev/null)\"",
+        "command -v docker >/dev/null 2>&1 || exit 0",
+        "printf 'B\\tdocker\\n'",
+        "v=$(docker version --format '{{.Server.Version}}' 2>/dev/null) || exit 0",
+        "printf 'E\\t%s\\n' \"$v\"",
+        "if docker compose version >/dev/null 2>&1; then printf 'K\\tv2\\n';"
+        " elif command -v docker-compose >/dev/null 2>&1; then printf 'K\\tv1\\n'; fi",
+        "docker ps -a --filter label=com.docker.compose.project --format "
+        "'C\t{{.Label \"com.docker.compose.project\"}}\t{{.Label \"com.docker.compose.service\"}}"
+        "\t{{.State}}\t{{.Status}}\t{{.ID}}'",
+        "docker images --no-trunc --format 'I\t{{.Repository}}:{{.Tag}}\t{{.ID}}'",
+    ]
+    for hs in state.homeservers:
+        data = f"{state.layout.synapse(hs.server_name)}/data"
+        uid, gid = SYNAPSE_UID.split(":")
+        lines.append(
+            f"[ -d {shlex.quote(data)} ] && find {shlex.quote(data)} \\( ! -uid {uid} -o ! -gid {gid} \\) "
+            f"-printf 'O\\t{hs.server_name}\\t%p\\n' -quit"
+        )
+    lines.append("exit 0")
+    return "\n".join(lines) + "\n"
+
+
+def parse(output: str) -> Facts:
+    facts = Facts()
+    for line in output.splitlines():
+        kind, _, rest = line.partition("\t")
+        parts = rest.split("\t")
+        if kind == "S" and len(parts) == 4:
+            facts.stats[parts[0]] = Stat(parts[1], int(parts[2], 8), parts[3])
+        elif kind == "H" and len(parts) == 2:
+            facts.hashes[parts[1]] = parts[0]
+        elif kind == "B":
+            facts.docker = True
+        elif kind == "E":
+            facts.engine = parts[0]
+        elif kind == "K":
+            facts.compose = parts[0]
+        elif kind == "C" and len(parts) == 5:
+            facts.containers.append(Container(*parts))
+        elif kind == "I" and len(parts) == 2:
+            facts.images[parts[0]] = parts[1]
+        elif kind == "O" and len(parts) == 2:
+            facts.wrong_owner[parts[0]] = parts[1]
+        elif kind == "1":
+            facts.pid1 = parts[0]
+    return facts

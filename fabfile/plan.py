@@ -1,0 +1,143 @@
+"""plan = diff(desired, facts): pure, so it is unit-tested without SSH.
+
+A Plan lists every change a host needs and every service action they imply. An
+empty plan means the host is converged: apply writes nothing, restarts nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from .facts import Facts, cert_paths, generated_paths, secret_paths
+from .render import PROXY_PROJECT, DesiredState, RemoteDir, RemoteFile, synapse_project
+
+
+@dataclass
+class Change:
+    kind: str  # create | update | chmod | chown | mkdir | fixdir
+    path: str
+    detail: str = ""
+
+    def line(self) -> str:
+        sign = {"create": "+", "mkdir": "+", "update": "~"}.get(self.kind, "*")
+        return f"{sign} {self.path}" + (f" ({self.detail})" if self.detail else "")
+
+
+@dataclass
+class Plan:
+    state: DesiredState
+    dirs: list[RemoteDir] = field(default_factory=list)
+    files: list[RemoteFile] = field(default_factory=list)
+    changes: list[Change] = field(default_factory=list)
+    ok: int = 0
+    images: list[str] = field(default_factory=list)  # to push (image source "push")
+    secrets: list[str] = field(default_factory=list)  # server_names lacking secrets
+    generate: list[str] = field(default_factory=list)  # server_names lacking generate's output
+    chown_data: list[str] = field(default_factory=list)  # server_names with data not 991:991
+    placeholder_certs: list[str] = field(default_factory=list)  # cert names lacking any cert
+    proxy_up: bool = False
+    nginx_reload: bool = False
+    synapse_up: list[str] = field(default_factory=list)
+    synapse_restart: list[str] = field(default_factory=list)
+    engine_start: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return not (
+            self.changes or self.images or self.proxy_up or self.nginx_reload
+            or self.synapse_up or self.synapse_restart or self.engine_start
+        )
+
+    @property
+    def restarts(self) -> list[str]:
+        out = ["reverse proxy (up)"] if self.proxy_up else []
+        out += ["nginx (reload)"] if self.nginx_reload else []
+        out += [f"{sn} (up)" for sn in self.synapse_up]
+        out += [f"{sn} (restart)" for sn in self.synapse_restart if sn not in self.synapse_up]
+        return out
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: bool) -> Plan:
+    """Compare the desired state with the facts. `local_images` maps image
+    references to IDs on the operator's machine (used when `push`)."""
+    plan = Plan(state)
+    triggers: set[str] = set()
+
+    for d in state.dirs:
+        st = facts.stats.get(d.path)
+        if st is None:
+            plan.dirs.append(d)
+            plan.changes.append(Change("mkdir", d.path))
+        elif st.kind != "directory":
+            plan.changes.append(Change("fixdir", d.path, f"is a {st.kind}, expected a directory"))
+            plan.dirs.append(d)
+        elif st.mode != d.mode or st.owner != d.owner:
+            plan.dirs.append(d)
+            plan.changes.append(Change("chmod", d.path, f"{st.mode:o} {st.owner} -> {d.mode:o} {d.owner}"))
+        else:
+            plan.ok += 1
+
+    for f in state.files:
+        st = facts.stats.get(f.path)
+        if st is None:
+            kind = "create"
+        elif facts.hashes.get(f.path) != sha256(f.content):
+            kind = "update"
+        elif st.mode != f.mode or st.owner != f.owner:
+            kind = "chmod"
+        else:
+            plan.ok += 1
+            continue
+        plan.files.append(f)
+        plan.changes.append(Change(kind, f.path))
+        if f.trigger:
+            triggers.add(f.trigger)
+
+    existing_secrets = set(secret_paths(state)) & set(facts.stats)
+    generated = set(generated_paths(state)) & set(facts.stats)
+    certs = set(cert_paths(state)) & set(facts.stats)
+    lay = state.layout
+    for hs in state.homeservers:
+        sn = hs.server_name
+        if {lay.secret(sn, "postgres_password"), lay.secret(sn, "pgpass")} - existing_secrets:
+            plan.secrets.append(sn)
+            plan.changes.append(Change("create", lay.secret(sn, "*"), "new database password"))
+            triggers.add(f"synapse:{sn}:stack")
+        data = f"{lay.synapse(sn)}/data"
+        if {f"{data}/homeserver.yaml", f"{data}/{sn}.signing.key"} - generated:
+            plan.generate.append(sn)
+            plan.changes.append(Change("create", f"{data}/homeserver.yaml", "Synapse generate"))
+            triggers.add(f"synapse:{sn}:stack")
+        if sn in facts.wrong_owner:
+            plan.chown_data.append(sn)
+            plan.changes.append(Change("chown", data, f"{facts.wrong_owner[sn]} not 991:991"))
+        if {f"{lay.certs(sn)}/fullchain.pem", f"{lay.certs(sn)}/privkey.pem"} - certs:
+            plan.placeholder_certs.append(sn)
+            plan.changes.append(Change("create", f"{lay.certs(sn)}/", "temporary self-signed certificate"))
+            triggers.add("proxy:reload")
+
+    if push:
+        wanted = sorted(state.images)
+        for ref in wanted:
+            local = local_images.get(ref)
+            if local and facts.images.get(ref) != local:
+                plan.images.append(ref)
+
+    plan.engine_start = facts.docker and not facts.engine
+    proxy_running = facts.running(PROXY_PROJECT, "nginx")
+    plan.proxy_up = "proxy:stack" in triggers or not proxy_running
+    plan.nginx_reload = "proxy:reload" in triggers and proxy_running and not plan.proxy_up
+    for hs in state.homeservers:
+        sn = hs.server_name
+        project = synapse_project(hs)
+        running = facts.running(project, "synapse") and facts.running(project, "postgres")
+        if f"synapse:{sn}:stack" in triggers or not running or sn in plan.chown_data:
+            plan.synapse_up.append(sn)
+        if f"synapse:{sn}:restart" in triggers and running:
+            plan.synapse_restart.append(sn)
+    return plan

@@ -1,0 +1,70 @@
+"""The reverse proxy: temporary certificates, and nginx reloads that never leave
+a rejected config in place."""
+
+from __future__ import annotations
+
+import datetime
+import shlex
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from .render import PROXY_PROJECT
+
+BACKUP = ".sfab-old"
+
+
+def placeholder_cert(names: list[str]) -> tuple[bytes, bytes]:
+    """A short-lived self-signed certificate so nginx can start (and answer ACME
+    HTTP-01 challenges) before the real certificate exists."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=7))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def nginx_container() -> str:
+    return (
+        f"$(docker ps -q --filter label=com.docker.compose.project={PROXY_PROJECT} "
+        "--filter label=com.docker.compose.service=nginx)"
+    )
+
+
+def reload_script(changed_confs: list[str]) -> str:
+    """Test the new config in the running nginx; reload if accepted, otherwise put
+    the previous files back (so the old config keeps serving) and fail with
+    nginx's own error."""
+    restore = "\n".join(
+        f"  if [ -e {shlex.quote(p + BACKUP)} ]; then mv -f {shlex.quote(p + BACKUP)} {shlex.quote(p)};"
+        f" else rm -f {shlex.quote(p)}; fi"
+        for p in changed_confs
+    )
+    cleanup = " ".join(shlex.quote(p + BACKUP) for p in changed_confs) or "/dev/null/none"
+    return f"""
+c={nginx_container()}
+if [ -z "$c" ]; then echo "nginx is not running" >&2; exit 1; fi
+if ! out=$(docker exec "$c" nginx -t 2>&1); then
+{restore}
+  echo "nginx rejected the new configuration; the previous one is still serving:" >&2
+  echo "$out" | grep -v 'test failed' >&2
+  exit 1
+fi
+rm -f {cleanup}
+docker exec "$c" nginx -s reload
+"""

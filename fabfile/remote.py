@@ -1,0 +1,277 @@
+"""Transport: the only module that talks SSH.
+
+- `connect(inv, host)` opens a fabric Connection that checks host keys strictly
+  (fabric's default would accept any unknown key).
+- `Remote.run(script, stdin=...)` runs a shell script as root (through `sudo -n`
+  for a non-root login). The script text is code we wrote (paths and validated
+  names only); data, file contents and secrets travel on stdin, never in argv.
+- `Remote.lock()` holds a host-wide lock for the whole run on its own channel;
+  when the run ends or its connection dies, the lock goes with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import io
+import os
+import shlex
+import socket
+import tarfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import paramiko
+from fabric import Connection
+from invoke import Config
+
+from .inventory import Host, Inventory
+
+LOCK_FILE = "/run/lock/synapse-fabric.lock"
+LOCK_OWNER = "/run/lock/synapse-fabric.owner"
+
+
+class RemoteError(Exception):
+    """A remote step failed; the message names the host, the step and stderr's tail."""
+
+
+class HostKeyError(RemoteError):
+    pass
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def out(self) -> str:
+        return self.stdout.decode(errors="replace")
+
+    @property
+    def err(self) -> str:
+        return self.stderr.decode(errors="replace")
+
+
+class _AcceptNewPolicy(paramiko.MissingHostKeyPolicy):
+    """Record an unknown host's key (OpenSSH's accept-new); paramiko itself refuses
+    a key that differs from a recorded one."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def missing_host_key(self, client, hostname, key):
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="ascii") as fh:
+            fh.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+
+
+class Remote:
+    """One SSH connection to one inventory host; commands run as root."""
+
+    def __init__(self, inv: Inventory, host: Host, connection: Connection):
+        self.inv = inv
+        self.host = host
+        self.conn = connection
+        self.commands = 0  # remote commands run (the benchmark reports it)
+        self._lock_channel = None
+
+    @property
+    def name(self) -> str:
+        return self.host.name
+
+    # -- running commands ----------------------------------------------------
+    def _wrap(self, script: str) -> str:
+        shell = f"sh -c {shlex.quote(script)}"
+        return f"sudo -n {shell}" if self.host.use_sudo else shell
+
+    def run(
+        self,
+        script: str,
+        stdin: bytes | Iterable[bytes] | None = None,
+        check: bool = True,
+        what: str = "",
+        timeout: Optional[float] = None,
+        on_stdout: Optional[Callable[[str], None]] = None,
+    ) -> Result:
+        """Run `script` as root. `stdin` may be bytes or an iterable of chunks
+        (streamed). Raises RemoteError when it exits non-zero and `check` is set."""
+        self.conn.open()
+        self.commands += 1
+        chan = self.conn.transport.open_session()
+        if timeout:
+            chan.settimeout(timeout)
+        chan.exec_command(self._wrap(script))
+        out, err = bytearray(), bytearray()
+        pump = threading.Thread(target=self._drain, args=(chan, out, err, on_stdout), daemon=True)
+        pump.start()
+        try:
+            if stdin is not None:
+                chunks = [stdin] if isinstance(stdin, (bytes, bytearray)) else stdin
+                for chunk in chunks:
+                    chan.sendall(chunk)
+            chan.shutdown_write()
+            pump.join()
+            code = chan.recv_exit_status()
+        except (socket.error, paramiko.SSHException) as exc:
+            raise RemoteError(f"{self.name}: {what or 'command'}: connection lost ({exc})") from None
+        finally:
+            chan.close()
+        result = Result(code, bytes(out), bytes(err))
+        if check and code != 0:
+            raise RemoteError(self._failure(what or script.splitlines()[0], result))
+        return result
+
+    @staticmethod
+    def _drain(chan, out: bytearray, err: bytearray, on_stdout):
+        pending = b""
+        while True:
+            got = False
+            if chan.recv_ready():
+                data = chan.recv(65536)
+                out.extend(data)
+                got = True
+                if on_stdout:
+                    pending += data
+                    *lines, pending = pending.split(b"\n")
+                    for line in lines:
+                        on_stdout(line.decode(errors="replace"))
+            if chan.recv_stderr_ready():
+                err.extend(chan.recv_stderr(65536))
+                got = True
+            if not got:
+                if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+                    break
+                if chan.closed and not chan.recv_ready() and not chan.recv_stderr_ready():
+                    break
+                time.sleep(0.005)
+
+    def _failure(self, what: str, result: Result) -> str:
+        tail = "\n".join(result.err.strip().splitlines()[-15:]) or "(no error output)"
+        hint = ""
+        if "sudo" in result.err and "password" in result.err:
+            hint = f"\n  hint: user {self.host.user!r} needs passwordless sudo on {self.name}"
+        return f"{self.name}: {what} failed (exit {result.code}):\n  " + tail.replace("\n", "\n  ") + hint
+
+    # -- files ---------------------------------------------------------------
+    def read_files(self, paths: list[str]) -> dict[str, bytes]:
+        """Fetch several files in one round trip (as a tar stream)."""
+        if not paths:
+            return {}
+        listing = "\n".join(p.lstrip("/") for p in paths) + "\n"
+        res = self.run(
+            "cd / && tar -c --ignore-failed-read -T - 2>/dev/null || true",
+            stdin=listing.encode(),
+            what="read files",
+        )
+        found: dict[str, bytes] = {}
+        with tarfile.open(fileobj=io.BytesIO(res.stdout), mode="r:") as tar:
+            for member in tar:
+                if member.isfile():
+                    found["/" + member.name] = tar.extractfile(member).read()
+        return found
+
+    # -- the run lock --------------------------------------------------------
+    def lock(self, wait: float = 60.0) -> None:
+        """Take the host's run lock, waiting at most `wait` seconds."""
+        self.conn.open()
+        self.commands += 1
+        me = f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        script = (
+            f"mkdir -p /run/lock && exec 9>{LOCK_FILE} && "
+            f"if flock -w {int(wait)} 9; then head -n 1 > {LOCK_OWNER}.new && mv {LOCK_OWNER}.new {LOCK_OWNER} "
+            f"&& echo locked && exec cat >/dev/null; "
+            f"else echo busy; cat {LOCK_OWNER} 2>/dev/null; exit 75; fi"
+        )
+        chan = self.conn.transport.open_session()
+        chan.exec_command(self._wrap(script))
+        # Stdin stays open while we hold the lock: the remote side reads one line
+        # (who we are, for whoever waits next) and then blocks until we close.
+        chan.sendall(me.encode() + b"\n")
+        reply = b""
+        deadline = time.monotonic() + wait + 15
+        while b"\n" not in reply and time.monotonic() < deadline:
+            if chan.recv_ready():
+                reply += chan.recv(4096)
+            elif chan.exit_status_ready():
+                reply += chan.recv(4096)
+                break
+            else:
+                time.sleep(0.01)
+        if reply.startswith(b"locked"):
+            self._lock_channel = chan
+            return
+        rest = reply.decode(errors="replace").split("\n", 1)
+        holder = rest[1].strip() if len(rest) > 1 and rest[1].strip() else "unknown"
+        chan.close()
+        raise RemoteError(
+            f"{self.name}: another run holds the lock after waiting {int(wait)}s (held by {holder}); "
+            "try again when it has finished"
+        )
+
+    def close(self) -> None:
+        if self._lock_channel is not None:
+            with contextlib.suppress(Exception):
+                self._lock_channel.shutdown_write()
+                self._lock_channel.close()
+            self._lock_channel = None
+        with contextlib.suppress(Exception):
+            self.conn.close()
+
+
+def connect(inv: Inventory, host: Host) -> Remote:
+    """A Remote for `host` with strict host-key checking (see inventory `ssh`)."""
+    config = Config(overrides={"load_ssh_configs": False})
+    kwargs = {"allow_agent": True, "look_for_keys": host.key is None}
+    if host.key is not None:
+        kwargs["key_filename"] = [str(host.key)]
+    conn = Connection(
+        host=host.address,
+        user=host.user,
+        port=host.port,
+        config=config,
+        connect_timeout=inv.ssh.connect_timeout,
+        connect_kwargs=kwargs,
+    )
+    known = inv.ssh.known_hosts or Path("~/.ssh/known_hosts").expanduser()
+    client = conn.client
+    client.get_host_keys().clear()
+    if known.exists():
+        client.load_host_keys(str(known))
+    if inv.ssh.accept_new_hosts:
+        client.set_missing_host_key_policy(_AcceptNewPolicy(known))
+    else:
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    return Remote(inv, host, conn)
+
+
+def open_remote(inv: Inventory, host: Host) -> Remote:
+    """connect() and open, with one clear message for each way SSH fails."""
+    remote = connect(inv, host)
+    where = f"{host.name} ({host.user}@{host.address}:{host.port})"
+    known = inv.ssh.known_hosts or "~/.ssh/known_hosts"
+    try:
+        remote.conn.open()
+    except paramiko.BadHostKeyException:
+        raise HostKeyError(
+            f"{where}: the host key CHANGED since it was recorded in {known}. "
+            "This may be an attack, or the host was reinstalled: check with its provider, "
+            "then remove the old line from known_hosts."
+        ) from None
+    except paramiko.SSHException as exc:
+        if "not found in known_hosts" in str(exc):
+            raise HostKeyError(
+                f"{where}: host key unknown (not in {known}). Verify it and add it "
+                "(ssh-keyscan), or set ssh.accept_new_hosts: true in the inventory."
+            ) from None
+        raise RemoteError(f"{where}: SSH failed: {exc}") from None
+    except (socket.timeout, TimeoutError):
+        raise RemoteError(f"{where}: unreachable (connection timed out)") from None
+    except OSError as exc:
+        raise RemoteError(f"{where}: unreachable ({exc.strerror or exc})") from None
+    return remote
