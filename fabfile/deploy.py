@@ -168,7 +168,11 @@ def _apply(remote: Remote, plan: Plan, facts, log, result: HostResult) -> None:
             RemoteFile(f"{lay.certs(sn)}/fullchain.pem", chain, 0o644),
             RemoteFile(f"{lay.certs(sn)}/privkey.pem", key, 0o600),
         ]
-    reload_confs = [f.path for f in plan.files if f.trigger == "proxy:reload"] if plan.nginx_reload else []
+    conf_d = f"{lay.proxy}/nginx/conf.d/"
+    reload_confs = (
+        [f.path for f in plan.files if f.trigger == "proxy:reload"] + [p for p in plan.remove if p.startswith(conf_d)]
+        if plan.nginx_reload else []
+    )
     lines = ["set -e"]
     for d in plan.dirs:
         p = shlex.quote(d.path)
@@ -180,6 +184,10 @@ def _apply(remote: Remote, plan: Plan, facts, log, result: HostResult) -> None:
             if f.path in reload_confs:
                 lines.append(f"if [ -e {p} ]; then cp -p {p} {p}{proxy.BACKUP}; fi")
             lines.append(f"mv -f {p}.sfab-new {p}")
+    for path in plan.remove:
+        p = shlex.quote(path)
+        # an nginx file is kept aside until nginx accepts the config without it
+        lines.append(f"mv -f {p} {p}{proxy.BACKUP}" if path in reload_confs else f"rm -f {p}")
     hs_by_name = {h.server_name: h for h in state.homeservers}
     for sn in plan.secrets:
         lines.append(synapse.secrets_script(lay, hs_by_name[sn]))

@@ -11,6 +11,7 @@ The script prints one tab-separated record a line:
     I  repo:tag id                 every local image
     O  server_name path            a path under data/ not owned by 991:991
     1  comm                        what runs as PID 1 (systemd or not)
+    M  path                        a file in a managed conf.d carrying our marker
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Facts:
     images: dict[str, str] = field(default_factory=dict)
     wrong_owner: dict[str, str] = field(default_factory=dict)
     pid1: str = ""
+    managed: set[str] = field(default_factory=set)
 
     def running(self, project: str, service: str) -> bool:
         return any(
@@ -87,6 +89,16 @@ def cert_paths(state: DesiredState) -> list[str]:
     ]
 
 
+MARKER = "Managed by synapse-fabric"
+
+
+def managed_dirs(state: DesiredState) -> list[str]:
+    """Directories whose files carrying MARKER are ours: one no longer rendered
+    is removed (e.g. the vhost of a homeserver that left this host)."""
+    lay = state.layout
+    return [f"{lay.proxy}/nginx/conf.d"] + [f"{lay.synapse(hs.server_name)}/conf.d" for hs in state.homeservers]
+
+
 def script(state: DesiredState) -> str:
     """The facts script for this desired state."""
     files = [f.path for f in state.files]
@@ -94,6 +106,9 @@ def script(state: DesiredState) -> str:
     stat_paths = [d.path for d in state.dirs] + files + extra
     q = lambda paths: " ".join(shlex.quote(p) for p in paths)  # noqa: E731
     lines = [
+        f"grep -l -s -m 1 {shlex.quote(MARKER)} -- "
+        + " ".join(f"{shlex.quote(d)}/*" for d in managed_dirs(state))
+        + " 2>/dev/null | sed 's/^/M\t/'",
         f"stat -c 'S\t%n\t%F\t%a\t%u:%g' -- {q(stat_paths)} 2>/dev/null",
         f"sha256sum -- {q(files)} 2>/dev/null | sed 's/^\\([0-9a-f]*\\)  /H\\t\\1\\t/'",
         "printf '1\\t%s\\n' \"$(cat /proc/1/comm 2>/dev/null)\"",
@@ -140,6 +155,8 @@ def parse(output: str) -> Facts:
             facts.images[parts[0]] = parts[1]
         elif kind == "O" and len(parts) == 2:
             facts.wrong_owner[parts[0]] = parts[1]
+        elif kind == "M" and parts[0]:
+            facts.managed.add(parts[0])
         elif kind == "1":
             facts.pid1 = parts[0]
     return facts

@@ -20,7 +20,7 @@ class Change:
     detail: str = ""
 
     def line(self) -> str:
-        sign = {"create": "+", "mkdir": "+", "update": "~"}.get(self.kind, "*")
+        sign = {"create": "+", "mkdir": "+", "update": "~", "remove": "-"}.get(self.kind, "*")
         return f"{sign} {self.path}" + (f" ({self.detail})" if self.detail else "")
 
 
@@ -29,6 +29,7 @@ class Plan:
     state: DesiredState
     dirs: list[RemoteDir] = field(default_factory=list)
     files: list[RemoteFile] = field(default_factory=list)
+    remove: list[str] = field(default_factory=list)  # managed files no longer rendered
     changes: list[Change] = field(default_factory=list)
     ok: int = 0
     images: list[str] = field(default_factory=list)  # to push (image source "push")
@@ -97,6 +98,17 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
         plan.changes.append(Change(kind, f.path))
         if f.trigger:
             triggers.add(f.trigger)
+
+    desired = {f.path for f in state.files}
+    conf_d = f"{state.layout.proxy}/nginx/conf.d/"
+    for path in sorted(facts.managed - desired):
+        plan.remove.append(path)
+        plan.changes.append(Change("remove", path, "no longer rendered"))
+        if path.startswith(conf_d):
+            triggers.add("proxy:reload")
+        for hs in state.homeservers:
+            if path.startswith(f"{state.layout.synapse(hs.server_name)}/conf.d/"):
+                triggers.add(f"synapse:{hs.server_name}:restart")
 
     existing_secrets = set(secret_paths(state)) & set(facts.stats)
     generated = set(generated_paths(state)) & set(facts.stats)

@@ -183,11 +183,13 @@ def engine_answers() -> bool:
 # ---------------------------------------------------------------- images
 
 def image_tags(build: bool, log=print) -> dict[str, str]:
-    """{'host': tag, 'infra': tag}; with build=True they are built unless cached."""
+    """{'host': tag, 'infra': tag}; with build=True they, and the production
+    stand-ins the hosts receive (synapse, postgres, nginx, certbot), are built
+    unless cached."""
     from tests.sandbox import images
     if build:
-        done = images.ensure(list(IMAGE_ENV), log=log)
-        missing = [n for n in IMAGE_ENV if n not in done]
+        done = images.ensure(None, log=log)
+        missing = [n for n in images.SPECS if n not in done]
         if missing:
             raise SandboxError(f"sandbox images unavailable: {', '.join(missing)} "
                                "(see the images: lines above)")

@@ -1,0 +1,213 @@
+"""`fab -H HOST bootstrap` and `inv deploy` over real SSH into the sandbox.
+
+The tests run in file order on one sandbox: bootstrap first, then re-runs and
+changes against what it built. Every task is run as the operator runs it (the
+`fab` / `inv` commands, as subprocesses) with the repo's hosts.yaml, or with a
+modified copy of it next to it (so its relative paths still hold).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fabfile.inventory import load
+from fabfile.remote import open_remote
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+INVENTORY = REPO / "hosts.yaml"
+
+pytestmark = pytest.mark.e2e
+
+
+def run(argv: list[str], inventory: Path = INVENTORY, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "INVOKE_INVENTORY": str(inventory), "FABRIC_INVENTORY": str(inventory)}
+    res = subprocess.run([str(BIN / argv[0]), *argv[1:]], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    print(res.stdout[-4000:], res.stderr[-4000:])
+    return res
+
+
+def on_host(host: str, script: str, inventory: Path = INVENTORY) -> str:
+    inv = load(inventory)
+    remote = open_remote(inv, inv.hosts[host])
+    try:
+        return remote.run(script, what="test probe").out
+    finally:
+        remote.close()
+
+
+# What a no-op run must leave alone: managed files (hash + mtime) and containers.
+SNAPSHOT = r"""
+find /opt/matrix -path '*/postgres' -prune -o -path '*/data' -prune -o -type f -printf '%p %T@ %m %U:%G\n' | sort
+find /opt/matrix -type f -path '*/conf.d/*' -exec sha256sum {} + | sort
+docker ps -aq | xargs -r docker inspect -f '{{.Name}} {{.State.StartedAt}} {{.State.Status}}' | sort
+"""
+
+STARTS = "docker ps -aq | xargs -r docker inspect -f '{{.Name}} {{.State.StartedAt}}' | sort"
+
+
+def starts(host: str) -> dict[str, str]:
+    return dict(line.split() for line in on_host(host, STARTS).splitlines())
+
+
+def variant(tmp_name: str, change) -> Path:
+    """A copy of hosts.yaml next to it, changed by `change(doc)`."""
+    doc = yaml.safe_load(INVENTORY.read_text())
+    change(doc)
+    path = REPO / f".e2e-{tmp_name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def deployed(sandbox):
+    """Both homeserver hosts bootstrapped from bare, in parallel, by `fab`."""
+    env = {**os.environ, "FABRIC_INVENTORY": str(INVENTORY)}
+    procs = {
+        name: subprocess.Popen([str(BIN / "fab"), "-H", name, "bootstrap"], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for name in ("vps1", "vps2")
+    }
+    outputs = {}
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=1200)
+        print(out[-3000:])
+        outputs[name] = (proc.returncode, out)
+    yield outputs
+    for p in REPO.glob(".e2e-*.yaml"):
+        p.unlink()
+
+
+def test_bootstrap_brings_bare_hosts_to_healthy_stacks(deployed):
+    for name, (code, out) in deployed.items():
+        assert code == 0, f"bootstrap of {name} failed:\n{out[-3000:]}"
+    # vps1 holds two homeservers, vps2 (a sudo user) one
+    status = on_host("vps1", "docker ps --format '{{.Names}} {{.Status}}' | sort")
+    for container in ("synapse-one-test_synapse_1", "synapse-one-test_postgres_1",
+                      "synapse-three-test_synapse_1", "synapse-three-test_postgres_1",
+                      "synapse-fabric-proxy_nginx_1"):
+        line = next((l for l in status.splitlines() if l.startswith(container)), "")
+        assert "(healthy)" in line, f"{container} not healthy: {status}"
+    assert "synapse-two-test_synapse_1" in on_host("vps2", "docker ps --format '{{.Names}} {{.Status}}'")
+
+
+@pytest.mark.parametrize("host,server", [("vps1", "one-test"), ("vps1", "three-test"), ("vps2", "two-test")])
+def test_databases_use_c_collation(deployed, host, server):
+    out = on_host(host, f"docker exec synapse-{server}_postgres_1 psql -U synapse -d synapse -tAc "
+                        "'SHOW lc_collate; SHOW lc_ctype; SHOW server_encoding'")
+    assert out.split() == ["C", "C", "UTF8"]
+
+
+def test_data_owned_by_synapse_and_secrets_private(deployed):
+    out = on_host("vps1", "stat -c '%U:%G %u:%g %a %n' /opt/matrix/synapse/one.test/data "
+                          "/opt/matrix/synapse/one.test/data/one.test.signing.key "
+                          "/opt/matrix/synapse/one.test/secrets /opt/matrix/synapse/one.test/secrets/*")
+    lines = out.splitlines()
+    assert all(" 991:991 " in l for l in lines[:2]), out
+    assert lines[2].split()[2] == "700", out
+    assert all(l.split()[2] == "400" for l in lines[3:]), out
+
+
+def test_noop_deploy_changes_and_restarts_nothing(deployed):
+    before = {h: on_host(h, SNAPSHOT) for h in ("vps1", "vps2")}
+    res = run(["inv", "deploy"])
+    assert res.returncode == 0
+    for h in ("vps1", "vps2"):
+        assert f"{h}: 0 changed" in res.stdout and "restarted 0" in res.stdout
+        assert on_host(h, SNAPSHOT) == before[h], f"{h} changed during a no-op deploy"
+
+
+def test_changed_setting_restarts_only_that_homeserver(deployed):
+    def change(doc):
+        doc["homeservers"]["three.test"]["synapse_settings"] = {"presence": {"enabled": False}}
+
+    inv = variant("setting", change)
+    before = starts("vps1")
+    res = run(["inv", "deploy"], inv)
+    assert res.returncode == 0
+    assert "three.test (restart)" in res.stdout
+    after = starts("vps1")
+    changed = {name for name in before if before[name] != after.get(name)}
+    assert changed == {"/synapse-three-test_synapse_1"}, changed
+    # and back again: the extra file goes away, three.test restarts once more
+    res = run(["inv", "deploy"])
+    assert res.returncode == 0 and "three.test (restart)" in res.stdout
+
+
+def test_dry_run_shows_diff_and_writes_nothing(deployed):
+    def change(doc):
+        doc["homeservers"]["one.test"]["max_upload_size"] = "75M"
+
+    inv = variant("dryrun", change)
+    before = on_host("vps1", SNAPSHOT)
+    res = run(["inv", "deploy", "--dry-run", "--host", "vps1"], inv)
+    assert res.returncode == 0
+    assert "-    client_max_body_size 50M;" in res.stdout
+    assert "+    client_max_body_size 75M;" in res.stdout
+    assert "dry run: nothing was written" in res.stdout
+    assert on_host("vps1", SNAPSHOT) == before
+
+
+def test_rejected_vhost_keeps_the_old_config_serving(deployed):
+    """nginx refuses the new config (here: a broken file an operator left in
+    conf.d); the old vhost stays in place, nginx keeps serving, the error shows."""
+    conf = "/opt/matrix/reverse_proxy/nginx/conf.d"
+    on_host("vps1", f"printf 'server {{ listen 80; bogus_directive on; }}\\n' > {conf}/zz-local.conf")
+    old = on_host("vps1", f"sha256sum {conf}/matrix.one.test.conf")
+
+    def change(doc):
+        doc["homeservers"]["one.test"]["max_upload_size"] = "80M"
+
+    inv = variant("reject", change)
+    try:
+        res = run(["inv", "deploy", "--host", "vps1"], inv)
+        assert res.returncode != 0
+        assert "nginx rejected the new configuration" in res.stdout
+        assert "bogus_directive" in res.stdout
+        assert on_host("vps1", f"sha256sum {conf}/matrix.one.test.conf") == old
+        code = on_host("vps1", "curl -s -o /dev/null -w '%{http_code}' -H 'Host: matrix.one.test' http://127.0.0.1/")
+        assert code == "301"
+    finally:
+        on_host("vps1", f"rm -f {conf}/zz-local.conf")
+    res = run(["inv", "deploy", "--host", "vps1"], inv)
+    assert res.returncode == 0 and "nginx (reload)" in res.stdout
+    assert run(["inv", "deploy", "--host", "vps1"]).returncode == 0
+
+
+def _port_open(ip: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(3)
+        return s.connect_ex((ip, port)) == 0
+
+
+def test_only_the_proxy_ports_answer_from_outside(deployed, sandbox):
+    ip = sandbox.hosts["vps1"].ip
+    assert _port_open(ip, 80) and _port_open(ip, 443)
+    for port in (5432, 8008, 8009, 8448):
+        assert not _port_open(ip, port), f"port {port} answers on {ip}"
+
+
+def test_unreachable_host_is_reported_and_others_finish(deployed):
+    def change(doc):
+        doc["hosts"]["gone"] = {"address": "172.29.231.99", "user": "root",
+                                "key": "tests/sandbox/state/id_ed25519", "images": "push"}
+        doc["homeservers"]["four.test"] = {"host": "gone"}
+        doc["ssh"]["connect_timeout"] = 3
+
+    inv = variant("unreachable", change)
+    started = time.monotonic()
+    res = run(["inv", "deploy"], inv)
+    assert res.returncode == 1
+    assert "gone: FAILED" in res.stdout and "unreachable" in res.stdout
+    assert "vps1: 0 changed" in res.stdout and "vps2: 0 changed" in res.stdout
+    assert "1 failed: gone" in res.stdout
+    assert time.monotonic() - started < 60
