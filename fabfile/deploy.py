@@ -97,7 +97,12 @@ def _converge_host(inv, state, local_images, dry_run, install, report) -> HostRe
         if install:
             docker.install(remote, log)
             docker.start_engine(remote)
-        facts = facts_mod.parse(remote.run(facts_mod.script(state), what="gather facts").out)
+        script = facts_mod.script(state)
+        facts = facts_mod.parse(remote.run(script, what="gather facts").out)
+        if facts.docker and not facts.engine and not dry_run:
+            log("the Docker engine is not running: starting it")
+            docker.start_engine(remote)
+            facts = facts_mod.parse(remote.run(script, what="gather facts").out)
         if not facts.docker:
             raise RemoteError(f"{name}: Docker is not installed; run `fab -H {name} bootstrap` first")
         if not facts.compose:
@@ -183,7 +188,7 @@ def _apply(remote: Remote, plan: Plan, facts, log, result: HostResult) -> None:
             p = shlex.quote(f.path)
             if f.path in reload_confs:
                 lines.append(f"if [ -e {p} ]; then cp -p {p} {p}{proxy.BACKUP}; fi")
-            lines.append(f"mv -f {p}.sfab-new {p}")
+            lines.append(f"mv -fT {p}.sfab-new {p}")
     for path in plan.remove:
         p = shlex.quote(path)
         # an nginx file is kept aside until nginx accepts the config without it
@@ -202,7 +207,7 @@ def _apply(remote: Remote, plan: Plan, facts, log, result: HostResult) -> None:
         remote.run(f"cd {shlex.quote(lay.proxy)} && {compose} up -d --remove-orphans", what="proxy up")
         result.restarted.append("reverse proxy (up)")
         touched.append(PROXY_PROJECT)
-    elif plan.nginx_reload:
+    if plan.nginx_reload:
         try:
             remote.run(proxy.reload_script(reload_confs), what="nginx reload")
             result.restarted.append("nginx (reload)")

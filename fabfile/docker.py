@@ -9,6 +9,7 @@ import time
 from typing import Callable, Iterator
 
 from .facts import Facts
+from .inventory import InventoryError
 from .remote import Remote, RemoteError
 
 INSTALL_SCRIPT = r"""
@@ -18,13 +19,14 @@ if ! command -v apt-get >/dev/null 2>&1; then
   echo "only Debian/Ubuntu hosts (apt) are supported" >&2; exit 3
 fi
 if ! command -v docker >/dev/null 2>&1; then
-  apt-get update -qq
-  apt-get install -y -qq docker.io >/dev/null
+  apt-get -o DPkg::Lock::Timeout=300 update -qq
+  apt-get -o DPkg::Lock::Timeout=300 install -y -qq docker.io >/dev/null
 fi
 if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null 2>&1; then
-  apt-get update -qq
+  apt-get -o DPkg::Lock::Timeout=300 update -qq
   # Ubuntu ships the v2 plugin as docker-compose-v2; Debian 12 only has v1.
-  apt-get install -y -qq docker-compose-v2 >/dev/null 2>&1 || apt-get install -y -qq docker-compose >/dev/null
+  apt-get -o DPkg::Lock::Timeout=300 install -y -qq docker-compose-v2 >/dev/null 2>&1 \
+    || apt-get -o DPkg::Lock::Timeout=300 install -y -qq docker-compose >/dev/null
 fi
 """
 
@@ -63,10 +65,13 @@ def local_image_ids(refs: list[str]) -> dict[str, str]:
     """Image IDs on this (the operator's) machine, for the `push` image source."""
     ids = {}
     for ref in refs:
-        res = subprocess.run(
-            ["docker", "image", "inspect", "--format", "{{.Id}}", ref],
-            capture_output=True, text=True,
-        )
+        try:
+            res = subprocess.run(
+                ["docker", "image", "inspect", "--format", "{{.Id}}", ref],
+                capture_output=True, text=True,
+            )
+        except FileNotFoundError:
+            raise InventoryError("image source 'push' needs docker on this machine") from None
         if res.returncode == 0:
             ids[ref] = res.stdout.strip()
     return ids
@@ -114,7 +119,7 @@ last=""
 while :; do
   bad=""
   for p in {' '.join(shlex.quote(p) for p in projects)}; do
-    ids=$(docker ps -aq --filter label=com.docker.compose.project=$p)
+    ids=$(docker ps -aq --filter label=com.docker.compose.project=$p --filter label=com.docker.compose.oneoff=False)
     [ -n "$ids" ] || bad="$bad $p:no-containers"
     for id in $ids; do
       s=$(docker inspect -f '{{{{.Name}}}}={{{{if .State.Health}}}}{{{{.State.Health.Status}}}}{{{{else}}}}{{{{.State.Status}}}}{{{{end}}}}' $id)

@@ -114,10 +114,10 @@ def script(state: DesiredState) -> str:
         "printf '1\\t%s\\n' \"$(cat /proc/1/comm 2>/dev/null)\"",
         "command -v docker >/dev/null 2>&1 || exit 0",
         "printf 'B\\tdocker\\n'",
-        "v=$(docker version --format '{{.Server.Version}}' 2>/dev/null) || exit 0",
-        "printf 'E\\t%s\\n' \"$v\"",
         "if docker compose version >/dev/null 2>&1; then printf 'K\\tv2\\n';"
         " elif command -v docker-compose >/dev/null 2>&1; then printf 'K\\tv1\\n'; fi",
+        "v=$(docker version --format '{{.Server.Version}}' 2>/dev/null) || exit 0",
+        "printf 'E\\t%s\\n' \"$v\"",
         "docker ps -a --filter label=com.docker.compose.project --format "
         "'C\t{{.Label \"com.docker.compose.project\"}}\t{{.Label \"com.docker.compose.service\"}}"
         "\t{{.State}}\t{{.Status}}\t{{.ID}}'",
@@ -127,7 +127,7 @@ def script(state: DesiredState) -> str:
         data = f"{state.layout.synapse(hs.server_name)}/data"
         uid, gid = SYNAPSE_UID.split(":")
         lines.append(
-            f"[ -d {shlex.quote(data)} ] && find {shlex.quote(data)} \\( ! -uid {uid} -o ! -gid {gid} \\) "
+            f"[ -d {shlex.quote(data)} ] && find {shlex.quote(data)} -maxdepth 2 \\( ! -uid {uid} -o ! -gid {gid} \\) "
             f"-printf 'O\\t{hs.server_name}\\t%p\\n' -quit"
         )
     lines.append("exit 0")

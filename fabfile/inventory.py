@@ -468,6 +468,9 @@ def _cross_check(inv: Inventory, path: Path, lines: dict) -> None:
         names = [(("homeservers", key), hs.server_name), (("homeservers", key, "public_hostname"), hs.hostname)]
         if hs.element.enabled:
             names.append((("homeservers", key, "element", "hostname"), hs.element.hostname))
+        if hs.element.enabled and hs.element.hostname in (hs.server_name, hs.hostname):
+            fail(("homeservers", key, "element", "hostname"),
+                 f"{hs.element.hostname!r} is already this homeserver's Matrix name; Element needs its own")
         for loc, name in names:
             owner = claimed.get(name)
             if owner is not None and owner != key:

@@ -134,16 +134,23 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
             triggers.add("proxy:reload")
 
     if push:
-        wanted = sorted(state.images)
-        for ref in wanted:
+        for ref in sorted(state.images):
             local = local_images.get(ref)
             if local and facts.images.get(ref) != local:
                 plan.images.append(ref)
+                plan.changes.append(Change("update", f"image {ref}", "ship over SSH"))
+                # a new image ID must reach the containers that use it
+                if facts.images.get(ref):
+                    if ref == state.image_refs.get("nginx"):
+                        triggers.add("proxy:stack")
+                    if ref in (state.image_refs.get("synapse"), state.image_refs.get("postgres")):
+                        triggers.update(f"synapse:{hs.server_name}:stack" for hs in state.homeservers)
 
     plan.engine_start = facts.docker and not facts.engine
     proxy_running = facts.running(PROXY_PROJECT, "nginx")
     plan.proxy_up = "proxy:stack" in triggers or not proxy_running
-    plan.nginx_reload = "proxy:reload" in triggers and proxy_running and not plan.proxy_up
+    # `up` recreates nginx only when its own service changed: reload it anyway.
+    plan.nginx_reload = "proxy:reload" in triggers and proxy_running
     for hs in state.homeservers:
         sn = hs.server_name
         project = synapse_project(hs)

@@ -101,22 +101,31 @@ class Remote:
     ) -> Result:
         """Run `script` as root. `stdin` may be bytes or an iterable of chunks
         (streamed). Raises RemoteError when it exits non-zero and `check` is set."""
+        if self._lock_channel is not None and (self._lock_channel.closed or not self.conn.is_connected):
+            raise RemoteError(f"{self.name}: the SSH connection dropped; stopping (the host lock is gone)")
         self.conn.open()
         self.commands += 1
         chan = self.conn.transport.open_session()
-        if timeout:
-            chan.settimeout(timeout)
         chan.exec_command(self._wrap(script))
         out, err = bytearray(), bytearray()
         pump = threading.Thread(target=self._drain, args=(chan, out, err, on_stdout), daemon=True)
         pump.start()
+        send_error = None
         try:
             if stdin is not None:
                 chunks = [stdin] if isinstance(stdin, (bytes, bytearray)) else stdin
-                for chunk in chunks:
-                    chan.sendall(chunk)
-            chan.shutdown_write()
-            pump.join()
+                try:
+                    for chunk in chunks:
+                        chan.sendall(chunk)
+                except (socket.error, paramiko.SSHException) as exc:
+                    send_error = exc  # the command died early: its stderr says why
+            if send_error is None:
+                chan.shutdown_write()
+            pump.join(timeout)
+            if pump.is_alive():
+                raise RemoteError(f"{self.name}: {what or 'command'}: timed out after {int(timeout)}s")
+            if not chan.status_event.wait(30):
+                raise RemoteError(f"{self.name}: {what or 'command'}: connection lost (no exit status)")
             code = chan.recv_exit_status()
         except (socket.error, paramiko.SSHException) as exc:
             raise RemoteError(f"{self.name}: {what or 'command'}: connection lost ({exc})") from None
@@ -145,9 +154,9 @@ class Remote:
                 err.extend(chan.recv_stderr(65536))
                 got = True
             if not got:
-                if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
-                    break
-                if chan.closed and not chan.recv_ready() and not chan.recv_stderr_ready():
+                # Stop at end of output, not at the exit status: sshd may send the
+                # status while output is still in flight.
+                if (chan.eof_received or chan.closed) and not chan.recv_ready() and not chan.recv_stderr_ready():
                     break
                 time.sleep(0.005)
 
@@ -165,7 +174,7 @@ class Remote:
             return {}
         listing = "\n".join(p.lstrip("/") for p in paths) + "\n"
         res = self.run(
-            "cd / && tar -c --ignore-failed-read -T - 2>/dev/null || true",
+            "cd / && tar -c -f - --ignore-failed-read -T - 2>/dev/null || true",
             stdin=listing.encode(),
             what="read files",
         )

@@ -76,6 +76,7 @@ class DesiredState:
     files: tuple[RemoteFile, ...]
     homeservers: tuple[Homeserver, ...] = field(default=())
     images: tuple[str, ...] = field(default=())  # image references the host needs
+    image_refs: dict = field(default_factory=dict)  # role (synapse, nginx, ...) -> reference
 
     @property
     def layout(self) -> Layout:
@@ -231,6 +232,7 @@ def render_host(
         dirs=tuple(sorted(set(dirs), key=lambda d: d.path)),
         files=tuple(sorted(files, key=lambda f: f.path)),
         homeservers=tuple(servers),
+        image_refs=dict(images),
         images=tuple(sorted({images["nginx"], images["certbot"]} | (
             {images["synapse"], images["postgres"]} if servers else set()))),
     )

@@ -10,7 +10,7 @@ import threading
 from typing import Optional
 
 _SECRET = re.compile(
-    r"(?i)(password|passwd|secret|token|macaroon|private[_ ]key|pgpass)(\s*[:=]\s*|\s+)(\S.*)$"
+    r"(?i)^(\s*-?\s*[\w.\"'-]*(?:pass|secret|token|key|pepper|macaroon)[\w.\"'-]*\s*[:=]\s*)(\S.*)$"
 )
 _PEM_KEY = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----")
 
@@ -19,7 +19,7 @@ def mask(line: str) -> str:
     """Hide the value on any line that looks like it carries a secret."""
     if _PEM_KEY.search(line):
         return "-----BEGIN PRIVATE KEY----- ***"
-    return _SECRET.sub(lambda m: f"{m.group(1)}{m.group(2)}***", line)
+    return _SECRET.sub(lambda m: f"{m.group(1)}***", line)
 
 
 def masked_diff(path: str, old: Optional[bytes], new: bytes) -> str:

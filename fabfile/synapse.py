@@ -14,9 +14,14 @@ def secrets_script(lay: Layout, hs: Homeserver) -> str:
     argv; an existing secret is never replaced."""
     d = shlex.quote(f"{lay.synapse(hs.server_name)}/secrets")
     db, user = hs.postgres.database, hs.postgres.user
+    pgdata = shlex.quote(f"{lay.synapse(hs.server_name)}/postgres")
     return f"""
 umask 077
 mkdir -p {d}
+if [ ! -s {d}/postgres_password ] && [ -s {pgdata}/PG_VERSION ]; then
+  echo "{hs.server_name}: the database exists but secrets/postgres_password is missing; restore it from a backup (a new password would lock Synapse out)" >&2
+  exit 1
+fi
 if [ ! -s {d}/postgres_password ]; then
   head -c 64 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 40 > {d}/postgres_password.tmp
   mv -f {d}/postgres_password.tmp {d}/postgres_password
@@ -45,6 +50,6 @@ def generate_script(lay: Layout, hs: Homeserver, compose: str) -> str:
     return f"""
 cd {root}
 if [ -s data/homeserver.yaml ] && [ -s data/{sn}.signing.key ]; then exit 0; fi
-{compose} run --rm --no-deps synapse generate
+{compose} run --rm --no-deps -T synapse generate </dev/null
 test -s data/homeserver.yaml && test -s data/{sn}.signing.key
 """

@@ -198,3 +198,16 @@ def test_lookup_errors_list_what_exists():
     assert inv.host_by_name_or_address("203.0.113.10").name == "web"
     with pytest.raises(InventoryError, match="known: example.org"):
         inv.homeserver("nope.org")
+
+
+def test_element_cannot_share_its_homeservers_name():
+    msg = bad(
+        """\
+        hosts: {web: {address: 203.0.113.10}}
+        homeservers:
+          one.example:
+            host: web
+            element: {enabled: true, hostname: matrix.one.example}
+        """
+    )
+    assert "homeservers.one.example.element.hostname" in msg and "needs its own" in msg

@@ -1,0 +1,126 @@
+"""plan.make: the pure diff between the rendered state and a host's facts."""
+
+import textwrap
+
+from fabfile import facts as facts_mod
+from fabfile.facts import Container, Facts, Stat
+from fabfile.inventory import parse
+from fabfile.plan import make, sha256
+from fabfile.render import PROXY_PROJECT, render_host, synapse_project
+from fabfile.report import mask, masked_diff
+
+INV = parse(textwrap.dedent("""
+    hosts:
+      web: {address: 203.0.113.10, images: push}
+    homeservers:
+      one.example: {host: web}
+      two.example: {host: web}
+"""))
+
+
+def converged(state) -> Facts:
+    """Facts of a host that holds exactly the desired state and runs everything."""
+    f = Facts(docker=True, engine="20.10", compose="v1")
+    for d in state.dirs:
+        f.stats[d.path] = Stat("directory", d.mode, d.owner)
+    for file in state.files:
+        f.stats[file.path] = Stat("regular file", file.mode, file.owner)
+        f.hashes[file.path] = sha256(file.content)
+        if "Managed by synapse-fabric" in file.content.decode(errors="replace")[:200]:
+            f.managed.add(file.path)
+    for path in facts_mod.secret_paths(state) + facts_mod.generated_paths(state) + facts_mod.cert_paths(state):
+        f.stats[path] = Stat("regular file", 0o400, "0:0")
+    f.containers.append(Container(PROXY_PROJECT, "nginx", "running", "Up", "a"))
+    for hs in state.homeservers:
+        for svc in ("synapse", "postgres"):
+            f.containers.append(Container(synapse_project(hs), svc, "running", "Up", "b"))
+    f.images = {ref: "sha256:1" for ref in state.images}
+    return f
+
+
+LOCAL = lambda state: {ref: "sha256:1" for ref in state.images}  # noqa: E731
+
+
+def test_converged_host_gives_an_empty_plan():
+    state = render_host(INV, "web")
+    plan = make(state, converged(state), LOCAL(state), push=True)
+    assert plan.empty and plan.changes == [] and plan.restarts == []
+    assert plan.ok == len(state.dirs) + len(state.files)
+
+
+def test_synapse_setting_restarts_only_its_homeserver():
+    state = render_host(INV, "web")
+    facts = converged(state)
+    facts.hashes["/opt/matrix/synapse/two.example/conf.d/50-synapse-fabric.yaml"] = "old"
+    plan = make(state, facts, LOCAL(state), push=True)
+    assert [c.path for c in plan.changes] == ["/opt/matrix/synapse/two.example/conf.d/50-synapse-fabric.yaml"]
+    assert plan.synapse_restart == ["two.example"]
+    assert plan.synapse_up == [] and not plan.proxy_up and not plan.nginx_reload
+
+
+def test_vhost_change_reloads_nginx_only():
+    state = render_host(INV, "web")
+    facts = converged(state)
+    facts.hashes["/opt/matrix/reverse_proxy/nginx/conf.d/matrix.one.example.conf"] = "old"
+    plan = make(state, facts, LOCAL(state), push=True)
+    assert plan.nginx_reload and not plan.proxy_up
+    assert plan.synapse_restart == [] and plan.synapse_up == []
+
+
+def test_stale_managed_file_is_removed_and_restarts_its_owner():
+    state = render_host(INV, "web")
+    facts = converged(state)
+    stale = "/opt/matrix/synapse/one.example/conf.d/90-operator.yaml"
+    facts.managed.add(stale)
+    plan = make(state, facts, LOCAL(state), push=True)
+    assert plan.remove == [stale] and plan.synapse_restart == ["one.example"]
+
+
+def test_bare_host_gets_everything_and_secrets_are_made_there():
+    state = render_host(INV, "web")
+    facts = Facts(docker=True, engine="20.10", compose="v1")
+    plan = make(state, facts, LOCAL(state), push=True)
+    assert sorted(plan.secrets) == sorted(plan.generate) == ["one.example", "two.example"]
+    assert plan.proxy_up and sorted(plan.synapse_up) == ["one.example", "two.example"]
+    assert sorted(plan.images) == sorted(state.images)
+    assert not plan.nginx_reload  # nothing runs yet: `up` loads the config
+
+
+def test_new_image_recreates_its_users():
+    state = render_host(INV, "web")
+    facts = converged(state)
+    local = {**LOCAL(state), INV.image("synapse"): "sha256:2"}
+    plan = make(state, facts, local, push=True)
+    assert plan.images == [INV.image("synapse")]
+    assert sorted(plan.synapse_up) == ["one.example", "two.example"] and not plan.proxy_up
+
+
+def test_wrong_data_owner_is_fixed_without_rewrites():
+    state = render_host(INV, "web")
+    facts = converged(state)
+    facts.wrong_owner["one.example"] = "/opt/matrix/synapse/one.example/data/media_store"
+    plan = make(state, facts, LOCAL(state), push=True)
+    assert plan.chown_data == ["one.example"] and plan.files == []
+
+
+def test_facts_parser_reads_every_record():
+    out = "\n".join([
+        "S\t/opt/matrix\tdirectory\t755\t0:0", "H\tabc\t/opt/matrix/x", "B\tdocker", "K\tv2",
+        "E\t24.0.7", "C\tp\tnginx\trunning\tUp 1 minute (healthy)\tid1", "I\tnginx:1.22\tsha256:9",
+        "O\tone.example\t/opt/matrix/synapse/one.example/data/x", "1\tsystemd", "M\t/opt/matrix/a.conf",
+    ])
+    f = facts_mod.parse(out)
+    assert f.stats["/opt/matrix"].mode == 0o755 and f.hashes["/opt/matrix/x"] == "abc"
+    assert (f.docker, f.engine, f.compose, f.pid1) == (True, "24.0.7", "v2", "systemd")
+    assert f.running("p", "nginx") and f.images["nginx:1.22"] == "sha256:9"
+    assert f.wrong_owner == {"one.example": "/opt/matrix/synapse/one.example/data/x"}
+    assert f.managed == {"/opt/matrix/a.conf"}
+
+
+def test_diffs_mask_secrets():
+    for line in ["macaroon_secret_key: abc", "  smtp_pass: hunter2", "pepper: p", "registration_shared_secret: s"]:
+        assert mask(line).endswith("***")
+    assert mask("client_max_body_size 50M;") == "client_max_body_size 50M;"
+    diff = masked_diff("/x.yaml", b"a: 1\n", b"a: 1\nform_secret: abc\n")
+    assert "abc" not in diff and "+form_secret: ***" in diff
+    assert "not shown" in masked_diff("/k.pem", None, b"-----BEGIN PRIVATE KEY-----\nxx\n")
