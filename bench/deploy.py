@@ -1,0 +1,97 @@
+"""Benchmark: bootstrap of a bare host, a no-op `inv deploy` of all hosts, and a bare
+`ssh host true` for scale, on the sandbox. Writes bench/results/deploy.json and
+prints the figures. Not a test: nothing here asserts a time.
+
+    .venv/bin/python -m bench.deploy            # needs the sandbox up (inv sandbox.up)
+
+The bootstrap figure needs a bare host: the sandbox's vps3 is recreated bare and
+given a copy of the example inventory's vps1 homeservers (one.test, three.test).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+OUT = REPO / "bench" / "results" / "deploy.json"
+
+
+def timed(argv, env=None) -> tuple[float, subprocess.CompletedProcess]:
+    t0 = time.monotonic()
+    res = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    return time.monotonic() - t0, res
+
+
+def main() -> int:
+    from fabfile.deploy import deploy, select_hosts
+    from fabfile.inventory import load
+    from fabfile.remote import open_remote
+    from fabfile.report import Reporter
+    from tests.sandbox import sandbox as sb
+
+    inv_path = REPO / "hosts.yaml"
+    inv = load(inv_path)
+    figures: dict = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "hosts": list(inv.hosts)}
+
+    # 1. a bare `ssh host true`, for scale (new connection each time, like a task run)
+    samples = []
+    for _ in range(5):
+        t0 = time.monotonic()
+        r = open_remote(inv, inv.hosts["vps1"])
+        r.run("true")
+        r.close()
+        samples.append(time.monotonic() - t0)
+    figures["ssh_true_seconds_median"] = round(statistics.median(samples), 3)
+
+    # 2. bootstrap of a bare host: vps3 recreated bare, given one.test + three.test
+    tags = sb.image_tags(build=False)
+    sb._compose("rm", "-s", "-f", "vps3", tags=tags)
+    subprocess.run(["docker", "volume", "rm", "-f", "sfab-vps3-docker"], capture_output=True)
+    sb._compose("up", "-d", "vps3", tags=tags)
+    sb.wait_ssh()
+    doc = yaml.safe_load(inv_path.read_text())
+    for sn in ("one.test", "three.test"):
+        doc["homeservers"][sn]["host"] = "vps3"
+    doc["homeservers"] = {k: v for k, v in doc["homeservers"].items() if v["host"] == "vps3"}
+    bench_inv = REPO / ".bench-hosts.yaml"
+    bench_inv.write_text(yaml.safe_dump(doc, sort_keys=False))
+    try:
+        secs, res = timed([str(BIN / "fab"), "-H", "vps3", "bootstrap"], {"FABRIC_INVENTORY": str(bench_inv)})
+        figures["bootstrap_bare_host_seconds"] = round(secs, 1)
+        figures["bootstrap_ok"] = res.returncode == 0
+        figures["bootstrap_summary"] = res.stdout.strip().splitlines()[-2:] if res.stdout else res.stderr[-500:]
+    finally:
+        bench_inv.unlink(missing_ok=True)
+
+    # 3. no-op deploy of the example inventory's hosts: wall time and remote commands
+    names = select_hosts(inv, None, None)
+    deploy(inv, names, report=Reporter(open(os.devnull, "w")))  # converge first
+    runs = []
+    for _ in range(3):
+        secs, res = timed([str(BIN / "inv"), "deploy"])
+        runs.append(secs)
+    figures["noop_deploy_seconds_median"] = round(statistics.median(runs), 2)
+    figures["noop_deploy_output"] = res.stdout.strip().splitlines()
+    results = deploy(inv, names, report=Reporter(open(os.devnull, "w")))
+    figures["noop_remote_commands_per_host"] = {r.host: r.commands for r in results}
+    figures["noop_changed_per_host"] = {r.host: r.changed for r in results}
+
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(figures, indent=2) + "\n")
+    print(json.dumps(figures, indent=2))
+    print(f"written to {OUT.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    raise SystemExit(main())
