@@ -9,7 +9,7 @@ from invoke import Collection, task
 
 from invoke.exceptions import Exit
 
-from fabfile.cli import CONFIG_DEFAULTS, expected_failures, load_inventory, not_built
+from fabfile.cli import CONFIG_DEFAULTS, TaskError, expected_failures, load_inventory, not_built
 
 
 @task(
@@ -42,8 +42,27 @@ def deploy(c, host=None, homeserver=None, dry_run=False):
 )
 def register_user(c, homeserver, user, admin=False, password_file=None):
     """Register a user on a running homeserver (a no-op if it exists)."""
-    load_inventory(c)
-    not_built("register-user", 6)
+    from fabfile import users
+    from fabfile.passwords import read_password
+    from fabfile.remote import open_remote
+
+    inv = load_inventory(c)
+    with expected_failures():
+        hs = inv.homeserver(homeserver)
+        uid = users.parse_user(user, hs)
+        remote = open_remote(inv, inv.hosts[hs.host])
+        try:
+            remote.lock()
+            if users.user_exists(remote, hs, uid):
+                if password_file:
+                    raise TaskError(f"{uid} already exists; to change its password use inv reset-password")
+                print(f"{uid} already exists; nothing changed")
+                return
+            password = read_password(password_file, str(uid))
+            users.register(remote, hs, uid, password, admin)
+        finally:
+            remote.close()
+    print(f"registered {uid}" + (" (server admin)" if admin else ""))
 
 
 @task(
@@ -56,8 +75,25 @@ def register_user(c, homeserver, user, admin=False, password_file=None):
 )
 def reset_password(c, homeserver, user, password_file=None, logout=False):
     """Set a user's password hash in the homeserver's PostgreSQL."""
-    load_inventory(c)
-    not_built("reset-password", 6)
+    from fabfile import users
+    from fabfile.passwords import read_password
+    from fabfile.remote import open_remote
+    from fabfile.render import Layout
+
+    inv = load_inventory(c)
+    with expected_failures():
+        hs = inv.homeserver(homeserver)
+        uid = users.parse_user(user, hs)
+        host = inv.hosts[hs.host]
+        password = read_password(password_file, str(uid))
+        remote = open_remote(inv, host)
+        try:
+            remote.lock()
+            backup = users.reset_password(remote, Layout(host.base_dir), hs, uid, password, logout)
+        finally:
+            remote.close()
+    print(f"password of {uid} reset" + ("; all its sessions ended" if logout else ""))
+    print(f"the previous hash is kept on {host.name} in {backup} (0600)")
 
 
 @task(

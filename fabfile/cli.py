@@ -10,6 +10,7 @@ from pathlib import Path
 from invoke.exceptions import Exit
 
 from .inventory import Inventory, InventoryError, load
+from .remote import RemoteError
 
 DEFAULT_INVENTORY = "hosts.yaml"
 CONFIG_DEFAULTS = {"inventory": DEFAULT_INVENTORY}
@@ -32,10 +33,11 @@ def load_inventory(c) -> Inventory:
 
 @contextlib.contextmanager
 def expected_failures():
-    """Turn InventoryError/TaskError into invoke's Exit: message on stderr, exit 2."""
+    """Turn expected failures (bad inventory or arguments, a failed remote step)
+    into invoke's Exit: one message on stderr, exit 2, no traceback."""
     try:
         yield
-    except (InventoryError, TaskError) as exc:
+    except (InventoryError, TaskError, RemoteError) as exc:
         raise Exit(f"error: {exc}", code=2) from None
 
 

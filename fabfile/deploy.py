@@ -239,5 +239,15 @@ def _apply(remote: Remote, plan: Plan, facts, log, result: HostResult) -> None:
         if project not in touched:
             touched.append(project)
     docker.wait_healthy(remote, touched, log)
+    issued = []
+    for sn in plan.issue:
+        hs = hs_by_name[sn]
+        log(f"{sn}: asking the ACME CA ({state.acme.directory}) for a certificate")
+        remote.run(proxy.issue_script(lay.proxy, hs, cert_names(hs), state.acme, compose),
+                   what=f"{sn}: certificate", timeout=300)
+        issued.append(sn)
+    if issued:
+        remote.run(proxy.reload_script([]), what="nginx reload")
+        result.restarted.append("nginx (reload: new certificates)")
     if nginx_error:
         raise RemoteError(nginx_error)

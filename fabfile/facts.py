@@ -86,7 +86,12 @@ def cert_paths(state: DesiredState) -> list[str]:
         f"{lay.certs(hs.server_name)}/{name}"
         for hs in state.homeservers
         for name in ("fullchain.pem", "privkey.pem")
-    ]
+    ] + [acme_live(state, hs.server_name) for hs in state.homeservers]
+
+
+def acme_live(state: DesiredState, server_name: str) -> str:
+    """certbot's current certificate for a homeserver (absent: never issued)."""
+    return f"{state.layout.proxy}/acme/letsencrypt/live/{server_name}/fullchain.pem"
 
 
 MARKER = "Managed by synapse-fabric"

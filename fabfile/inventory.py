@@ -215,6 +215,8 @@ class Homeserver(_Model):
 
 
 class Acme(_Model):
+    # false: certificates are the operator's business (put them in certs/<server_name>/)
+    enabled: bool = True
     email: Optional[str] = None
     directory: str = "staging"
     # PEM bundle that verifies the ACME server itself (a private CA).

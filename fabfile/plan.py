@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from .facts import Facts, cert_paths, generated_paths, secret_paths
+from .facts import Facts, acme_live, cert_paths, generated_paths, secret_paths
 from .render import PROXY_PROJECT, DesiredState, RemoteDir, RemoteFile, synapse_project
 
 
@@ -37,6 +37,7 @@ class Plan:
     generate: list[str] = field(default_factory=list)  # server_names lacking generate's output
     chown_data: list[str] = field(default_factory=list)  # server_names with data not 991:991
     placeholder_certs: list[str] = field(default_factory=list)  # cert names lacking any cert
+    issue: list[str] = field(default_factory=list)  # server_names whose certificate ACME must (re)issue
     proxy_up: bool = False
     nginx_reload: bool = False
     synapse_up: list[str] = field(default_factory=list)
@@ -46,7 +47,7 @@ class Plan:
     @property
     def empty(self) -> bool:
         return not (
-            self.changes or self.images or self.proxy_up or self.nginx_reload
+            self.changes or self.images or self.issue or self.proxy_up or self.nginx_reload
             or self.synapse_up or self.synapse_restart or self.engine_start
         )
 
@@ -133,12 +134,21 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
             plan.changes.append(Change("create", f"{lay.certs(sn)}/", "temporary self-signed certificate"))
             triggers.add("proxy:reload")
 
+    if state.acme:
+        for hs in state.homeservers:
+            sn = hs.server_name
+            pending = acme_live(state, sn) not in facts.stats
+            if pending or sn in plan.placeholder_certs or f"acme:{sn}" in triggers:
+                plan.issue.append(sn)
+                if not any(c.path == f"{lay.certs(sn)}/names" for c in plan.changes):
+                    plan.changes.append(Change("update", f"{lay.certs(sn)}/", "certificate from the ACME CA"))
+
     if push:
         for ref in sorted(state.images):
             local = local_images.get(ref)
             if local and facts.images.get(ref) != local:
                 plan.images.append(ref)
-                plan.changes.append(Change("update", f"image {ref}", "ship over SSH"))
+                plan.changes.append(Change("update" if facts.images.get(ref) else "create", f"image {ref}", "ship over SSH"))
                 # a new image ID must reach the containers that use it
                 if facts.images.get(ref):
                     if ref == state.image_refs.get("nginx"):

@@ -46,6 +46,30 @@ def nginx_container() -> str:
     )
 
 
+def issue_script(proxy_dir: str, hs, names: list[str], acme, compose: str) -> str:
+    """Ask the ACME CA for one certificate covering `names` (HTTP-01 through the
+    webroot nginx serves), once: a failure stops with the CA's own error and is
+    never retried in a loop. On success the certificate replaces the temporary one."""
+    sn = hs.server_name
+    domains = " ".join(f"-d {shlex.quote(n)}" for n in names)
+    contact = f"--email {shlex.quote(acme.email)}" if acme.email else "--register-unsafely-without-email"
+    return f"""
+cd {shlex.quote(proxy_dir)}
+if ! out=$({compose} run --rm -T certbot certonly --non-interactive --agree-tos {contact} \
+    --server {shlex.quote(acme.directory_url)} --webroot -w /srv/acme --cert-name {sn} {domains} \
+    --keep-until-expiring --expand </dev/null 2>&1); then
+  echo "the ACME CA did not issue a certificate for {sn} ({' '.join(names)}); not retrying:" >&2
+  echo "$out" | grep -v '^Saving debug log' | tail -n 15 >&2
+  exit 1
+fi
+live=acme/letsencrypt/live/{sn}
+cp -L $live/privkey.pem certs/{sn}/privkey.pem.new && chmod 600 certs/{sn}/privkey.pem.new
+cp -L $live/fullchain.pem certs/{sn}/fullchain.pem.new
+mv -f certs/{sn}/privkey.pem.new certs/{sn}/privkey.pem
+mv -f certs/{sn}/fullchain.pem.new certs/{sn}/fullchain.pem
+"""
+
+
 def reload_script(changed_confs: list[str]) -> str:
     """Test the new config in the running nginx; reload if accepted, otherwise put
     the previous files back (so the old config keeps serving) and fail with
@@ -66,5 +90,21 @@ if ! out=$(docker exec "$c" nginx -t 2>&1); then
   exit 1
 fi
 rm -f {cleanup}
-docker exec "$c" nginx -s reload
+docker exec "$c" sh -c {shlex.quote(_RELOAD_AND_WAIT)}
+"""
+
+
+# `nginx -s reload` only signals the master; wait until new workers (which have
+# the new config) exist, so that "deployed" means "serving".
+_RELOAD_AND_WAIT = r"""
+workers() { for p in /proc/[0-9]*; do tr '\0' ' ' < $p/cmdline 2>/dev/null | grep -q 'worker process' && echo ${p#/proc/}; done; }
+old=$(workers | sort)
+nginx -s reload
+i=0
+while [ $i -lt 100 ]; do
+  if workers | grep -vxF "$old" | grep -q .; then exit 0; fi
+  sleep 0.1; i=$((i+1))
+done
+echo "nginx did not start workers with the new configuration within 10s" >&2
+exit 1
 """

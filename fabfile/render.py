@@ -77,6 +77,7 @@ class DesiredState:
     homeservers: tuple[Homeserver, ...] = field(default=())
     images: tuple[str, ...] = field(default=())  # image references the host needs
     image_refs: dict = field(default_factory=dict)  # role (synapse, nginx, ...) -> reference
+    acme: object = None  # the inventory's Acme settings when ACME is enabled
 
     @property
     def layout(self) -> Layout:
@@ -173,6 +174,13 @@ def render_host(
                 _read_local(inv.acme.ca_bundle, "acme.ca_bundle", read),
             )
         )
+    if inv.acme.enabled and servers:
+        dirs.append(RemoteDir(f"{lay.proxy}/bin"))
+        add(f"{lay.proxy}/bin/renew-certificates", "reverse_proxy/bin/renew-certificates.j2", mode=0o755,
+            proxy_dir=lay.proxy, servers=servers)
+        files.append(RemoteFile(
+            "/etc/cron.d/synapse-fabric-certificates",
+            _template("cron.d/synapse-fabric-certificates.j2", proxy_dir=lay.proxy), 0o644, ROOT, ""))
     conf_d = f"{lay.proxy}/nginx/conf.d"
     add(f"{conf_d}/00-default.conf", "reverse_proxy/nginx/conf.d/00-default.conf.j2", "proxy:reload")
     add(f"{conf_d}/proxy-headers.inc", "reverse_proxy/nginx/conf.d/proxy-headers.inc.j2", "proxy:reload")
@@ -181,6 +189,9 @@ def render_host(
         sn = hs.server_name
         ctx = {"hs": hs, "upstream": synapse_upstream(hs), "cert_name": sn}
         dirs.append(RemoteDir(lay.certs(sn), 0o700))
+        # the names one certificate must cover; a change means a new certificate
+        files.append(RemoteFile(f"{lay.certs(sn)}/names", ("\n".join(cert_names(hs)) + "\n").encode(),
+                                0o644, ROOT, f"acme:{sn}"))
         add(f"{conf_d}/{hs.hostname}.conf", "reverse_proxy/nginx/conf.d/homeserver.conf.j2", "proxy:reload", **ctx)
         if hs.hostname != sn:
             add(f"{conf_d}/{sn}.conf", "reverse_proxy/nginx/conf.d/delegation.conf.j2", "proxy:reload", **ctx)
@@ -233,6 +244,7 @@ def render_host(
         files=tuple(sorted(files, key=lambda f: f.path)),
         homeservers=tuple(servers),
         image_refs=dict(images),
+        acme=inv.acme if inv.acme.enabled else None,
         images=tuple(sorted({images["nginx"], images["certbot"]} | (
             {images["synapse"], images["postgres"]} if servers else set()))),
     )

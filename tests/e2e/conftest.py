@@ -85,3 +85,27 @@ def sandbox(docker_services, sandbox_prepared) -> sb.SandboxInfo:
         pytest.fail(f"sandbox not ready: {exc}", pytrace=False)
     info.images = dict(sandbox_prepared)
     return info
+
+
+@pytest.fixture(scope="session")
+def deployed(sandbox):
+    """Both homeserver hosts bootstrapped from bare, in parallel, by `fab`
+    (a no-op on a sandbox kept from an earlier run)."""
+    import subprocess
+
+    from tests.e2e.helpers import BIN, INVENTORY, REPO
+
+    env = {**os.environ, "FABRIC_INVENTORY": str(INVENTORY)}
+    procs = {
+        name: subprocess.Popen([str(BIN / "fab"), "-H", name, "bootstrap"], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for name in ("vps1", "vps2")
+    }
+    outputs = {}
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=1200)
+        print(out[-3000:])
+        outputs[name] = (proc.returncode, out)
+    yield outputs
+    for p in REPO.glob(".e2e-*.yaml"):
+        p.unlink()

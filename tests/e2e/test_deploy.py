@@ -8,83 +8,14 @@ modified copy of it next to it (so its relative paths still hold).
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
-import yaml
 
-from fabfile.inventory import load
-from fabfile.remote import open_remote
-
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-INVENTORY = REPO / "hosts.yaml"
+from tests.e2e.helpers import INVENTORY, REPO, SNAPSHOT, on_host, run, starts, variant
 
 pytestmark = pytest.mark.e2e
-
-
-def run(argv: list[str], inventory: Path = INVENTORY, timeout: float = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "INVOKE_INVENTORY": str(inventory), "FABRIC_INVENTORY": str(inventory)}
-    res = subprocess.run([str(BIN / argv[0]), *argv[1:]], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=timeout)
-    print(res.stdout[-4000:], res.stderr[-4000:])
-    return res
-
-
-def on_host(host: str, script: str, inventory: Path = INVENTORY) -> str:
-    inv = load(inventory)
-    remote = open_remote(inv, inv.hosts[host])
-    try:
-        return remote.run(script, what="test probe").out
-    finally:
-        remote.close()
-
-
-# What a no-op run must leave alone: managed files (hash + mtime) and containers.
-SNAPSHOT = r"""
-find /opt/matrix -path '*/postgres' -prune -o -path '*/data' -prune -o -type f -printf '%p %T@ %m %U:%G\n' | sort
-find /opt/matrix -type f -path '*/conf.d/*' -exec sha256sum {} + | sort
-docker ps -aq | xargs -r docker inspect -f '{{.Name}} {{.State.StartedAt}} {{.State.Status}}' | sort
-"""
-
-STARTS = "docker ps -aq | xargs -r docker inspect -f '{{.Name}} {{.State.StartedAt}}' | sort"
-
-
-def starts(host: str) -> dict[str, str]:
-    return dict(line.split() for line in on_host(host, STARTS).splitlines())
-
-
-def variant(tmp_name: str, change) -> Path:
-    """A copy of hosts.yaml next to it, changed by `change(doc)`."""
-    doc = yaml.safe_load(INVENTORY.read_text())
-    change(doc)
-    path = REPO / f".e2e-{tmp_name}.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
-
-
-@pytest.fixture(scope="module")
-def deployed(sandbox):
-    """Both homeserver hosts bootstrapped from bare, in parallel, by `fab`."""
-    env = {**os.environ, "FABRIC_INVENTORY": str(INVENTORY)}
-    procs = {
-        name: subprocess.Popen([str(BIN / "fab"), "-H", name, "bootstrap"], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for name in ("vps1", "vps2")
-    }
-    outputs = {}
-    for name, proc in procs.items():
-        out, _ = proc.communicate(timeout=1200)
-        print(out[-3000:])
-        outputs[name] = (proc.returncode, out)
-    yield outputs
-    for p in REPO.glob(".e2e-*.yaml"):
-        p.unlink()
 
 
 def test_bootstrap_brings_bare_hosts_to_healthy_stacks(deployed):

@@ -124,3 +124,15 @@ def test_diffs_mask_secrets():
     diff = masked_diff("/x.yaml", b"a: 1\n", b"a: 1\nform_secret: abc\n")
     assert "abc" not in diff and "+form_secret: ***" in diff
     assert "not shown" in masked_diff("/k.pem", None, b"-----BEGIN PRIVATE KEY-----\nxx\n")
+
+
+def test_certificate_is_issued_once_and_again_only_when_names_change():
+    state = render_host(INV, "web")
+    facts = converged(state)
+    assert make(state, facts, LOCAL(state), push=True).issue == []
+    del facts.stats["/opt/matrix/reverse_proxy/acme/letsencrypt/live/one.example/fullchain.pem"]
+    assert make(state, facts, LOCAL(state), push=True).issue == ["one.example"]
+    facts = converged(state)
+    facts.hashes["/opt/matrix/reverse_proxy/certs/two.example/names"] = "old names"
+    plan = make(state, facts, LOCAL(state), push=True)
+    assert plan.issue == ["two.example"] and plan.synapse_restart == [] and not plan.nginx_reload

@@ -1,0 +1,149 @@
+"""Matrix users on a running homeserver: register, reset a password.
+
+Names are validated here, before any SSH. Passwords go from the operator to the
+homeserver's container on stdin only: never in argv (on either machine), in
+output, or in a file. Inside the container Synapse's own code does the work:
+`register_new_matrix_user` (shared-secret registration, secret read from
+homeserver.yaml on the host) and `hash_password` (the homeserver's pepper and
+bcrypt rounds). Both tools strip spaces from a password read from a file or a
+pipe, so they are called in-process with the exact password instead.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+
+from .cli import TaskError
+from .inventory import Homeserver
+from .remote import Remote
+from .render import Layout, synapse_project
+
+LOCALPART_RE = re.compile(r"^[a-z0-9._=/+-]+$")
+ALLOWED = "lower-case letters a-z, digits 0-9 and . _ = - / +"
+
+
+@dataclass(frozen=True)
+class UserId:
+    localpart: str
+    server_name: str
+
+    def __str__(self) -> str:
+        return f"@{self.localpart}:{self.server_name}"
+
+
+def parse_user(name: str, hs: Homeserver) -> UserId:
+    """`alice` or `@alice:server` -> UserId on `hs`; refuse anything else."""
+    localpart = name
+    if name.startswith("@"):
+        localpart, sep, server = name[1:].partition(":")
+        if not sep or server != hs.server_name:
+            raise TaskError(
+                f"user {name!r} is not on homeserver {hs.server_name} "
+                f"(expected @NAME:{hs.server_name} or just NAME)"
+            )
+    if not localpart or not LOCALPART_RE.match(localpart):
+        raise TaskError(f"invalid user name {localpart!r}: a Matrix user name may contain only {ALLOWED}")
+    if len(f"@{localpart}:{hs.server_name}") > 255:
+        raise TaskError("user ID too long: at most 255 characters with the server name")
+    return UserId(localpart, hs.server_name)
+
+
+def _containers(hs: Homeserver) -> str:
+    project = synapse_project(hs)
+    return (
+        f"syn=$(docker ps -q --filter label=com.docker.compose.project={project} "
+        "--filter label=com.docker.compose.service=synapse)\n"
+        f"pg=$(docker ps -q --filter label=com.docker.compose.project={project} "
+        "--filter label=com.docker.compose.service=postgres)\n"
+        f'if [ -z "$syn" ] || [ -z "$pg" ]; then echo "{hs.server_name} is not running on this host '
+        '(run inv deploy)" >&2; exit 4; fi\n'
+    )
+
+
+def _psql(hs: Homeserver) -> str:
+    user, db = shlex.quote(hs.postgres.user), shlex.quote(hs.postgres.database)
+    return f'docker exec -i "$pg" psql -X -q -At -v ON_ERROR_STOP=1 -U {user} -d {db} -f -'
+
+
+def user_exists(remote: Remote, hs: Homeserver, uid: UserId) -> bool:
+    script = _containers(hs) + (
+        # the user ID reaches SQL as a psql variable, quoted by psql itself
+        f"printf '%s\\n' \"\\\\set uid '{uid}'\" \"SELECT count(*) FROM users WHERE name = :'uid';\" | {_psql(hs)}\n"
+    )
+    out = remote.run(script, what=f"look up {uid}").out.strip()
+    return out == "1"
+
+
+_REGISTER_PY = """\
+import sys
+password = sys.stdin.buffer.read().decode("utf-8")
+sys.argv = ["register_new_matrix_user", "-c", "/data/homeserver.yaml", "-u", {localpart!r},
+            "-p", password, {admin!r}, "http://localhost:8008"]
+from synapse._scripts.register_new_matrix_user import main
+main()
+"""
+
+
+def register(remote: Remote, hs: Homeserver, uid: UserId, password: str, admin: bool) -> None:
+    """Shared-secret registration, in the homeserver's own container."""
+    code = _REGISTER_PY.format(localpart=uid.localpart, admin="--admin" if admin else "--no-admin")
+    script = _containers(hs) + f'docker exec -i "$syn" python -c {shlex.quote(code)} >/dev/null\n'
+    remote.run(script, stdin=password.encode("utf-8"), what=f"register {uid}")
+
+
+_HASH_PY = """\
+import sys
+password = sys.stdin.buffer.read().decode("utf-8")
+sys.argv = ["hash_password", "-c", "/data/homeserver.yaml", "-p", password]
+from synapse._scripts.hash_password import main
+main()
+"""
+
+NOT_FOUND = 5
+
+
+def reset_password(
+    remote: Remote, lay: Layout, hs: Homeserver, uid: UserId, password: str, logout: bool
+) -> str:
+    """Hash with Synapse's hash_password in the container, then one transaction in
+    PostgreSQL that changes exactly one row. The old hash goes to a 0600 file on
+    the host first. Returns that file's path."""
+    backups = shlex.quote(f"{lay.synapse(hs.server_name)}/secrets/password-backups")
+    logout_sql = (
+        "DELETE FROM access_tokens WHERE user_id = :'uid';\n"
+        "DELETE FROM refresh_tokens WHERE user_id = :'uid';\n"
+        "DELETE FROM devices WHERE user_id = :'uid';\n"
+        if logout else ""
+    )
+    # Values travel inside psql's stdin as psql variables (\set) and are used as
+    # :'name', which psql quotes as SQL literals: never spliced into SQL text.
+    sql = (
+        "\\set uid '" + str(uid) + "'\n"
+        "BEGIN;\n"
+        "WITH changed AS (UPDATE users SET password_hash = :'hash' WHERE name = :'uid' RETURNING 1)\n"
+        "SELECT CASE WHEN count(*) = 1 THEN 'true' ELSE 'false' END AS one_row FROM changed \\gset\n"
+        "\\if :one_row\n" + logout_sql + "COMMIT;\n\\echo sfab-updated\n"
+        "\\else\nROLLBACK;\n\\echo sfab-not-updated\n\\endif\n"
+    )
+    script = _containers(hs) + f"""
+umask 077
+mkdir -p {backups}
+old=$(printf '%s\\n' "\\\\set uid '{uid}'" "SELECT password_hash FROM users WHERE name = :'uid';" | {_psql(hs)})
+if [ -z "$old" ]; then echo "no user {uid} on {hs.server_name}; nothing was changed" >&2; exit {NOT_FOUND}; fi
+# hash_password may print a notice first (e.g. about bcrypt's 72-byte limit): the hash is the last line
+hash=$(docker exec -i "$syn" python -c {shlex.quote(_HASH_PY)} | tail -n 1)
+case "$hash" in '$2'*) ;; *) echo "hash_password did not return a bcrypt hash" >&2; exit 1;; esac
+backup={backups}/{uid.localpart}.$(date -u +%Y%m%dT%H%M%SZ)
+printf '%s\\n' "$old" > "$backup.tmp" && mv -f "$backup.tmp" "$backup"
+res=$({{ printf '\\\\set hash %s\\n' "'$hash'"; cat <<'SQL'
+{sql}SQL
+}} | {_psql(hs)})
+if [ "$res" != sfab-updated ]; then echo "the update did not change exactly one row; rolled back" >&2; exit 1; fi
+echo "$backup"
+"""
+    if logout:
+        # Synapse caches access tokens in memory: a restart makes the deletion bite.
+        script += '\ndocker restart "$syn" >/dev/null\n'
+    return remote.run(script, stdin=password.encode("utf-8"), what=f"reset the password of {uid}").out.strip()

@@ -1,0 +1,58 @@
+"""Shared by the e2e tests: run the real commands, probe hosts over SSH."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from fabfile.inventory import load
+from fabfile.remote import open_remote
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+INVENTORY = REPO / "hosts.yaml"
+
+
+
+def run(argv: list[str], inventory: Path = INVENTORY, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "INVOKE_INVENTORY": str(inventory), "FABRIC_INVENTORY": str(inventory)}
+    res = subprocess.run([str(BIN / argv[0]), *argv[1:]], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    print(res.stdout[-4000:], res.stderr[-4000:])
+    return res
+
+
+def on_host(host: str, script: str, inventory: Path = INVENTORY) -> str:
+    inv = load(inventory)
+    remote = open_remote(inv, inv.hosts[host])
+    try:
+        return remote.run(script, what="test probe").out
+    finally:
+        remote.close()
+
+
+# What a no-op run must leave alone: managed files (hash + mtime) and containers.
+SNAPSHOT = r"""
+find /opt/matrix -path '*/postgres' -prune -o -path '*/data' -prune -o -type f -printf '%p %T@ %m %U:%G\n' | sort
+find /opt/matrix -type f -path '*/conf.d/*' -exec sha256sum {} + | sort
+docker ps -aq | xargs -r docker inspect -f '{{.Name}} {{.State.StartedAt}} {{.State.Status}}' | sort
+"""
+
+STARTS = "docker ps -aq | xargs -r docker inspect -f '{{.Name}} {{.State.StartedAt}}' | sort"
+
+
+def starts(host: str) -> dict[str, str]:
+    return dict(line.split() for line in on_host(host, STARTS).splitlines())
+
+
+def variant(tmp_name: str, change) -> Path:
+    """A copy of hosts.yaml next to it, changed by `change(doc)`."""
+    doc = yaml.safe_load(INVENTORY.read_text())
+    change(doc)
+    path = REPO / f".e2e-{tmp_name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
