@@ -129,8 +129,15 @@ def element_update(c, host=None, version=None, check=False, rollback=False):
 @task(help={"homeserver": "only this homeserver (server_name)"})
 def check(c, homeserver=None):
     """Self-check DNS, certificates, delegation, federation and exposure."""
-    load_inventory(c)
-    not_built("check", 7)
+    from fabfile.check import check_homeserver, format_rows
+
+    inv = load_inventory(c)
+    with expected_failures():
+        servers = [inv.homeserver(homeserver)] if homeserver else list(inv.homeservers.values())
+    rows = [row for hs in servers for row in check_homeserver(inv, hs)]
+    print(format_rows(rows))
+    if any(not r.ok for r in rows):
+        raise Exit(code=1)
 
 
 @task

@@ -240,6 +240,10 @@ def _apply(remote: Remote, plan: Plan, facts, log, result: HostResult) -> None:
             touched.append(project)
     docker.wait_healthy(remote, touched, log)
     issued = []
+    for sn in plan.install_cert:
+        log(f"{sn}: serving certbot's certificate again")
+        remote.run(proxy.install_cert_script(lay.proxy, sn), what=f"{sn}: install certificate")
+        issued.append(sn)
     for sn in plan.issue:
         hs = hs_by_name[sn]
         log(f"{sn}: asking the ACME CA ({state.acme.directory}) for a certificate")

@@ -107,6 +107,7 @@ def managed_dirs(state: DesiredState) -> list[str]:
 def script(state: DesiredState) -> str:
     """The facts script for this desired state."""
     files = [f.path for f in state.files]
+    certs = [p for p in cert_paths(state) if p.endswith("fullchain.pem")]
     extra = secret_paths(state) + generated_paths(state) + cert_paths(state)
     stat_paths = [d.path for d in state.dirs] + files + extra
     q = lambda paths: " ".join(shlex.quote(p) for p in paths)  # noqa: E731
@@ -115,7 +116,7 @@ def script(state: DesiredState) -> str:
         + " ".join(f"{shlex.quote(d)}/*" for d in managed_dirs(state))
         + " 2>/dev/null | sed 's/^/M\t/'",
         f"stat -c 'S\t%n\t%F\t%a\t%u:%g' -- {q(stat_paths)} 2>/dev/null",
-        f"sha256sum -- {q(files)} 2>/dev/null | sed 's/^\\([0-9a-f]*\\)  /H\\t\\1\\t/'",
+        f"sha256sum -- {q(files + certs)} 2>/dev/null | sed 's/^\\([0-9a-f]*\\)  /H\\t\\1\\t/'",
         "printf '1\\t%s\\n' \"$(cat /proc/1/comm 2>/dev/null)\"",
         "command -v docker >/dev/null 2>&1 || exit 0",
         "printf 'B\\tdocker\\n'",

@@ -250,11 +250,22 @@ class Ssh(_Model):
     connect_timeout: int = Field(10, ge=1, le=300)
 
 
+class Check(_Model):
+    # DNS server `inv check` asks (default: this machine's resolver).
+    resolver: Optional[str] = None
+
+    @field_validator("resolver")
+    @classmethod
+    def _resolver(cls, v):
+        return None if v is None else str(ipaddress.ip_address(v))
+
+
 class Inventory(_Model):
     """The whole hosts.yaml."""
 
     path: Path = Path("hosts.yaml")
     ssh: Ssh = Ssh()
+    check: Check = Check()
     acme: Acme = Acme()
     images: dict[str, str] = {}
     hosts: dict[str, Host]
@@ -360,7 +371,6 @@ def _describe(err: dict) -> str:
     return msg.removeprefix("Value error, ")
 
 
-_MANAGED_SECTIONS = ("ssh", "acme", "images", "hosts", "homeservers")
 
 
 def load(path: str | Path) -> Inventory:

@@ -38,6 +38,7 @@ class Plan:
     chown_data: list[str] = field(default_factory=list)  # server_names with data not 991:991
     placeholder_certs: list[str] = field(default_factory=list)  # cert names lacking any cert
     issue: list[str] = field(default_factory=list)  # server_names whose certificate ACME must (re)issue
+    install_cert: list[str] = field(default_factory=list)  # served certificate differs from certbot's
     proxy_up: bool = False
     nginx_reload: bool = False
     synapse_up: list[str] = field(default_factory=list)
@@ -47,7 +48,7 @@ class Plan:
     @property
     def empty(self) -> bool:
         return not (
-            self.changes or self.images or self.issue or self.proxy_up or self.nginx_reload
+            self.changes or self.images or self.issue or self.install_cert or self.proxy_up or self.nginx_reload
             or self.synapse_up or self.synapse_restart or self.engine_start
         )
 
@@ -142,6 +143,10 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
                 plan.issue.append(sn)
                 if not any(c.path == f"{lay.certs(sn)}/names" for c in plan.changes):
                     plan.changes.append(Change("update", f"{lay.certs(sn)}/", "certificate from the ACME CA"))
+            elif facts.hashes.get(f"{lay.certs(sn)}/fullchain.pem") != facts.hashes.get(acme_live(state, sn)):
+                # nginx serves something else than certbot's certificate: put it back
+                plan.install_cert.append(sn)
+                plan.changes.append(Change("update", f"{lay.certs(sn)}/fullchain.pem", "not the ACME certificate"))
 
     if push:
         for ref in sorted(state.images):

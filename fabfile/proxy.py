@@ -62,6 +62,13 @@ if ! out=$({compose} run --rm -T certbot certonly --non-interactive --agree-tos 
   echo "$out" | grep -v '^Saving debug log' | tail -n 15 >&2
   exit 1
 fi
+""" + install_cert_script(proxy_dir, sn)
+
+
+def install_cert_script(proxy_dir: str, sn: str) -> str:
+    """Copy certbot's current certificate to where nginx reads it (atomically)."""
+    return f"""
+cd {shlex.quote(proxy_dir)}
 live=acme/letsencrypt/live/{sn}
 cp -L $live/privkey.pem certs/{sn}/privkey.pem.new && chmod 600 certs/{sn}/privkey.pem.new
 cp -L $live/fullchain.pem certs/{sn}/fullchain.pem.new

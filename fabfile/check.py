@@ -1,0 +1,195 @@
+"""`inv check`: look at the homeservers from outside, as a client or a remote
+homeserver would, and say what is wrong. One row per check: OK or FAIL and why.
+
+Names are resolved by the inventory's `check.resolver` (a DNS server address) or
+the system resolver; TLS is verified against the homeserver's federation
+`trusted_ca` when set (that is what remote servers trust), else the system roots.
+Certificate verification is never turned off.
+"""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import json
+import socket
+import ssl
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import dns.exception
+import dns.resolver
+
+from .inventory import Homeserver, Inventory
+
+CLOSED_PORTS = (5432, 8008, 8009)
+MIN_DAYS = 14
+
+
+@dataclass
+class Row:
+    homeserver: str
+    check: str
+    ok: bool
+    detail: str
+
+
+class Prober:
+    def __init__(self, inv: Inventory, hs: Homeserver):
+        self.inv, self.hs = inv, hs
+        self.ctx = ssl.create_default_context(
+            cafile=str(hs.federation.trusted_ca) if hs.federation.trusted_ca else None
+        )
+        self.resolver = dns.resolver.Resolver(configure=inv.check.resolver is None)
+        if inv.check.resolver:
+            self.resolver.nameservers = [inv.check.resolver]
+        self.resolver.lifetime = 5
+
+    def resolve(self, name: str) -> list[str]:
+        try:
+            return sorted(rr.address for rr in self.resolver.resolve(name, "A"))
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return []
+
+    def tls(self, name: str, port: int = 443) -> tuple[ssl.SSLSocket, dict]:
+        ips = self.resolve(name)
+        if not ips:
+            raise OSError(f"{name} does not resolve")
+        raw = socket.create_connection((ips[0], port), timeout=10)
+        sock = self.ctx.wrap_socket(raw, server_hostname=name)
+        return sock, sock.getpeercert()
+
+    def get(self, name: str, path: str, port: int = 443) -> tuple[int, dict, bytes]:
+        sock, _ = self.tls(name, port)
+        conn = http.client.HTTPConnection(name, port, timeout=10)
+        conn.sock = sock
+        try:
+            conn.request("GET", path, headers={"Host": name if port == 443 else f"{name}:{port}"})
+            resp = conn.getresponse()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        finally:
+            conn.close()
+
+
+def _json(body: bytes) -> dict:
+    try:
+        value = json.loads(body)
+        return value if isinstance(value, dict) else {}
+    except ValueError:
+        return {}
+
+
+def check_homeserver(inv: Inventory, hs: Homeserver) -> list[Row]:
+    p = Prober(inv, hs)
+    host = inv.hosts[hs.host]
+    rows: list[Row] = []
+
+    def row(check: str, fn: Callable[[], Optional[str]]) -> None:
+        try:
+            problem = fn()
+        except (OSError, ssl.SSLError, dns.exception.DNSException, http.client.HTTPException) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        rows.append(Row(hs.server_name, check, problem is None, problem or ""))
+
+    names = [hs.server_name, hs.hostname] + ([hs.element.hostname] if hs.element.enabled else [])
+    names = list(dict.fromkeys(names))
+
+    for name in names:
+        def dns_check(name=name):
+            ips = p.resolve(name)
+            if not ips:
+                return "does not resolve"
+            if _is_ip(host.address) and host.address not in ips:
+                return f"resolves to {', '.join(ips)}, not to {hs.host} ({host.address})"
+            return None
+        row(f"DNS {name}", dns_check)
+
+    for name in names:
+        def cert_check(name=name):
+            _, cert = p.tls(name)
+            end = datetime.datetime.strptime(cert["notAfter"], "%b %d %H:%M:%S %Y %Z")
+            days = (end - datetime.datetime.utcnow()).days
+            if days < MIN_DAYS:
+                return f"expires in {days} days"
+            return None
+        row(f"certificate {name}", cert_check)
+
+    want_server = f"{hs.hostname}:{8448 if hs.federation.port_8448 else 443}"
+
+    def well_known_server():
+        status, _, body = p.get(hs.server_name, "/.well-known/matrix/server")
+        got = _json(body).get("m.server")
+        if status != 200 or got != want_server:
+            return f"HTTP {status}, m.server={got!r}, expected {want_server!r}"
+    row("well-known server", well_known_server)
+
+    def well_known_client():
+        status, headers, body = p.get(hs.server_name, "/.well-known/matrix/client")
+        base = _json(body).get("m.homeserver", {}).get("base_url")
+        if status != 200 or base != f"https://{hs.hostname}":
+            return f"HTTP {status}, base_url={base!r}, expected 'https://{hs.hostname}'"
+        if headers.get("access-control-allow-origin") != "*":
+            return "no 'Access-Control-Allow-Origin: *' header (web clients cannot read it)"
+    row("well-known client (+CORS)", well_known_client)
+
+    def client_api():
+        status, _, body = p.get(hs.hostname, "/_matrix/client/versions")
+        if status != 200 or not _json(body).get("versions"):
+            return f"HTTP {status} from /_matrix/client/versions"
+    row("client API", client_api)
+
+    if hs.federation.enabled:
+        def federation():
+            # as a remote server: delegation first, then the delegated name
+            _, _, body = p.get(hs.server_name, "/.well-known/matrix/server")
+            target = _json(body).get("m.server", f"{hs.server_name}:8448")
+            name, _, port = target.partition(":")
+            status, _, body = p.get(name, "/_matrix/federation/v1/version", int(port or 8448))
+            if status != 200 or "server" not in _json(body):
+                return f"HTTP {status} from {target}/_matrix/federation/v1/version"
+            status, _, body = p.get(name, "/_matrix/key/v2/server", int(port or 8448))
+            keys = _json(body)
+            if status != 200 or keys.get("server_name") != hs.server_name or not keys.get("verify_keys"):
+                return f"server keys at {target}: HTTP {status}, server_name={keys.get('server_name')!r}"
+        row("federation (version, keys)", federation)
+
+    def admin_refused():
+        status, _, _ = p.get(hs.hostname, "/_synapse/admin/v1/server_version")
+        if status == 200 and not hs.admin_api_allow:
+            return "the admin API answers from outside"
+    row("admin API refused from outside", admin_refused)
+
+    def ports_closed():
+        open_ports = []
+        for port in CLOSED_PORTS:
+            with socket.socket() as s:
+                s.settimeout(3)
+                if s.connect_ex((_ip_of(p, host.address), port)) == 0:
+                    open_ports.append(str(port))
+        if open_ports:
+            return f"port(s) {', '.join(open_ports)} answer on {host.address}"
+    row("PostgreSQL/Synapse ports closed", ports_closed)
+    return rows
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        socket.inet_aton(value)
+        return value.count(".") == 3
+    except OSError:
+        return False
+
+
+def _ip_of(p: Prober, address: str) -> str:
+    return address if _is_ip(address) else (p.resolve(address) or [address])[0]
+
+
+def format_rows(rows: list[Row]) -> str:
+    width = max((len(r.check) for r in rows), default=10)
+    out = []
+    for r in rows:
+        mark = "OK  " if r.ok else "FAIL"
+        out.append(f"{mark} {r.homeserver:<14} {r.check:<{width}}  {r.detail}".rstrip())
+    failed = sum(not r.ok for r in rows)
+    out.append(f"{len(rows)} checks, {failed} failed")
+    return "\n".join(out)
