@@ -52,7 +52,7 @@ def register_user(c, homeserver, user, admin=False, password_file=None):
         uid = users.parse_user(user, hs)
         remote = open_remote(inv, inv.hosts[hs.host])
         try:
-            remote.lock()
+            remote.lock(inv.ssh.lock_timeout)
             if users.user_exists(remote, hs, uid):
                 if password_file:
                     raise TaskError(f"{uid} already exists; to change its password use inv reset-password")
@@ -88,7 +88,7 @@ def reset_password(c, homeserver, user, password_file=None, logout=False):
         password = read_password(password_file, str(uid))
         remote = open_remote(inv, host)
         try:
-            remote.lock()
+            remote.lock(inv.ssh.lock_timeout)
             backup = users.reset_password(remote, Layout(host.base_dir), hs, uid, password, logout)
         finally:
             remote.close()

@@ -93,7 +93,7 @@ def _converge_host(inv, state, local_images, dry_run, install, report) -> HostRe
     log = lambda msg: report.line(name, msg)  # noqa: E731
     try:
         remote = open_remote(inv, state.host)
-        remote.lock()
+        remote.lock(inv.ssh.lock_timeout)
         if install:
             docker.install(remote, log)
             docker.start_engine(remote)
@@ -179,6 +179,10 @@ def _apply(remote: Remote, plan: Plan, facts, log, result: HostResult) -> None:
         if plan.nginx_reload else []
     )
     lines = ["set -e"]
+    journal = shlex.quote(facts_mod.pending_file(state))
+    owed = sorted(t for t in plan.triggers if t.split(":")[0] in ("proxy", "synapse"))
+    if owed:
+        lines.append(f"mkdir -p {shlex.quote(lay.base)} && printf '%s\\n' {' '.join(owed)} >> {journal}")
     for d in plan.dirs:
         p = shlex.quote(d.path)
         lines.append(f"mkdir -p {p} && chmod {d.mode:o} {p} && chown {d.owner} {p}")
@@ -255,3 +259,5 @@ def _apply(remote: Remote, plan: Plan, facts, log, result: HostResult) -> None:
         result.restarted.append("nginx (reload: new certificates)")
     if nginx_error:
         raise RemoteError(nginx_error)
+    if owed or plan.pending_done:
+        remote.run(f"rm -f {journal}", what="clear the pending actions")

@@ -12,6 +12,7 @@ The script prints one tab-separated record a line:
     O  server_name path            a path under data/ not owned by 991:991
     1  comm                        what runs as PID 1 (systemd or not)
     M  path                        a file in a managed conf.d carrying our marker
+    P  trigger                     a service action an interrupted run left undone
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Facts:
     wrong_owner: dict[str, str] = field(default_factory=dict)
     pid1: str = ""
     managed: set[str] = field(default_factory=set)
+    pending: set[str] = field(default_factory=set)
 
     def running(self, project: str, service: str) -> bool:
         return any(
@@ -97,6 +99,13 @@ def acme_live(state: DesiredState, server_name: str) -> str:
 MARKER = "Managed by synapse-fabric"
 
 
+def pending_file(state: DesiredState) -> str:
+    """Service actions owed by files already written: a run appends them before it
+    writes and removes the file when every action is done, so a run killed in
+    between leaves them for the next run to finish."""
+    return f"{state.layout.base}/.synapse-fabric-pending"
+
+
 def managed_dirs(state: DesiredState) -> list[str]:
     """Directories whose files carrying MARKER are ours: one no longer rendered
     is removed (e.g. the vhost of a homeserver that left this host)."""
@@ -115,6 +124,7 @@ def script(state: DesiredState) -> str:
         f"grep -l -s -m 1 {shlex.quote(MARKER)} -- "
         + " ".join(f"{shlex.quote(d)}/*" for d in managed_dirs(state))
         + " 2>/dev/null | sed 's/^/M\t/'",
+        f"sed 's/^/P\t/' {shlex.quote(pending_file(state))} 2>/dev/null",
         f"stat -c 'S\t%n\t%F\t%a\t%u:%g' -- {q(stat_paths)} 2>/dev/null",
         f"sha256sum -- {q(files + certs)} 2>/dev/null | sed 's/^\\([0-9a-f]*\\)  /H\\t\\1\\t/'",
         "printf '1\\t%s\\n' \"$(cat /proc/1/comm 2>/dev/null)\"",
@@ -161,6 +171,8 @@ def parse(output: str) -> Facts:
             facts.images[parts[0]] = parts[1]
         elif kind == "O" and len(parts) == 2:
             facts.wrong_owner[parts[0]] = parts[1]
+        elif kind == "P" and parts[0]:
+            facts.pending.add(parts[0])
         elif kind == "M" and parts[0]:
             facts.managed.add(parts[0])
         elif kind == "1":

@@ -248,6 +248,8 @@ class Ssh(_Model):
     # StrictHostKeyChecking=accept-new). A CHANGED key is always refused.
     accept_new_hosts: bool = False
     connect_timeout: int = Field(10, ge=1, le=300)
+    # How long a run waits for another run on the same host to finish.
+    lock_timeout: int = Field(60, ge=0, le=3600)
 
 
 class Check(_Model):

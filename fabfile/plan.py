@@ -44,11 +44,13 @@ class Plan:
     synapse_up: list[str] = field(default_factory=list)
     synapse_restart: list[str] = field(default_factory=list)
     engine_start: bool = False
+    triggers: set[str] = field(default_factory=set)
+    pending_done: bool = False  # an interrupted run's journal to clear
 
     @property
     def empty(self) -> bool:
         return not (
-            self.changes or self.images or self.issue or self.install_cert or self.proxy_up or self.nginx_reload
+            self.changes or self.images or self.issue or self.install_cert or self.pending_done or self.proxy_up or self.nginx_reload
             or self.synapse_up or self.synapse_restart or self.engine_start
         )
 
@@ -69,7 +71,7 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
     """Compare the desired state with the facts. `local_images` maps image
     references to IDs on the operator's machine (used when `push`)."""
     plan = Plan(state)
-    triggers: set[str] = set()
+    triggers: set[str] = set(facts.pending)
 
     for d in state.dirs:
         st = facts.stats.get(d.path)
@@ -161,6 +163,8 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
                     if ref in (state.image_refs.get("synapse"), state.image_refs.get("postgres")):
                         triggers.update(f"synapse:{hs.server_name}:stack" for hs in state.homeservers)
 
+    plan.triggers = triggers
+    plan.pending_done = bool(facts.pending)
     plan.engine_start = facts.docker and not facts.engine
     proxy_running = facts.running(PROXY_PROJECT, "nginx")
     plan.proxy_up = "proxy:stack" in triggers or not proxy_running

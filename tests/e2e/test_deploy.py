@@ -8,12 +8,14 @@ modified copy of it next to it (so its relative paths still hold).
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import time
 
 import pytest
 
-from tests.e2e.helpers import INVENTORY, REPO, SNAPSHOT, on_host, run, starts, variant
+from tests.e2e.helpers import BIN, INVENTORY, REPO, SNAPSHOT, on_host, run, starts, variant
 
 pytestmark = pytest.mark.e2e
 
@@ -142,3 +144,53 @@ def test_unreachable_host_is_reported_and_others_finish(deployed):
     assert "vps1: 0 changed" in res.stdout and "vps2: 0 changed" in res.stdout
     assert "1 failed: gone" in res.stdout
     assert time.monotonic() - started < 60
+
+
+def test_second_run_waits_for_the_lock_then_names_the_holder(deployed):
+    from fabfile.inventory import load
+    from fabfile.remote import open_remote
+
+    def short_wait(doc):
+        doc["ssh"]["lock_timeout"] = 2
+
+    inv_path = variant("lock", short_wait)
+    inv = load(inv_path)
+    holder = open_remote(inv, inv.hosts["vps1"])
+    holder.lock(5)
+    try:
+        started = time.monotonic()
+        res = run(["inv", "deploy", "--host", "vps1"], inv_path)
+        assert res.returncode == 1
+        assert "another run holds the lock after waiting 2s" in res.stdout
+        assert "held by" in res.stdout and f"pid {os.getpid()}" in res.stdout
+        assert time.monotonic() - started < 30
+    finally:
+        holder.close()
+    assert run(["inv", "deploy", "--host", "vps1"], inv_path).returncode == 0
+
+
+def test_killed_mid_deploy_then_rerun_finishes_the_job(deployed):
+    """The run is killed (its SSH connection dies) right after it wrote a changed
+    Synapse setting and before the restart: the re-run must still restart it."""
+    def change(doc):
+        doc["homeservers"]["three.test"]["synapse_settings"]["presence"] = {"enabled": False}
+
+    inv = variant("killed", change)
+    before = starts("vps1")
+    env = {**os.environ, "INVOKE_INVENTORY": str(inv)}
+    proc = subprocess.Popen([str(BIN / "inv"), "deploy", "--host", "vps1"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # kill as soon as the files are written
+        if "restarting Synapse" in line:
+            proc.kill()
+            break
+    proc.wait(30)
+    assert proc.returncode != 0, "the run finished before it could be killed"
+    res = run(["inv", "deploy", "--host", "vps1"], inv)
+    assert res.returncode == 0
+    after = starts("vps1")
+    assert after["/synapse-three-test_synapse_1"] != before["/synapse-three-test_synapse_1"]
+    assert "healthy" in on_host("vps1", "docker ps --filter name=synapse-three-test_synapse --format '{{.Status}}'")
+    res = run(["inv", "deploy", "--host", "vps1"], inv)
+    assert "vps1: 0 changed" in res.stdout and "restarted 0" in res.stdout
+    assert run(["inv", "deploy", "--host", "vps1"]).returncode == 0  # back to the example inventory

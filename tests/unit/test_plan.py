@@ -136,3 +136,12 @@ def test_certificate_is_issued_once_and_again_only_when_names_change():
     facts.hashes["/opt/matrix/reverse_proxy/certs/two.example/names"] = "old names"
     plan = make(state, facts, LOCAL(state), push=True)
     assert plan.issue == ["two.example"] and plan.synapse_restart == [] and not plan.nginx_reload
+
+
+def test_actions_left_by_an_interrupted_run_are_done_by_the_next():
+    state = render_host(INV, "web")
+    facts = converged(state)
+    facts.pending = {"synapse:one.example:restart", "proxy:reload"}
+    plan = make(state, facts, LOCAL(state), push=True)
+    assert plan.changes == [] and not plan.empty
+    assert plan.synapse_restart == ["one.example"] and plan.nginx_reload and plan.pending_done
