@@ -104,12 +104,28 @@ def reset_password(c, homeserver, user, password_file=None, logout=False):
         "finish": "after DNS points at the new host: remove the old host's forwarding and data",
         "abort": "roll back an interrupted migration",
         "yes": "do not ask before removing the old copy (with --finish)",
+        "no_backup": "with --finish: do not keep an archive of the old copy",
     }
 )
-def migrate_host(c, homeserver, to=None, dry_run=False, finish=False, abort=False, yes=False):
+def migrate_host(c, homeserver, to=None, dry_run=False, finish=False, abort=False, yes=False, no_backup=False):
     """Move a homeserver to another host; the old host forwards until DNS follows."""
-    load_inventory(c)
-    not_built("migrate-host", 8)
+    from fabfile import migrate
+
+    inv = load_inventory(c)
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+
+    def confirm(question: str) -> bool:
+        import sys
+
+        if not sys.stdin.isatty():
+            raise TaskError(f"{question} Re-run with --yes to confirm (no terminal to ask on).")
+        return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+    with expected_failures():
+        if finish:
+            migrate.finish(inv, homeserver, yes, not no_backup, log, confirm)
+        else:
+            migrate.migrate(inv, homeserver, to, dry_run, abort, log)
 
 
 @task(

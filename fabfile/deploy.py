@@ -66,15 +66,7 @@ def deploy(
     """Converge `host_names` in parallel. `install` (bootstrap) installs Docker first."""
     report = report or Reporter()
     states = {name: render_host(inv, name) for name in host_names}  # render errors stop all
-    wanted = sorted({ref for s in states.values() for ref in s.images})
-    pushing = any(inv.hosts[n].images == "push" for n in host_names)
-    local = docker.local_image_ids(wanted) if pushing else {}
-    if pushing:
-        missing = [ref for ref in wanted if ref not in local]
-        if missing:
-            raise InventoryError(
-                f"image source 'push' needs these images on this machine first: {', '.join(missing)}"
-            )
+    local = local_images(inv, list(states.values()))
     with ThreadPoolExecutor(max_workers=max(1, len(host_names))) as pool:
         futures = [
             pool.submit(_converge_host, inv, states[n], local, dry_run, install, report)
@@ -85,39 +77,25 @@ def deploy(
     return results
 
 
+def local_images(inv: Inventory, states) -> dict[str, str]:
+    """IDs of the images that hosts with the `push` source need, on this machine."""
+    wanted = sorted({ref for s in states for ref in s.images if inv.hosts[s.host.name].images == "push"})
+    local = docker.local_image_ids(wanted) if wanted else {}
+    missing = [ref for ref in wanted if ref not in local]
+    if missing:
+        raise InventoryError(f"image source 'push' needs these images on this machine first: {', '.join(missing)}")
+    return local
+
+
 def _converge_host(inv, state, local_images, dry_run, install, report) -> HostResult:
     name = state.host.name
     result = HostResult(name)
     started = time.monotonic()
     remote: Optional[Remote] = None
-    log = lambda msg: report.line(name, msg)  # noqa: E731
     try:
         remote = open_remote(inv, state.host)
         remote.lock(inv.ssh.lock_timeout)
-        if install:
-            docker.install(remote, log)
-            docker.start_engine(remote)
-        script = facts_mod.script(state)
-        facts = facts_mod.parse(remote.run(script, what="gather facts").out)
-        if facts.docker and not facts.engine and not dry_run:
-            log("the Docker engine is not running: starting it")
-            docker.start_engine(remote)
-            facts = facts_mod.parse(remote.run(script, what="gather facts").out)
-        if not facts.docker:
-            raise RemoteError(f"{name}: Docker is not installed; run `fab -H {name} bootstrap` first")
-        if not facts.compose:
-            raise RemoteError(f"{name}: neither `docker compose` nor `docker-compose` is installed; run bootstrap")
-        push = state.host.images == "push"
-        plan = plan_mod.make(state, facts, local_images, push)
-        result.ok = plan.ok
-        result.changed = len(plan.changes)
-        for change in plan.changes:
-            log(change.line())
-        if dry_run:
-            _show_diffs(remote, plan, report)
-            result.restarted = plan.restarts
-        elif not plan.empty:
-            _apply(remote, plan, facts, log, result)
+        converge(remote, state, local_images, report, result, dry_run=dry_run, install=install)
     except (RemoteError, InventoryError) as exc:
         result.error = str(exc)
     except Exception as exc:  # an unexpected failure must not hide the other hosts
@@ -128,6 +106,38 @@ def _converge_host(inv, state, local_images, dry_run, install, report) -> HostRe
             remote.close()
         result.seconds = time.monotonic() - started
     return result
+
+
+def converge(remote: Remote, state, local_images, report: Reporter, result: HostResult,
+             dry_run: bool = False, install: bool = False, hold: tuple[str, ...] = ()) -> None:
+    """One host, already opened and locked. `hold`: homeservers whose Synapse must
+    not start (a migration starts only their PostgreSQL, to restore into it)."""
+    name = state.host.name
+    log = lambda msg: report.line(name, msg)  # noqa: E731
+    if install:
+        docker.install(remote, log)
+        docker.start_engine(remote)
+    script = facts_mod.script(state)
+    facts = facts_mod.parse(remote.run(script, what="gather facts").out)
+    if facts.docker and not facts.engine and not dry_run:
+        log("the Docker engine is not running: starting it")
+        docker.start_engine(remote)
+        facts = facts_mod.parse(remote.run(script, what="gather facts").out)
+    if not facts.docker:
+        raise RemoteError(f"{name}: Docker is not installed; run `fab -H {name} bootstrap` first")
+    if not facts.compose:
+        raise RemoteError(f"{name}: neither `docker compose` nor `docker-compose` is installed; run bootstrap")
+    push = state.host.images == "push"
+    plan = plan_mod.make(state, facts, local_images, push)
+    result.ok = plan.ok
+    result.changed = len(plan.changes)
+    for change in plan.changes:
+        log(change.line())
+    if dry_run:
+        _show_diffs(remote, plan, report)
+        result.restarted = plan.restarts
+    elif not plan.empty:
+        _apply(remote, plan, facts, log, result, hold)
 
 
 def _show_diffs(remote: Remote, plan: Plan, report: Reporter) -> None:
@@ -154,7 +164,7 @@ def _tar(files: list[RemoteFile], suffix: str) -> bytes:
     return buf.getvalue()
 
 
-def _apply(remote: Remote, plan: Plan, facts, log, result: HostResult) -> None:
+def _apply(remote: Remote, plan: Plan, facts, log, result: HostResult, hold=()) -> None:
     state = plan.state
     lay = state.layout
     compose = docker.compose_cmd(facts)
@@ -223,11 +233,14 @@ def _apply(remote: Remote, plan: Plan, facts, log, result: HostResult) -> None:
         remote.run(synapse.generate_script(lay, hs_by_name[sn], compose), what=f"{sn}: generate", timeout=300)
     for sn in plan.synapse_up:
         hs = hs_by_name[sn]
-        log(f"{sn}: starting its stack")
-        remote.run(f"cd {shlex.quote(lay.synapse(sn))} && {compose} up -d --remove-orphans", what=f"{sn}: up")
+        only = " postgres" if sn in hold else ""
+        log(f"{sn}: starting its stack" + (" (PostgreSQL only)" if only else ""))
+        remote.run(f"cd {shlex.quote(lay.synapse(sn))} && {compose} up -d --remove-orphans{only}", what=f"{sn}: up")
         result.restarted.append(f"{sn} (up)")
         touched.append(synapse_project(hs))
     for sn in plan.synapse_restart:
+        if sn in hold:
+            continue
         hs = hs_by_name[sn]
         if synapse_project(hs) in touched and sn not in plan.generate:
             # `up` recreated it only if its compose definition changed: restart anyway

@@ -178,6 +178,9 @@ class Homeserver(_Model):
     federation: Federation = Federation()
     element: Element = Element()
     postgres: Postgres = Postgres()
+    # Set by `inv migrate-host`: the host this homeserver left, which forwards its
+    # names to the new host until `inv migrate-host --finish`.
+    migrated_from: Optional[str] = None
     # Extra Synapse settings, merged into the managed override file.
     synapse_settings: dict[str, Any] = {}
 
@@ -288,6 +291,16 @@ class Inventory(_Model):
 
     def homeservers_on(self, host: str) -> list[Homeserver]:
         return [hs for hs in self.homeservers.values() if hs.host == host]
+
+    def forwarded_from(self, host: str) -> list[Homeserver]:
+        """Homeservers that left `host`, which still forwards their names."""
+        return [hs for hs in self.homeservers.values() if hs.migrated_from == host]
+
+    def with_homeserver(self, hs: Homeserver, **changes) -> "Inventory":
+        """A copy with one homeserver changed (e.g. moved to another host)."""
+        servers = dict(self.homeservers)
+        servers[hs.server_name] = hs.model_copy(update=changes)
+        return self.model_copy(update={"homeservers": servers})
 
     def host_by_name_or_address(self, wanted: str) -> Host:
         for host in self.hosts.values():
@@ -479,6 +492,9 @@ def _cross_check(inv: Inventory, path: Path, lines: dict) -> None:
                 f"{hs.host!r} is not a host in this inventory "
                 f"(known hosts: {', '.join(inv.hosts) or 'none'})",
             )
+        if hs.migrated_from is not None and (hs.migrated_from not in inv.hosts or hs.migrated_from == hs.host):
+            fail(("homeservers", key, "migrated_from"),
+                 f"{hs.migrated_from!r} must be another host of this inventory (known hosts: {', '.join(inv.hosts)})")
         names = [(("homeservers", key), hs.server_name), (("homeservers", key, "public_hostname"), hs.hostname)]
         if hs.element.enabled:
             names.append((("homeservers", key, "element", "hostname"), hs.element.hostname))

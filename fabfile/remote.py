@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import paramiko
 from fabric import Connection
@@ -135,6 +135,34 @@ class Remote:
         if check and code != 0:
             raise RemoteError(self._failure(what or script.splitlines()[0], result))
         return result
+
+    def stream(self, script: str, what: str) -> Iterator[bytes]:
+        """Run `script` as root and yield its stdout as it comes (to feed another
+        host's command without a copy on this machine). Raises RemoteError at the
+        end if it failed."""
+        self.conn.open()
+        self.commands += 1
+        chan = self.conn.transport.open_session()
+        chan.exec_command(self._wrap(script))
+        chan.shutdown_write()
+        err = bytearray()
+        try:
+            while True:
+                if chan.recv_ready():
+                    yield chan.recv(1 << 20)
+                elif chan.recv_stderr_ready():
+                    err.extend(chan.recv_stderr(65536))
+                elif chan.eof_received or chan.closed:
+                    break
+                else:
+                    time.sleep(0.002)
+            while chan.recv_stderr_ready():
+                err.extend(chan.recv_stderr(65536))
+            code = chan.recv_exit_status()
+        finally:
+            chan.close()
+        if code != 0:
+            raise RemoteError(self._failure(what, Result(code, b"", bytes(err))))
 
     @staticmethod
     def _drain(chan, out: bytearray, err: bytearray, on_stdout):

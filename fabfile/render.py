@@ -144,6 +144,7 @@ def render_host(
         RemoteDir(lay.proxy),
         RemoteDir(f"{lay.proxy}/nginx"),
         RemoteDir(f"{lay.proxy}/nginx/conf.d"),
+        RemoteDir(f"{lay.proxy}/nginx/upstream-ca"),
         RemoteDir(f"{lay.proxy}/certs", 0o700),
         RemoteDir(f"{lay.proxy}/acme", 0o700),
         RemoteDir(f"{lay.proxy}/acme/webroot"),
@@ -158,7 +159,8 @@ def render_host(
         files.append(RemoteFile(path, _template(template, **common, **ctx), mode, ROOT, trigger))
 
     # -- reverse proxy -------------------------------------------------------
-    port_8448 = any(hs.federation.enabled and hs.federation.port_8448 for hs in servers)
+    port_8448 = any(hs.federation.enabled and hs.federation.port_8448
+                    for hs in servers + inv.forwarded_from(host_name))
     add(f"{lay.proxy}/.env", "reverse_proxy/.env.j2", "proxy:stack", project=PROXY_PROJECT)
     add(
         f"{lay.proxy}/docker-compose.yml",
@@ -204,6 +206,22 @@ def render_host(
             add(f"{conf_d}/{eh}.conf", "reverse_proxy/nginx/conf.d/element.conf.j2", "proxy:reload", **ctx)
             dirs.append(RemoteDir(f"{lay.proxy}/element/{eh}"))
             add(f"{lay.proxy}/element/{eh}/config.json", "reverse_proxy/element/config.json.j2", **ctx)
+
+    # -- homeservers that moved away: their names are forwarded to the new host
+    forwarded = sorted(inv.forwarded_from(host_name), key=lambda hs: hs.server_name)
+    for hs in forwarded:
+        sn = hs.server_name
+        dirs.append(RemoteDir(lay.certs(sn), 0o700))
+        upstream_ca = "/etc/ssl/certs/ca-certificates.crt"
+        if hs.federation.trusted_ca:
+            upstream_ca = f"/etc/nginx/upstream-ca/{sn}.pem"
+            files.append(RemoteFile(
+                f"{lay.proxy}/nginx/upstream-ca/{sn}.pem",
+                _read_local(hs.federation.trusted_ca, f"homeservers.{sn}.federation.trusted_ca", read),
+                trigger="proxy:reload"))
+        add(f"{conf_d}/{sn}-forward.conf", "reverse_proxy/nginx/conf.d/forward.conf.j2", "proxy:reload",
+            hs=hs, names=cert_names(hs), target=inv.hosts[hs.host].address, cert_name=sn,
+            upstream_ca=upstream_ca)
 
     # -- one synapse stack per homeserver -----------------------------------
     for hs in servers:

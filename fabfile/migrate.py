@@ -1,0 +1,325 @@
+"""Move a homeserver to another host; the old host forwards its names to the new
+one until DNS has followed.
+
+Steps (each recorded in `synapse/<sn>/.migration` on the old host, so a killed run
+is resumed by running it again, or undone with --abort):
+
+    checked   target reachable, Docker there (bootstrapped if not), room for the data
+    copied    config, keys, media, secrets, certificates copied while Synapse runs;
+              the target gets its files and PostgreSQL (Synapse held back)
+    stopped   Synapse stopped on the old host (the downtime starts)
+    restored  database dumped on the old host and restored on the new one, streamed
+              through this machine (never stored here); media changed since `copied`
+              copied again
+    started   Synapse started on the new host, healthy (the downtime ends)
+    switched  the old host's vhosts for the homeserver forward to the new address
+    recorded  hosts.yaml says where the homeserver is now (comment-preserving edit)
+
+Any failure before `switched` puts everything back: Synapse runs again on the old
+host and the partial copy on the new host is removed.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from ruamel.yaml import YAML
+
+from .cli import TaskError
+from .deploy import HostResult, converge, local_images
+from .inventory import Homeserver, Inventory
+from .remote import Remote, RemoteError, open_remote
+from .render import Layout, render_host, synapse_project
+from .report import Reporter
+
+PHASES = ["checked", "copied", "stopped", "restored", "started", "switched", "recorded"]
+
+
+def _marker(lay: Layout, sn: str) -> str:
+    return f"{lay.synapse(sn)}/.migration"
+
+
+def read_phase(remote: Remote, lay: Layout, sn: str) -> tuple[str, str]:
+    """(target host, last phase done) of a migration in progress, or ("", "")."""
+    out = remote.run(f"cat {shlex.quote(_marker(lay, sn))} 2>/dev/null || true", what="read migration state").out
+    fields = dict(part.split("=", 1) for part in out.split() if "=" in part)
+    return fields.get("to", ""), fields.get("phase", "")
+
+
+def _set_phase(remote: Remote, lay: Layout, sn: str, to: str, phase: str) -> None:
+    m = shlex.quote(_marker(lay, sn))
+    remote.run(f"printf 'to=%s phase=%s\\n' {shlex.quote(to)} {phase} > {m}.new && mv -f {m}.new {m}",
+               what="record migration state")
+
+
+def _compose(remote: Remote) -> str:
+    res = remote.run("docker compose version >/dev/null 2>&1 && echo v2 || echo v1", what="compose flavour")
+    return "docker compose" if res.out.strip() == "v2" else "docker-compose"
+
+
+def _acme_paths(sn: str) -> list[str]:
+    le = "reverse_proxy/acme/letsencrypt"
+    return [f"reverse_proxy/certs/{sn}", f"{le}/live/{sn}", f"{le}/archive/{sn}",
+            f"{le}/renewal/{sn}.conf", f"{le}/accounts"]
+
+
+class Migration:
+    def __init__(self, inv: Inventory, hs: Homeserver, to: str, log: Callable[[str], None]):
+        self.inv, self.hs, self.to, self.log = inv, hs, to, log
+        self.sn = hs.server_name
+        self.old_host = inv.hosts[hs.host]
+        self.new_host = inv.hosts[to]
+        self.old_lay = Layout(self.old_host.base_dir)
+        self.new_lay = Layout(self.new_host.base_dir)
+        self.moved = inv.with_homeserver(hs, host=to)  # where it runs after the move
+        self.forwarding = inv.with_homeserver(hs, host=to, migrated_from=hs.host)
+        self.src: Remote | None = None
+        self.dst: Remote | None = None
+
+    # -- plumbing ------------------------------------------------------------
+    def open(self) -> None:
+        self.src = open_remote(self.inv, self.old_host)
+        self.dst = open_remote(self.inv, self.new_host)
+        self.src.lock(self.inv.ssh.lock_timeout)
+        self.dst.lock(self.inv.ssh.lock_timeout)
+
+    def close(self) -> None:
+        for r in (self.src, self.dst):
+            if r is not None:
+                r.close()
+
+    def _converge(self, remote: Remote, inv: Inventory, hold=(), install=False) -> None:
+        state = render_host(inv, remote.name)
+        result = HostResult(remote.name)
+        converge(remote, state, local_images(inv, [state]), Reporter(_LogWriter(self.log, remote.name)),
+                 result, install=install, hold=hold)
+
+    def _copy(self, what: str, src_script: str) -> None:
+        started = time.monotonic()
+        dst_base = shlex.quote(self.new_lay.base)
+        self.dst.run(f"mkdir -p {dst_base} && tar -x -p --numeric-owner -f - -C {dst_base}",
+                     stdin=self.src.stream(src_script, what=f"{what} (read)"), what=f"{what} (write)", timeout=7200)
+        self.log(f"{what}: {time.monotonic() - started:.1f}s")
+
+    # -- the steps -------------------------------------------------------------
+    def check(self, dry_run: bool) -> None:
+        sn = self.sn
+        data = shlex.quote(self.old_lay.synapse(sn))
+        size = int(self.src.run(f"du -sk {data} | cut -f1", what="size of the homeserver").out.split()[0])
+        free_kb = int(self.dst.run("df -Pk / | awk 'NR==2 {print $4}'", what="free space").out.split()[0])
+        if free_kb < size * 2 + 512 * 1024:
+            raise TaskError(f"{self.to} has {free_kb // 1024} MiB free; {sn} needs about {size * 2 // 1024} MiB "
+                            "(files plus the restored database)")
+        there = self.dst.run(f"test -e {shlex.quote(self.new_lay.synapse(sn))}/data/homeserver.yaml && echo yes || true",
+                             what="existing copy").out.strip()
+        to, phase = read_phase(self.src, self.old_lay, sn)
+        if there == "yes" and not phase:
+            raise TaskError(f"{self.to} already holds a copy of {sn} ({self.new_lay.synapse(sn)}); "
+                            "remove it first or choose another host")
+        has_docker = self.dst.run("command -v docker >/dev/null && echo yes || true", what="docker?").out.strip()
+        self.log(f"checks passed: {size // 1024} MiB to move, {free_kb // 1024} MiB free on {self.to}"
+                 + ("" if has_docker else f"; Docker will be installed on {self.to}"))
+
+    def copy_live(self) -> None:
+        sn = self.sn
+        base = shlex.quote(self.old_lay.base)
+        mark = f"synapse/{sn}/.migration-mark"
+        paths = " ".join(shlex.quote(p) for p in [f"synapse/{sn}"] + _acme_paths(sn))
+        script = (f"cd {base} && touch {mark} && for p in {paths}; do [ -e \"$p\" ] && echo \"$p\"; done | "
+                  f"tar -c -f - --exclude=synapse/{sn}/postgres --exclude='synapse/{sn}/.migration*' -T -")
+        self._copy("copy while running", script)
+        self._converge(self.dst, self.moved, hold=(sn,), install=True)
+
+    def stop_old(self) -> None:
+        root = shlex.quote(self.old_lay.synapse(self.sn))
+        self.src.run(f"cd {root} && {_compose(self.src)} stop synapse", what="stop Synapse on the old host")
+        self.log(f"Synapse of {self.sn} stopped on {self.old_host.name}")
+
+    def restore(self) -> None:
+        sn, pg = self.sn, self.hs.postgres
+        project = synapse_project(self.hs)
+        find_pg = (f"pg=$(docker ps -q --filter label=com.docker.compose.project={project} "
+                   "--filter label=com.docker.compose.service=postgres); ")
+        db, user = pg.database, pg.user  # validated identifiers
+        recreate = (f'DROP DATABASE IF EXISTS "{db}";\n'
+                    f"CREATE DATABASE \"{db}\" OWNER \"{user}\" ENCODING 'UTF8' LC_COLLATE 'C' "
+                    "LC_CTYPE 'C' TEMPLATE template0;\n")
+        self.dst.run(find_pg + f'docker exec -i "$pg" psql -X -q -v ON_ERROR_STOP=1 -U {user} -d postgres',
+                     stdin=recreate.encode(), what="empty database on the new host")
+        started = time.monotonic()
+        self.dst.run(find_pg + f'docker exec -i "$pg" pg_restore -U {user} -d {db} --no-owner --exit-on-error '
+                     "--single-transaction",
+                     stdin=self.src.stream(find_pg + f'docker exec "$pg" pg_dump -Fc -U {user} -d {db}',
+                                           what="pg_dump on the old host"),
+                     what="pg_restore on the new host", timeout=7200)
+        self.log(f"database streamed from {self.old_host.name} to {self.to} in {time.monotonic() - started:.1f}s")
+        base = shlex.quote(self.old_lay.base)
+        mark = f"synapse/{sn}/.migration-mark"
+        self._copy("copy what changed meanwhile",
+                   f"cd {base} && find synapse/{sn}/data -newer {mark} \\( -type f -o -type l \\) | tar -c -f - -T -")
+
+    def start_new(self) -> None:
+        self._converge(self.dst, self.moved)
+        self.log(f"{self.sn} runs on {self.to}")
+
+    def switch(self) -> None:
+        self._converge(self.src, self.forwarding)
+        self.log(f"{self.old_host.name} forwards {self.sn}'s names to {self.new_host.address}")
+
+    def undo(self) -> None:
+        """Back to the old host: Synapse running there, no copy on the new host."""
+        sn = self.sn
+        self.log(f"rolling back: {sn} stays on {self.old_host.name}")
+        root = shlex.quote(self.old_lay.synapse(sn))
+        self.src.run(f"cd {root} && {_compose(self.src)} up -d", what="restart Synapse on the old host")
+        new_root = shlex.quote(self.new_lay.synapse(sn))
+        compose = _compose(self.dst) if self.dst.run("command -v docker || true", what="docker?").out.strip() else ""
+        if compose:
+            self.dst.run(f"if [ -f {new_root}/docker-compose.yml ]; then cd {new_root} && {compose} down; fi",
+                         what="stop the partial copy")
+            self._converge(self.dst, self.inv)  # drops the vhosts it got
+        nb = self.new_lay.base
+        rm = " ".join(shlex.quote(f"{nb}/{p}") for p in [f"synapse/{sn}"] + _acme_paths(sn)[:-1])
+        self.dst.run(f"rm -rf {rm}", what="remove the partial copy")
+        self.src.run(f"rm -f {shlex.quote(_marker(self.old_lay, sn))} {root}/.migration-mark", what="clear state")
+
+
+class _LogWriter:
+    """File-like object for Reporter that forwards its lines to the migration log."""
+
+    def __init__(self, log, host):
+        self.log, self.host = log, host
+
+    def write(self, text):
+        for line in text.splitlines():
+            if line.strip():
+                self.log(line)
+
+    def flush(self):
+        pass
+
+
+def record_in_inventory(path: Path, sn: str, to: str, migrated_from: str | None) -> None:
+    """Comment-preserving edit of hosts.yaml, written atomically."""
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    doc = yaml.load(path.read_text())
+    entry = doc["homeservers"][sn]
+    entry["host"] = to
+    if migrated_from:
+        entry["migrated_from"] = migrated_from
+    elif "migrated_from" in entry:
+        del entry["migrated_from"]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        yaml.dump(doc, fh)
+    os.chmod(tmp, path.stat().st_mode & 0o777)
+    os.replace(tmp, path)
+
+
+def migrate(inv: Inventory, sn: str, to: str | None, dry_run: bool, abort: bool, log) -> None:
+    hs = inv.homeserver(sn)
+    src_probe = open_remote(inv, inv.hosts[hs.host])
+    try:
+        marked_to, phase = read_phase(src_probe, Layout(inv.hosts[hs.host].base_dir), hs.server_name)
+    finally:
+        src_probe.close()
+    if marked_to and to and to != marked_to:
+        raise TaskError(f"a migration of {sn} to {marked_to} is in progress (done: {phase}); "
+                        f"re-run with --to {marked_to} to finish it, or --abort")
+    to = to or marked_to
+    if abort:
+        if not marked_to:
+            raise TaskError(f"no migration of {sn} is in progress")
+    elif not to:
+        raise TaskError("--to HOST is required")
+    if to not in inv.hosts:
+        raise TaskError(f"no host {to!r} in the inventory (known hosts: {', '.join(inv.hosts)})")
+    if to == hs.host:
+        raise TaskError(f"{sn} already runs on {to}")
+    m = Migration(inv, hs, to, log)
+    m.open()
+    try:
+        if abort:
+            if PHASES.index(phase) >= PHASES.index("switched"):
+                raise TaskError(f"{sn} already runs on {to} and the old host forwards to it: "
+                                "too late to abort (use --finish after DNS moved)")
+            m.undo()
+            log(f"aborted: {sn} runs on {hs.host} as before")
+            return
+        done = PHASES.index(phase) if phase else -1
+        if done >= 0:
+            log(f"resuming the migration of {sn} to {to} after step '{phase}'")
+        m.check(dry_run)
+        if dry_run:
+            log("dry run: " + " -> ".join(PHASES[done + 1:]) + " (nothing was changed)")
+            return
+        steps = [("copied", m.copy_live), ("stopped", m.stop_old), ("restored", m.restore),
+                 ("started", m.start_new), ("switched", m.switch)]
+        stop_started = None
+        for name, step in steps:
+            if PHASES.index(name) <= done:
+                continue
+            if name == "stopped":
+                stop_started = time.monotonic()
+            try:
+                step()
+            except (RemoteError, TaskError) as exc:
+                if PHASES.index(name) < PHASES.index("switched"):
+                    log(f"step '{name}' failed: {exc}")
+                    m.undo()
+                    raise TaskError(f"migration of {sn} failed at step '{name}' and was rolled back; "
+                                    f"{sn} runs on {hs.host} as before") from None
+                raise
+            _set_phase(m.src, m.old_lay, sn, to, name)
+            if name == "switched" and stop_started is not None:
+                log(f"{sn} was stopped for {time.monotonic() - stop_started:.1f}s (stop to forwarding)")
+        record_in_inventory(inv.path, sn, to, hs.host)
+        _set_phase(m.src, m.old_lay, sn, to, "recorded")
+        m.src.run(f"rm -f {shlex.quote(_marker(m.old_lay, sn))}", what="clear state")
+    finally:
+        m.close()
+    log(f"""done: {sn} runs on {to} ({inv.hosts[to].address}); {hs.host} forwards its names there.
+{inv.path} now says host: {to} (migrated_from: {hs.host}).
+Next:
+  1. point the DNS records of {', '.join(dict.fromkeys([hs.server_name, hs.hostname] + ([hs.element.hostname] if hs.element.enabled else [])))} at {inv.hosts[to].address}
+  2. wait for their TTL to pass (clients and other servers still using the old address are forwarded meanwhile)
+  3. inv migrate-host --homeserver {sn} --finish""")
+
+
+def finish(inv: Inventory, sn: str, yes: bool, keep_backup: bool, log, confirm) -> None:
+    """Stop forwarding on the old host and remove the old copy (after a backup)."""
+    hs = inv.homeserver(sn)
+    old = hs.migrated_from
+    if not old:
+        raise TaskError(f"{sn} has no migration to finish (no migrated_from in {inv.path})")
+    old_host = inv.hosts[old]
+    lay = Layout(old_host.base_dir)
+    if not yes and not confirm(f"Remove {sn}'s old copy from {old} ({lay.synapse(sn)})"
+                               + (" after archiving it" if keep_backup else " WITHOUT a backup") + "?"):
+        raise TaskError("nothing was removed")
+    after = inv.with_homeserver(hs, migrated_from=None)
+    remote = open_remote(inv, old_host)
+    try:
+        remote.lock(inv.ssh.lock_timeout)
+        state = render_host(after, old)
+        converge(remote, state, local_images(after, [state]), Reporter(_LogWriter(log, old)), HostResult(old))
+        base = shlex.quote(lay.base)
+        root = f"synapse/{sn}"
+        paths = " ".join(shlex.quote(p) for p in [root] + _acme_paths(sn)[:-1])
+        archive = f"backups/{sn}-{time.strftime('%Y%m%dT%H%M%S')}.tar.gz"
+        backup = (f"mkdir -p backups && chmod 700 backups && "
+                  f"for p in {paths}; do [ -e \"$p\" ] && echo \"$p\"; done | tar -czf {archive} -T - && ") \
+            if keep_backup else ""
+        remote.run(f"cd {base} && if [ -f {root}/docker-compose.yml ]; then (cd {root} && "
+                   f"{_compose(remote)} down); fi && {backup}rm -rf {paths}", what=f"remove {sn} from {old}")
+    finally:
+        remote.close()
+    record_in_inventory(inv.path, sn, hs.host, None)
+    log(f"{old} no longer serves or forwards {sn}"
+        + (f"; its old copy is archived on {old} in {lay.base}/{archive}" if keep_backup else ""))
