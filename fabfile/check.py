@@ -99,8 +99,8 @@ def check_homeserver(inv: Inventory, hs: Homeserver) -> list[Row]:
             ips = p.resolve(name)
             if not ips:
                 return "does not resolve"
-            if _is_ip(host.address) and host.address not in ips:
-                return f"resolves to {', '.join(ips)}, not to {hs.host} ({host.address})"
+            if _is_ip(host.address) and ips != [host.address]:
+                return f"resolves to {', '.join(ips)}, not only to {hs.host} ({host.address})"
             return None
         row(f"DNS {name}", dns_check)
 

@@ -360,10 +360,10 @@ def _http(method: str, url_path: str, body: dict | None = None, timeout: float =
 
 
 def set_dns(name: str, ip: str | None) -> None:
-    """Point sandbox DNS name `name` at `ip` (A record); ip=None removes it."""
-    if ip is None:
-        _http("POST", "/clear-a", {"host": name})
-    else:
+    """Point sandbox DNS name `name` at `ip` (its only A record); ip=None removes it.
+    (challtestsrv's add-a adds to what is there, so the old record goes first.)"""
+    _http("POST", "/clear-a", {"host": name})
+    if ip is not None:
         _http("POST", "/add-a", {"host": name, "addresses": [ip]})
 
 
