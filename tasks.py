@@ -131,15 +131,33 @@ def migrate_host(c, homeserver, to=None, dry_run=False, finish=False, abort=Fals
 @task(
     help={
         "host": "only this inventory host",
-        "version": "install this version instead of the newest",
+        "version": "install this version (default: the newest in the feed)",
         "check": "only report the installed and the newest version",
         "rollback": "go back to the previous version",
     }
 )
 def element_update(c, host=None, version=None, check=False, rollback=False):
     """Install the newest (or a given) Element Web release on the hosts."""
-    load_inventory(c)
-    not_built("element-update", 9)
+    from fabfile.deploy import element_script
+    from fabfile.remote import open_remote
+    from fabfile.render import Layout
+
+    inv = load_inventory(c)
+    flags = ["--check"] if check else ["--rollback"] if rollback else ["--version", version or "latest"]
+    with expected_failures():
+        names = [n for n in inv.hosts if any(hs.element.enabled for hs in inv.homeservers_on(n))]
+        if host:
+            if host not in names:
+                raise TaskError(f"host {host!r} serves no Element site (hosts that do: {', '.join(names) or 'none'})")
+            names = [host]
+        for name in names:
+            h = inv.hosts[name]
+            remote = open_remote(inv, h)
+            try:
+                remote.run(element_script(Layout(h.base_dir).proxy, *flags), what="element-update", timeout=900,
+                           on_stdout=lambda line, name=name: print(f"{name}: {line}", flush=True))
+            finally:
+                remote.close()
 
 
 @task(help={"homeserver": "only this homeserver (server_name)"})

@@ -140,6 +140,19 @@ def converge(remote: Remote, state, local_images, report: Reporter, result: Host
         _apply(remote, plan, facts, log, result, hold)
 
 
+def element_script(proxy_dir: str, *flags: str) -> str:
+    """Run the host's element-update (exit 75, another run holds its lock: wait)."""
+    cmd = " ".join(shlex.quote(a) for a in [f"{proxy_dir}/bin/element-update", *flags])
+    return f"""
+for i in 1 2 3 4 5 6; do
+  {cmd} && exit 0
+  rc=$?; [ $rc -eq 75 ] || exit $rc
+  sleep 5
+done
+echo "another element-update kept its lock for 30s" >&2; exit 75
+"""
+
+
 def _show_diffs(remote: Remote, plan: Plan, report: Reporter) -> None:
     changed = [f for f in plan.files]
     old = remote.read_files([f.path for f in changed])
@@ -270,6 +283,10 @@ def _apply(remote: Remote, plan: Plan, facts, log, result: HostResult, hold=()) 
     if issued:
         remote.run(proxy.reload_script([]), what="nginx reload")
         result.restarted.append("nginx (reload: new certificates)")
+    for site in plan.element_install:
+        log(f"{site}: installing Element Web")
+        remote.run(element_script(lay.proxy, "--site", site), what=f"{site}: Element install", timeout=900,
+                   on_stdout=log)
     if nginx_error:
         raise RemoteError(nginx_error)
     if owed or plan.pending_done:

@@ -22,6 +22,15 @@ if ! command -v docker >/dev/null 2>&1; then
   apt-get -o DPkg::Lock::Timeout=300 update -qq
   apt-get -o DPkg::Lock::Timeout=300 install -y -qq docker.io >/dev/null
 fi
+# what the host-side scripts use (Element updates, renewals from cron)
+missing=""
+for tool in curl:curl jq:jq gpgv:gpgv crontab:cron flock:util-linux; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || missing="$missing ${tool#*:}"
+done
+if [ -n "$missing" ]; then
+  apt-get -o DPkg::Lock::Timeout=300 update -qq
+  apt-get -o DPkg::Lock::Timeout=300 install -y -qq $missing >/dev/null
+fi
 if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null 2>&1; then
   apt-get -o DPkg::Lock::Timeout=300 update -qq
   # Ubuntu ships the v2 plugin as docker-compose-v2; Debian 12 only has v1.
@@ -33,6 +42,11 @@ fi
 # Starts the engine so that it outlives the SSH session: systemd where it is PID 1,
 # otherwise a detached dockerd (its own session, no controlling terminal).
 START_ENGINE = r"""
+# cron runs certificate renewals and Element updates; without systemd nobody starts it
+if [ "$(cat /proc/1/comm 2>/dev/null)" != systemd ] && command -v cron >/dev/null 2>&1 \
+   && ! pidof cron >/dev/null 2>&1; then
+  cron
+fi
 if docker info >/dev/null 2>&1; then exit 0; fi
 if [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then
   systemctl enable --now docker >/dev/null

@@ -13,6 +13,7 @@ The script prints one tab-separated record a line:
     1  comm                        what runs as PID 1 (systemd or not)
     M  path                        a file in a managed conf.d carrying our marker
     P  trigger                     a service action an interrupted run left undone
+    L  site_dir target             the Element release a site serves (its `current` link)
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class Facts:
     pid1: str = ""
     managed: set[str] = field(default_factory=set)
     pending: set[str] = field(default_factory=set)
+    element: dict[str, str] = field(default_factory=dict)  # site dir -> current's target
 
     def running(self, project: str, service: str) -> bool:
         return any(
@@ -106,6 +108,17 @@ def pending_file(state: DesiredState) -> str:
     return f"{state.layout.base}/.synapse-fabric-pending"
 
 
+def element_sites(state: DesiredState) -> dict[str, str]:
+    """Element site directory -> the inventory's version for it."""
+    return {f"{state.layout.proxy}/element/{hs.element.hostname}": hs.element.version
+            for hs in state.homeservers if hs.element.enabled}
+
+
+def optional_paths(state: DesiredState) -> list[str]:
+    """Files that are ours only while the inventory asks for them (removed after)."""
+    return [f"{d}/{name}" for d in element_sites(state) for name in ("signing-key.gpg", "feed-ca.pem")]
+
+
 def managed_dirs(state: DesiredState) -> list[str]:
     """Directories whose files carrying MARKER are ours: one no longer rendered
     is removed (e.g. the vhost of a homeserver that left this host)."""
@@ -117,7 +130,7 @@ def script(state: DesiredState) -> str:
     """The facts script for this desired state."""
     files = [f.path for f in state.files]
     certs = [p for p in cert_paths(state) if p.endswith("fullchain.pem")]
-    extra = secret_paths(state) + generated_paths(state) + cert_paths(state)
+    extra = secret_paths(state) + generated_paths(state) + cert_paths(state) + optional_paths(state)
     stat_paths = [d.path for d in state.dirs] + files + extra
     q = lambda paths: " ".join(shlex.quote(p) for p in paths)  # noqa: E731
     lines = [
@@ -125,6 +138,8 @@ def script(state: DesiredState) -> str:
         + " ".join(f"{shlex.quote(d)}/*" for d in managed_dirs(state))
         + " 2>/dev/null | sed 's/^/M\t/'",
         f"sed 's/^/P\t/' {shlex.quote(pending_file(state))} 2>/dev/null",
+        *(f"printf 'L\t%s\t%s\n' {shlex.quote(d)} \"$(readlink {shlex.quote(d + '/current')})\""
+          for d in element_sites(state)),
         f"stat -c 'S\t%n\t%F\t%a\t%u:%g' -- {q(stat_paths)} 2>/dev/null",
         f"sha256sum -- {q(files + certs)} 2>/dev/null | sed 's/^\\([0-9a-f]*\\)  /H\\t\\1\\t/'",
         "printf '1\\t%s\\n' \"$(cat /proc/1/comm 2>/dev/null)\"",
@@ -171,6 +186,8 @@ def parse(output: str) -> Facts:
             facts.images[parts[0]] = parts[1]
         elif kind == "O" and len(parts) == 2:
             facts.wrong_owner[parts[0]] = parts[1]
+        elif kind == "L" and len(parts) == 2:
+            facts.element[parts[0]] = parts[1]
         elif kind == "P" and parts[0]:
             facts.pending.add(parts[0])
         elif kind == "M" and parts[0]:

@@ -139,6 +139,17 @@ class Element(_Model):
     brand: str = "Element"
     keep: int = Field(3, ge=1, le=20)
     feed: str = "https://api.github.com/repos/element-hq/element-web/releases"
+    # Binary OpenPGP keyring (gpg --export) that must have signed each release.
+    signing_key: Optional[Path] = None
+    # CA bundle for the feed and downloads (a private feed); default: system roots.
+    feed_ca: Optional[Path] = None
+
+    @field_validator("feed")
+    @classmethod
+    def _feed(cls, v: str) -> str:
+        if not re.match(r"^https://[A-Za-z0-9.-]+(:[0-9]+)?/[A-Za-z0-9._~/%-]*$", v):
+            raise ValueError(f"{v!r} must be an https:// URL")
+        return v
 
     @field_validator("hostname")
     @classmethod
@@ -461,6 +472,9 @@ def _with_names_and_paths(data: dict, base: Path) -> dict:
         fed = hs.get("federation")
         if isinstance(fed, dict) and "trusted_ca" in fed:
             hs["federation"] = {**fed, "trusted_ca": rel(fed["trusted_ca"])}
+        el = hs.get("element")
+        if isinstance(el, dict):
+            hs["element"] = {**el, **{k: rel(el[k]) for k in ("signing_key", "feed_ca") if k in el}}
         servers[str(name)] = hs
     data["homeservers"] = servers
     for section, key in (("acme", "ca_bundle"), ("ssh", "known_hosts")):

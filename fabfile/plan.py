@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from .facts import Facts, acme_live, cert_paths, generated_paths, secret_paths
+from .facts import (Facts, acme_live, cert_paths, element_sites, generated_paths, optional_paths,
+                    secret_paths)
 from .render import PROXY_PROJECT, DesiredState, RemoteDir, RemoteFile, synapse_project
 
 
@@ -39,6 +40,7 @@ class Plan:
     placeholder_certs: list[str] = field(default_factory=list)  # cert names lacking any cert
     issue: list[str] = field(default_factory=list)  # server_names whose certificate ACME must (re)issue
     install_cert: list[str] = field(default_factory=list)  # served certificate differs from certbot's
+    element_install: list[str] = field(default_factory=list)  # Element sites lacking their release
     proxy_up: bool = False
     nginx_reload: bool = False
     synapse_up: list[str] = field(default_factory=list)
@@ -50,7 +52,8 @@ class Plan:
     @property
     def empty(self) -> bool:
         return not (
-            self.changes or self.images or self.issue or self.install_cert or self.pending_done or self.proxy_up or self.nginx_reload
+            self.changes or self.images or self.issue or self.install_cert or self.pending_done
+            or self.element_install or self.proxy_up or self.nginx_reload
             or self.synapse_up or self.synapse_restart or self.engine_start
         )
 
@@ -113,6 +116,17 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
         for hs in state.homeservers:
             if path.startswith(f"{state.layout.synapse(hs.server_name)}/conf.d/"):
                 triggers.add(f"synapse:{hs.server_name}:restart")
+
+    for path in optional_paths(state):
+        if path in facts.stats and path not in desired:
+            plan.remove.append(path)
+            plan.changes.append(Change("remove", path, "no longer in the inventory"))
+    for site, version in element_sites(state).items():
+        target = facts.element.get(site, "")
+        if not target or f"element:{site.rsplit('/', 1)[1]}" in triggers:
+            plan.element_install.append(site.rsplit("/", 1)[1])
+            plan.changes.append(Change("update", f"{site}/current",
+                                       f"Element {version}" + (f" (serving {target})" if target else "")))
 
     existing_secrets = set(secret_paths(state)) & set(facts.stats)
     generated = set(generated_paths(state)) & set(facts.stats)

@@ -145,6 +145,7 @@ def render_host(
         RemoteDir(f"{lay.proxy}/nginx"),
         RemoteDir(f"{lay.proxy}/nginx/conf.d"),
         RemoteDir(f"{lay.proxy}/nginx/upstream-ca"),
+        RemoteDir(f"{lay.proxy}/bin"),
         RemoteDir(f"{lay.proxy}/certs", 0o700),
         RemoteDir(f"{lay.proxy}/acme", 0o700),
         RemoteDir(f"{lay.proxy}/acme/webroot"),
@@ -177,7 +178,6 @@ def render_host(
             )
         )
     if inv.acme.enabled and servers:
-        dirs.append(RemoteDir(f"{lay.proxy}/bin"))
         add(f"{lay.proxy}/bin/renew-certificates", "reverse_proxy/bin/renew-certificates.j2", mode=0o755,
             proxy_dir=lay.proxy, servers=servers)
         files.append(RemoteFile(
@@ -206,6 +206,22 @@ def render_host(
             add(f"{conf_d}/{eh}.conf", "reverse_proxy/nginx/conf.d/element.conf.j2", "proxy:reload", **ctx)
             dirs.append(RemoteDir(f"{lay.proxy}/element/{eh}"))
             add(f"{lay.proxy}/element/{eh}/config.json", "reverse_proxy/element/config.json.j2", **ctx)
+            # the inventory's choice; when it changes, deploy installs it
+            files.append(RemoteFile(f"{lay.proxy}/element/{eh}/wanted-version",
+                                    f"{hs.element.version}\n".encode(), trigger=f"element:{eh}"))
+            for key, name in (("signing_key", "signing-key.gpg"), ("feed_ca", "feed-ca.pem")):
+                local = getattr(hs.element, key)
+                if local is not None:
+                    files.append(RemoteFile(f"{lay.proxy}/element/{eh}/{name}",
+                                            _read_local(local, f"homeservers.{sn}.element.{key}", read)))
+    sites = [hs.element for hs in servers if hs.element.enabled]
+    if sites:
+        dirs.append(RemoteDir(f"{lay.proxy}/bin"))
+        add(f"{lay.proxy}/bin/element-update", "reverse_proxy/bin/element-update.j2", mode=0o755,
+            proxy_dir=lay.proxy, sites=sites)
+        files.append(RemoteFile(
+            "/etc/cron.d/synapse-fabric-element",
+            _template("cron.d/synapse-fabric-element.j2", proxy_dir=lay.proxy), 0o644, ROOT, ""))
 
     # -- homeservers that moved away: their names are forwarded to the new host
     forwarded = sorted(inv.forwarded_from(host_name), key=lambda hs: hs.server_name)

@@ -45,7 +45,7 @@ PEBBLE_MGMT_PORT = 15000
 DNS_API_PORT = 8055
 DNS_API = f"http://{INFRA_IP}:{DNS_API_PORT}"
 
-IMAGE_ENV = {"host": "SFAB_HOST_IMAGE", "infra": "SFAB_INFRA_IMAGE"}
+IMAGE_ENV = {"host": "SFAB_HOST_IMAGE", "infra": "SFAB_INFRA_IMAGE", "nginx": "SFAB_NGINX_IMAGE"}
 
 SSH_TIMEOUT = float(os.environ.get("SFAB_SANDBOX_SSH_TIMEOUT", "90"))
 INFRA_TIMEOUT = float(os.environ.get("SFAB_SANDBOX_INFRA_TIMEOUT", "60"))
@@ -66,6 +66,9 @@ HOSTS: dict[str, Host] = {h.name: h for h in [
 ]}
 
 # Set in challtestsrv at every `up` (tests may move names with set_dns()).
+RELEASES_NAME = "releases.test"
+RELEASES_IP = "172.29.231.3"
+
 DNS_RECORDS: dict[str, str] = {
     ACME_NAME: INFRA_IP,
     "one.test": HOSTS["vps1"].ip,
@@ -75,6 +78,7 @@ DNS_RECORDS: dict[str, str] = {
     "matrix.three.test": HOSTS["vps1"].ip,
     "two.test": HOSTS["vps2"].ip,
     "matrix.two.test": HOSTS["vps2"].ip,
+    RELEASES_NAME: RELEASES_IP,
 }
 
 
@@ -279,7 +283,47 @@ def make_state(log=print) -> SandboxInfo:
     _write_if_changed(p["known_hosts"], "".join(lines), 0o644)
     _write_if_changed(p["resolv"], f"nameserver {INFRA_IP}\n", 0o644)
     _make_pebble_certs(p, log)
+    _make_releases_site(p, log)
     return info()
+
+
+def _make_releases_site(p: dict[str, Path], log) -> None:
+    """The release feed's nginx site, its certificate (from the sandbox CA) and
+    the default Element releases."""
+    from tests.sandbox import releases
+
+    s = state_dir()
+    cert, key = s / "releases-cert.pem", s / "releases-key.pem"
+    if not (cert.is_file() and key.is_file()):
+        with tempfile.TemporaryDirectory(prefix="sfab-rel-") as tmp:
+            t = Path(tmp)
+            ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+            _openssl("req", "-new", *ec, "-keyout", str(t / "key.pem"), "-out", str(t / "csr.pem"),
+                     "-subj", f"/CN={RELEASES_NAME}")
+            (t / "ext.cnf").write_text(
+                f"subjectAltName=DNS:{RELEASES_NAME}\nbasicConstraints=critical,CA:FALSE\n"
+                "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n")
+            _openssl("x509", "-req", "-in", str(t / "csr.pem"), "-CA", str(p["ca"]), "-CAkey", str(p["ca_key"]),
+                     "-set_serial", "0x" + secrets.token_hex(16), "-days", "825", "-sha256",
+                     "-extfile", str(t / "ext.cnf"), "-out", str(t / "cert.pem"))
+            _write_if_changed(key, (t / "key.pem").read_bytes(), 0o644)  # read by nginx's workers in a test container
+            _write_if_changed(cert, (t / "cert.pem").read_bytes(), 0o644)
+    _write_if_changed(s / "releases-site.conf", f"""server {{
+    listen 443 ssl;
+    server_name {RELEASES_NAME};
+    ssl_certificate /etc/nginx/releases-cert.pem;
+    ssl_certificate_key /etc/nginx/releases-key.pem;
+    root /srv/releases;
+    location = /element-web/releases {{ default_type application/json; }}
+}}
+""", 0o644)
+    releases.ROOT.mkdir(parents=True, exist_ok=True)
+    os.chmod(releases.ROOT, 0o755)
+    releases.ensure_defaults()
+    for d, _, files in os.walk(releases.ROOT):
+        os.chmod(d, 0o755)
+        for f in files:
+            os.chmod(Path(d) / f, 0o644)
 
 
 # ---------------------------------------------------------------- talking to the sandbox

@@ -1,0 +1,191 @@
+"""Element Web on the sandbox: served by the proxy, updated from the sandbox's
+release feed (tests/sandbox/releases.py) by `inv element-update` and by cron."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import socket
+import ssl
+import subprocess
+import tarfile
+import threading
+import time
+
+import pytest
+
+from tests.e2e.helpers import REPO, on_host, run, variant
+from tests.sandbox import releases
+from tests.sandbox.client import resolve
+
+pytestmark = pytest.mark.e2e
+
+ROOTS = REPO / "tests/sandbox/state/acme-roots.pem"
+SITE = "element.one.test"
+SITE_DIR = f"/opt/matrix/reverse_proxy/element/{SITE}"
+
+
+def get(path: str) -> tuple[int, dict, bytes]:
+    ctx = ssl.create_default_context(cafile=str(ROOTS))
+    with socket.create_connection((resolve(SITE), 443), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname=SITE) as tls:
+            tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {SITE}\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:])}
+    if headers.get("transfer-encoding") == "chunked":
+        out, rest = b"", body
+        while rest:
+            size, _, rest = rest.partition(b"\r\n")
+            n = int(size, 16)
+            if n == 0:
+                break
+            out, rest = out + rest[:n], rest[n + 2:]
+        body = out
+    return int(lines[0].split()[1]), headers, body
+
+
+def served_version() -> str:
+    status, _, body = get("/")
+    assert status == 200
+    return re.search(rb"Element ([0-9.]+)", body).group(1).decode()
+
+
+def update(*flags: str):
+    return run(["inv", "element-update", *flags])
+
+
+def test_fresh_deploy_serves_the_pinned_version_and_its_config(deployed):
+    assert served_version() == "1.11.0"
+    status, headers, body = get("/config.json")
+    assert status == 200
+    cfg = json.loads(body)
+    assert cfg["default_server_config"]["m.homeserver"] == {"base_url": "https://matrix.one.test",
+                                                            "server_name": "one.test"}
+    _, headers, _ = get("/")
+    assert headers.get("x-frame-options") == "SAMEORIGIN"
+    assert headers.get("x-content-type-options") == "nosniff"
+    assert "frame-ancestors 'self'" in headers.get("content-security-policy", "")
+    assert "--unattended" in on_host("vps1", "cat /etc/cron.d/synapse-fabric-element")
+
+
+class PageProber:
+    """Loads the page and the script it references, as a browser would, in a loop."""
+
+    def __init__(self):
+        self.ok = self.failed = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        end = time.monotonic() + 300
+        while not self._stop.is_set() and time.monotonic() < end:
+            try:
+                status, _, body = get("/")
+                script = re.search(rb'src="([^"]+)"', body).group(1).decode()
+                s2, _, js = get("/" + script)
+                if status == 200 and s2 == 200 and js.startswith(b"// Element"):
+                    self.ok += 1
+                else:
+                    self.failed += 1
+                    self.errors.append(f"{status} {s2} {script}")
+            except Exception as exc:  # any failure counts
+                self.failed += 1
+                self.errors.append(repr(exc))
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.thread.join(10)
+
+
+def test_update_moves_to_the_newest_with_no_failed_request(deployed):
+    releases.publish("1.12.0")
+    with PageProber() as prober:
+        time.sleep(1)
+        res = update()
+        time.sleep(1)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert served_version() == "1.12.0"
+    print(f"prober: {prober.ok} page loads ok, {prober.failed} failed")
+    assert prober.ok > 5 and prober.failed == 0, prober.errors[:5]
+
+
+def _evil_tarball(version: str) -> bytes:
+    def escape(tar, top):
+        data = b"pwned"
+        info = tarfile.TarInfo(f"{top}/../../escape.txt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return releases.release_tarball(version, mutate=escape)
+
+
+@pytest.mark.parametrize("case", ["corrupted", "bad-checksum", "bad-signature", "escape"])
+def test_bad_releases_leave_the_old_version_serving(deployed, case):
+    version = "1.13.0"
+    good = releases.release_tarball(version)
+    if case == "corrupted":
+        junk = b"\x1f\x8b" + bytes(range(256)) * 8
+        releases.publish(version, tarball=junk)
+    elif case == "bad-checksum":
+        releases.publish(version, digest="sha256:" + "0" * 64)
+    elif case == "bad-signature":
+        releases.publish(version, tarball=good, signature=releases._gpg("--armor", "--detach-sign", input=b"other"))
+    else:
+        releases.publish(version, tarball=_evil_tarball(version))
+    try:
+        before = served_version()
+        res = update()
+        assert res.returncode != 0
+        reason = {"corrupted": "tar", "bad-checksum": "checksum", "bad-signature": "signature",
+                  "escape": ".."}[case]
+        assert reason in (res.stdout + res.stderr).lower(), res.stdout + res.stderr
+        assert served_version() == before
+        assert on_host("vps1", "find / -xdev -name escape.txt 2>/dev/null | head -1").strip() == ""
+        assert on_host("vps1", f"ls -a {SITE_DIR} | grep -c '^.tmp-' || true").strip() == "0"
+    finally:
+        releases.withdraw(version)
+
+
+def test_rollback_and_only_n_versions_kept(deployed):
+    for v in ("1.12.1", "1.12.2"):
+        releases.publish(v)
+        assert update().returncode == 0
+    assert served_version() == "1.12.2"
+    res = update("--rollback")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert served_version() == "1.12.1"
+    kept = on_host("vps1", f"ls {SITE_DIR}/releases").split()
+    assert len(kept) <= 3, kept  # element.keep defaults to 3
+
+
+def test_cron_runs_unattended_and_two_at_once_swap_once(deployed):
+    # an auto-updating site (version: latest) for this test
+    def latest(doc):
+        doc["homeservers"]["one.test"]["element"]["version"] = "latest"
+    inv = variant("element-latest", latest)
+    try:
+        assert run(["inv", "deploy", "--host", "vps1"], inv).returncode == 0
+        releases.publish("1.14.0")
+        line = on_host("vps1", "grep element-update /etc/cron.d/synapse-fabric-element").split()
+        command = " ".join(line[6:]).split(">>")[0].strip()  # what cron runs, as root
+        # two started at once, the way cron would (no terminal, minimal environment)
+        both = on_host("vps1", f"env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin sh -c '{command}' > /tmp/el1 2>&1 & "
+                               f"env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin sh -c '{command}' > /tmp/el2 2>&1 & "
+                               "wait; cat /tmp/el1; echo ====; cat /tmp/el2")
+        print(both)
+        assert both.count("now serving 1.14.0") == 1  # one swap, whichever ran first
+        assert "another element-update is running" in both or both.count("already at 1.14.0") == 1
+        assert served_version() == "1.14.0"
+    finally:
+        assert run(["inv", "deploy", "--host", "vps1"]).returncode == 0
+    # the pin is back: deploy installed 1.11.0 again
+    assert served_version() == "1.11.0"
