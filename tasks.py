@@ -9,7 +9,7 @@ from invoke import Collection, task
 
 from invoke.exceptions import Exit
 
-from fabfile.cli import CONFIG_DEFAULTS, TaskError, expected_failures, load_inventory, not_built
+from fabfile.cli import CONFIG_DEFAULTS, TaskError, expected_failures, load_inventory
 
 
 @task(
@@ -43,26 +43,10 @@ def deploy(c, host=None, homeserver=None, dry_run=False):
 def register_user(c, homeserver, user, admin=False, password_file=None):
     """Register a user on a running homeserver (a no-op if it exists)."""
     from fabfile import users
-    from fabfile.passwords import read_password
-    from fabfile.remote import open_remote
 
     inv = load_inventory(c)
     with expected_failures():
-        hs = inv.homeserver(homeserver)
-        uid = users.parse_user(user, hs)
-        remote = open_remote(inv, inv.hosts[hs.host])
-        try:
-            remote.lock(inv.ssh.lock_timeout)
-            if users.user_exists(remote, hs, uid):
-                if password_file:
-                    raise TaskError(f"{uid} already exists; to change its password use inv reset-password")
-                print(f"{uid} already exists; nothing changed")
-                return
-            password = read_password(password_file, str(uid))
-            users.register(remote, hs, uid, password, admin)
-        finally:
-            remote.close()
-    print(f"registered {uid}" + (" (server admin)" if admin else ""))
+        print(users.register_user(inv, homeserver, user, admin, password_file))
 
 
 @task(
@@ -76,24 +60,10 @@ def register_user(c, homeserver, user, admin=False, password_file=None):
 def reset_password(c, homeserver, user, password_file=None, logout=False):
     """Set a user's password hash in the homeserver's PostgreSQL."""
     from fabfile import users
-    from fabfile.passwords import read_password
-    from fabfile.remote import open_remote
-    from fabfile.render import Layout
 
     inv = load_inventory(c)
     with expected_failures():
-        hs = inv.homeserver(homeserver)
-        uid = users.parse_user(user, hs)
-        host = inv.hosts[hs.host]
-        password = read_password(password_file, str(uid))
-        remote = open_remote(inv, host)
-        try:
-            remote.lock(inv.ssh.lock_timeout)
-            backup = users.reset_password(remote, Layout(host.base_dir), hs, uid, password, logout)
-        finally:
-            remote.close()
-    print(f"password of {uid} reset" + ("; all its sessions ended" if logout else ""))
-    print(f"the previous hash is kept on {host.name} in {backup} (0600)")
+        print(users.reset_user_password(inv, homeserver, user, password_file, logout))
 
 
 @task(
@@ -138,26 +108,11 @@ def migrate_host(c, homeserver, to=None, dry_run=False, finish=False, abort=Fals
 )
 def element_update(c, host=None, version=None, check=False, rollback=False):
     """Install the newest (or a given) Element Web release on the hosts."""
-    from fabfile.deploy import element_script
-    from fabfile.remote import open_remote
-    from fabfile.render import Layout
+    from fabfile import element
 
     inv = load_inventory(c)
-    flags = ["--check"] if check else ["--rollback"] if rollback else ["--version", version or "latest"]
     with expected_failures():
-        names = [n for n in inv.hosts if any(hs.element.enabled for hs in inv.homeservers_on(n))]
-        if host:
-            if host not in names:
-                raise TaskError(f"host {host!r} serves no Element site (hosts that do: {', '.join(names) or 'none'})")
-            names = [host]
-        for name in names:
-            h = inv.hosts[name]
-            remote = open_remote(inv, h)
-            try:
-                remote.run(element_script(Layout(h.base_dir).proxy, *flags), what="element-update", timeout=900,
-                           on_stdout=lambda line, name=name: print(f"{name}: {line}", flush=True))
-            finally:
-                remote.close()
+        element.element_update(inv, host, version, check, rollback, lambda line: print(line, flush=True))
 
 
 @task(help={"homeserver": "only this homeserver (server_name)"})

@@ -39,9 +39,3 @@ def expected_failures():
         yield
     except (InventoryError, TaskError, RemoteError) as exc:
         raise Exit(f"error: {exc}", code=2) from None
-
-
-def not_built(task: str, issue: int):
-    raise Exit(
-        f"error: `{task}` is not built yet (issue #{issue}); nothing was done.", code=3
-    )

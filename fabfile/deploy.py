@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
-from . import docker, facts as facts_mod, plan as plan_mod, proxy, synapse
+from . import docker, element, facts as facts_mod, plan as plan_mod, proxy, synapse
 from .inventory import Inventory, InventoryError
 from .plan import Plan
 from .remote import Remote, RemoteError, open_remote
@@ -138,19 +138,6 @@ def converge(remote: Remote, state, local_images, report: Reporter, result: Host
         result.restarted = plan.restarts
     elif not plan.empty:
         _apply(remote, plan, facts, log, result, hold)
-
-
-def element_script(proxy_dir: str, *flags: str) -> str:
-    """Run the host's element-update (exit 75, another run holds its lock: wait)."""
-    cmd = " ".join(shlex.quote(a) for a in [f"{proxy_dir}/bin/element-update", *flags])
-    return f"""
-for i in 1 2 3 4 5 6; do
-  {cmd} && exit 0
-  rc=$?; [ $rc -eq 75 ] || exit $rc
-  sleep 5
-done
-echo "another element-update kept its lock for 30s" >&2; exit 75
-"""
 
 
 def _show_diffs(remote: Remote, plan: Plan, report: Reporter) -> None:
@@ -285,7 +272,7 @@ def _apply(remote: Remote, plan: Plan, facts, log, result: HostResult, hold=()) 
         result.restarted.append("nginx (reload: new certificates)")
     for site in plan.element_install:
         log(f"{site}: installing Element Web")
-        remote.run(element_script(lay.proxy, "--site", site), what=f"{site}: Element install", timeout=900,
+        remote.run(element.update_script(lay.proxy, "--site", site), what=f"{site}: Element install", timeout=900,
                    on_stdout=log)
     if nginx_error:
         raise RemoteError(nginx_error)

@@ -287,6 +287,17 @@ def connect(inv: Inventory, host: Host) -> Remote:
     return Remote(inv, host, conn)
 
 
+@contextlib.contextmanager
+def locked(inv: Inventory, host: Host) -> Iterator[Remote]:
+    """An open Remote holding the host's run lock, closed (and unlocked) after."""
+    remote = open_remote(inv, host)
+    try:
+        remote.lock(inv.ssh.lock_timeout)
+        yield remote
+    finally:
+        remote.close()
+
+
 def open_remote(inv: Inventory, host: Host) -> Remote:
     """connect() and open, with one clear message for each way SSH fails."""
     remote = connect(inv, host)

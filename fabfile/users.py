@@ -16,8 +16,9 @@ import shlex
 from dataclasses import dataclass
 
 from .cli import TaskError
-from .inventory import Homeserver
-from .remote import Remote
+from .inventory import Homeserver, Inventory
+from .passwords import read_password
+from .remote import Remote, locked
 from .render import Layout, synapse_project
 
 LOCALPART_RE = re.compile(r"^[a-z0-9._=/+-]+$")
@@ -147,3 +148,29 @@ echo "$backup"
         # Synapse caches access tokens in memory: a restart makes the deletion bite.
         script += '\ndocker restart "$syn" >/dev/null\n'
     return remote.run(script, stdin=password.encode("utf-8"), what=f"reset the password of {uid}").out.strip()
+
+
+def register_user(inv: Inventory, homeserver: str, user: str, admin: bool, password_file: str | None) -> str:
+    """`inv register-user`: returns what to tell the operator."""
+    hs = inv.homeserver(homeserver)
+    uid = parse_user(user, hs)
+    with locked(inv, inv.hosts[hs.host]) as remote:
+        if user_exists(remote, hs, uid):
+            if password_file:
+                raise TaskError(f"{uid} already exists; to change its password use inv reset-password")
+            return f"{uid} already exists; nothing changed"
+        register(remote, hs, uid, read_password(password_file, str(uid)), admin)
+    return f"registered {uid}" + (" (server admin)" if admin else "")
+
+
+def reset_user_password(inv: Inventory, homeserver: str, user: str, password_file: str | None,
+                        logout: bool) -> str:
+    """`inv reset-password`: returns what to tell the operator."""
+    hs = inv.homeserver(homeserver)
+    uid = parse_user(user, hs)
+    host = inv.hosts[hs.host]
+    password = read_password(password_file, str(uid))
+    with locked(inv, host) as remote:
+        backup = reset_password(remote, Layout(host.base_dir), hs, uid, password, logout)
+    return (f"password of {uid} reset" + ("; all its sessions ended" if logout else "")
+            + f"\nthe previous hash is kept on {host.name} in {backup} (0600)")

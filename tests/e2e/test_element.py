@@ -10,7 +10,6 @@ import socket
 import ssl
 import subprocess
 import tarfile
-import threading
 import time
 
 import pytest
@@ -18,6 +17,7 @@ import pytest
 from tests.e2e.helpers import REPO, on_host, run, variant
 from tests.sandbox import releases
 from tests.sandbox.client import resolve
+from tests.sandbox.probe import Prober
 
 pytestmark = pytest.mark.e2e
 
@@ -73,38 +73,24 @@ def test_fresh_deploy_serves_the_pinned_version_and_its_config(deployed):
     assert "--unattended" in on_host("vps1", "cat /etc/cron.d/synapse-fabric-element")
 
 
-class PageProber:
-    """Loads the page and the script it references, as a browser would, in a loop."""
+class PageProber(Prober):
+    """Loads the page, then the script it references, as a browser would."""
 
     def __init__(self):
-        self.ok = self.failed = 0
+        super().__init__(ROOTS, name=SITE, limit_s=300)
         self.errors: list[str] = []
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
 
-    def _loop(self):
-        end = time.monotonic() + 300
-        while not self._stop.is_set() and time.monotonic() < end:
-            try:
-                status, _, body = get("/")
-                script = re.search(rb'src="([^"]+)"', body).group(1).decode()
-                s2, _, js = get("/" + script)
-                if status == 200 and s2 == 200 and js.startswith(b"// Element"):
-                    self.ok += 1
-                else:
-                    self.failed += 1
-                    self.errors.append(f"{status} {s2} {script}")
-            except Exception as exc:  # any failure counts
-                self.failed += 1
-                self.errors.append(repr(exc))
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self.thread.join(10)
+    def _once(self) -> bool:
+        try:
+            status, _, body = get("/")
+            script = re.search(rb'src="([^"]+)"', body).group(1).decode()
+            s2, _, js = get("/" + script)
+            if status == 200 and s2 == 200 and js.startswith(b"// Element"):
+                return True
+            self.errors.append(f"{status} {s2} {script}")
+        except Exception as exc:  # any failure counts
+            self.errors.append(repr(exc))
+        return False
 
 
 def test_update_moves_to_the_newest_with_no_failed_request(deployed):
