@@ -194,3 +194,54 @@ def test_killed_mid_deploy_then_rerun_finishes_the_job(deployed):
     res = run(["inv", "deploy", "--host", "vps1"], inv)
     assert "vps1: 0 changed" in res.stdout and "restarted 0" in res.stdout
     assert run(["inv", "deploy", "--host", "vps1"]).returncode == 0  # back to the example inventory
+
+
+def test_rendered_files_pass_their_real_consumers(deployed):
+    """Each rendered file, read by the program that consumes it on the host:
+    compose (both flavours' `config`), `nginx -t`, and Synapse's own config parser
+    over homeserver.yaml + conf.d/ (the same files the running server loads)."""
+    out = on_host("vps1", r"""
+set -e
+cd /opt/matrix/reverse_proxy && docker-compose config -q && echo proxy-compose-ok
+for d in /opt/matrix/synapse/*/; do (cd "$d" && docker-compose config -q && echo "$(basename "$d")-compose-ok"); done
+docker exec synapse-fabric-proxy_nginx_1 nginx -t 2>&1 | tail -n 1
+for p in one-test three-test; do
+  docker exec synapse-${p}_synapse_1 python -m synapse.config read public_baseurl \
+    -c /data/homeserver.yaml -c /conf.d/
+  docker exec synapse-${p}_synapse_1 python -m synapse.config read database \
+    -c /data/homeserver.yaml -c /conf.d/ | grep -c psycopg2
+done
+""")
+    assert "proxy-compose-ok" in out and "one.test-compose-ok" in out and "three.test-compose-ok" in out
+    assert "test is successful" in out
+    assert "https://matrix.one.test/" in out and "https://matrix.three.test/" in out
+
+
+def test_host_keys_are_checked(deployed, tmp_path):
+    from fabfile.remote import HostKeyError
+
+    key = tmp_path / "known_hosts"
+    good = (REPO / "tests/sandbox/state/known_hosts").read_text()
+
+    def with_known(content: str, accept_new: bool = False):
+        key.write_text(content)
+        return variant(f"hostkey-{accept_new}", lambda doc: doc["ssh"].update(
+            {"known_hosts": str(key), "accept_new_hosts": accept_new}))
+
+    # a changed key stops the run, naming the problem
+    # vps1's address with another host's (real, well-formed) key
+    other = next(l for l in good.splitlines() if l.startswith("172.29.231.12 "))
+    forged = "172.29.231.11 " + other.split(" ", 1)[1]
+    res = run(["inv", "deploy", "--host", "vps1"], with_known(forged + "\n"))
+    assert res.returncode == 1 and "host key CHANGED" in res.stdout
+    # an unknown host is refused unless the inventory allows accept-new
+    res = run(["inv", "deploy", "--host", "vps1"], with_known(""))
+    assert res.returncode == 1 and "host key unknown" in res.stdout
+    res = run(["inv", "deploy", "--host", "vps1"], with_known("", accept_new=True))
+    assert res.returncode == 0, res.stdout
+    assert "172.29.231.11 ssh-ed25519 " in key.read_text()
+    with pytest.raises(HostKeyError):
+        from fabfile.inventory import load
+        from fabfile.remote import open_remote
+        key.write_text(forged + "\n")
+        open_remote(load(with_known(forged + "\n", accept_new=True)), load(INVENTORY).hosts["vps1"])
