@@ -206,14 +206,17 @@ cd /opt/matrix/reverse_proxy && docker-compose config -q && echo proxy-compose-o
 for d in /opt/matrix/synapse/*/; do (cd "$d" && docker-compose config -q && echo "$(basename "$d")-compose-ok"); done
 docker exec synapse-fabric-proxy_nginx_1 nginx -t 2>&1 | tail -n 1
 for p in one-test three-test; do
-  docker exec synapse-${p}_synapse_1 python -m synapse.config read public_baseurl \
+  # server_name comes from what `generate` wrote, public_baseurl from our conf.d/
+  docker exec synapse-${p}_synapse_1 python -m synapse.config read server.server_name \
     -c /data/homeserver.yaml -c /conf.d/
-  docker exec synapse-${p}_synapse_1 python -m synapse.config read database \
-    -c /data/homeserver.yaml -c /conf.d/ | grep -c psycopg2
+  docker exec synapse-${p}_synapse_1 python -m synapse.config read server.public_baseurl \
+    -c /data/homeserver.yaml -c /conf.d/
 done
 """)
     assert "proxy-compose-ok" in out and "one.test-compose-ok" in out and "three.test-compose-ok" in out
     assert "test is successful" in out
+    assert out.count("Config parses OK!") == 4
+    assert "server.server_name: one.test" in out and "server.server_name: three.test" in out
     assert "https://matrix.one.test/" in out and "https://matrix.three.test/" in out
 
 
