@@ -10,7 +10,6 @@ given a copy of the example inventory's vps1 homeservers (one.test, three.test).
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import subprocess
@@ -18,11 +17,12 @@ import sys
 import time
 from pathlib import Path
 
+from bench import write_figures
+
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-OUT = REPO / "bench" / "results" / "deploy.json"
 
 
 def timed(argv, env=None) -> tuple[float, subprocess.CompletedProcess]:
@@ -92,11 +92,7 @@ def main() -> int:
     figures["noop_remote_commands_per_host"] = {r.host: r.commands for r in results}
     figures["noop_changed_per_host"] = {r.host: r.changed for r in results}
 
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(figures, indent=2) + "\n")
-    print(json.dumps(figures, indent=2))
-    print(f"written to {OUT.relative_to(REPO)}")
-    return 0
+    return write_figures("deploy", figures)
 
 
 if __name__ == "__main__":

@@ -8,17 +8,17 @@ address, and writes bench/results/migrate.json. Not a test: nothing asserts a ti
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from bench import write_figures
+
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-OUT = REPO / "bench" / "results" / "migrate.json"
 ROOTS = REPO / "tests/sandbox/state/acme-roots.pem"
 
 
@@ -59,11 +59,7 @@ def main() -> int:
             figures[f"to_{there}"]["finish_seconds"] = round(secs, 1)
     finally:
         inventory.unlink(missing_ok=True)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(figures, indent=2) + "\n")
-    print(json.dumps(figures, indent=2))
-    print(f"written to {OUT.relative_to(REPO)}")
-    return 0
+    return write_figures("migrate", figures)
 
 
 if __name__ == "__main__":
