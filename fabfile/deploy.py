@@ -241,10 +241,8 @@ def _apply(remote: Remote, plan: Plan, facts, log, result: HostResult, hold=()) 
     for sn in plan.synapse_restart:
         if sn in hold:
             continue
+        # (after an `up`, too: `up` recreates Synapse only when its compose entry changed)
         hs = hs_by_name[sn]
-        if synapse_project(hs) in touched and sn not in plan.generate:
-            # `up` recreated it only if its compose definition changed: restart anyway
-            pass
         log(f"{sn}: restarting Synapse")
         project = synapse_project(hs)
         remote.run(
