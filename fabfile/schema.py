@@ -1,0 +1,318 @@
+"""What hosts.yaml may say: the typed models, their defaults and per-field checks.
+
+Loading a file, reporting its errors and the rules that span entries are in
+fabfile/inventory.py.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class InventoryError(Exception):
+    """A hosts.yaml problem an operator can fix; the message says where and what."""
+
+
+# One DNS label: letters, digits, hyphens; no leading/trailing hyphen; 63 chars max.
+_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+DOMAIN_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})+$")
+# Names used as host keys and compose project parts.
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+SIZE_RE = re.compile(r"^[1-9][0-9]*[KMG]$")
+
+ACME_DIRECTORIES = {
+    "staging": "https://acme-staging-v02.api.letsencrypt.org/directory",
+    "production": "https://acme-v02.api.letsencrypt.org/directory",
+}
+
+DEFAULT_IMAGES = {
+    "synapse": "matrixdotorg/synapse:v1.163.2",
+    "postgres": "postgres:15-bookworm",
+    "nginx": "nginx:1.22",
+    "certbot": "certbot/certbot:v2.1.0",
+}
+
+
+def check_domain(value: str) -> str:
+    """Lower-case `value` and check it is a fully qualified DNS name."""
+    value = value.strip().lower().rstrip(".")
+    if not DOMAIN_RE.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid domain name (labels of letters, digits and "
+            "hyphens, separated by dots, at least two labels)"
+        )
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Host(_Model):
+    """A machine reached over SSH."""
+
+    name: str = ""
+    address: str
+    user: str = "root"
+    port: int = Field(22, ge=1, le=65535)
+    key: Optional[Path] = None
+    sudo: Optional[bool] = None  # default: True unless user is root
+    images: Literal["pull", "push"] = "pull"
+    base_dir: str = "/opt/matrix"
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        try:
+            return str(ipaddress.ip_address(v))
+        except ValueError:
+            return check_domain(v)
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v: str) -> str:
+        if not re.match(r"^[a-z_][a-z0-9_-]{0,31}$", v):
+            raise ValueError(f"{v!r} is not a valid Unix user name")
+        return v
+
+    @field_validator("base_dir")
+    @classmethod
+    def _base_dir(cls, v: str) -> str:
+        if not re.match(r"^/[A-Za-z0-9._/-]+$", v) or ".." in v.split("/"):
+            raise ValueError(f"{v!r} must be an absolute path without '..'")
+        return v.rstrip("/")
+
+    @property
+    def use_sudo(self) -> bool:
+        return self.user != "root" if self.sudo is None else self.sudo
+
+
+class Federation(_Model):
+    enabled: bool = True
+    # Also serve federation on 8448 (besides 443 through delegation).
+    port_8448: bool = False
+    # Only federate with these domains (None: with everyone).
+    allow_domains: Optional[list[str]] = None
+    # CA bundle (PEM) that Synapse trusts for outbound federation, in addition
+    # to nothing else: when set, ONLY these roots are trusted (Synapse's own rule).
+    trusted_ca: Optional[Path] = None
+    # Private networks Synapse may federate into. Synapse blocks private
+    # addresses by default; an explicit list here lifts that for these CIDRs only.
+    allow_ip_ranges: list[str] = []
+    # Notary servers for signing keys (None: Synapse's default, matrix.org).
+    trusted_key_servers: Optional[list[dict[str, Any]]] = None
+
+    @field_validator("allow_domains")
+    @classmethod
+    def _domains(cls, v):
+        return None if v is None else [check_domain(d) for d in v]
+
+    @field_validator("allow_ip_ranges")
+    @classmethod
+    def _ranges(cls, v):
+        return [str(ipaddress.ip_network(r, strict=False)) for r in v]
+
+
+class Element(_Model):
+    enabled: bool = False
+    hostname: Optional[str] = None
+    version: str = "latest"
+    brand: str = "Element"
+    keep: int = Field(3, ge=1, le=20)
+    feed: str = "https://api.github.com/repos/element-hq/element-web/releases"
+    # Binary OpenPGP keyring (gpg --export) that must have signed each release.
+    signing_key: Optional[Path] = None
+    # CA bundle for the feed and downloads (a private feed); default: system roots.
+    feed_ca: Optional[Path] = None
+
+    @field_validator("feed")
+    @classmethod
+    def _feed(cls, v: str) -> str:
+        if not re.match(r"^https://[A-Za-z0-9.-]+(:[0-9]+)?/[A-Za-z0-9._~/%-]*$", v):
+            raise ValueError(f"{v!r} must be an https:// URL")
+        return v
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, v):
+        return None if v is None else check_domain(v)
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        v = v.removeprefix("v")
+        if v != "latest" and not re.match(r"^[0-9]+(\.[0-9]+){1,3}(-rc\.?[0-9]+)?$", v):
+            raise ValueError(f"{v!r} is not a version like 1.11.85 or 'latest'")
+        return v
+
+
+class Postgres(_Model):
+    database: str = "synapse"
+    user: str = "synapse"
+
+    @field_validator("database", "user")
+    @classmethod
+    def _ident(cls, v: str) -> str:
+        if not re.match(r"^[a-z_][a-z0-9_]{0,62}$", v):
+            raise ValueError(f"{v!r} must be lower-case letters, digits and '_'")
+        return v
+
+
+class Homeserver(_Model):
+    """One Synapse homeserver: its Matrix domain and where it runs."""
+
+    server_name: str = ""
+    host: str
+    public_hostname: Optional[str] = None  # default: matrix.<server_name>
+    registration: Literal["disabled", "open", "token"] = "disabled"
+    admin_api_allow: list[str] = []
+    max_upload_size: str = "50M"
+    federation: Federation = Federation()
+    element: Element = Element()
+    postgres: Postgres = Postgres()
+    # Set by `inv migrate-host`: the host this homeserver left, which forwards its
+    # names to the new host until `inv migrate-host --finish`.
+    migrated_from: Optional[str] = None
+    # Extra Synapse settings, merged into the managed override file.
+    synapse_settings: dict[str, Any] = {}
+
+    @field_validator("public_hostname")
+    @classmethod
+    def _hostname(cls, v):
+        return None if v is None else check_domain(v)
+
+    @field_validator("admin_api_allow")
+    @classmethod
+    def _cidrs(cls, v):
+        return [str(ipaddress.ip_network(r, strict=False)) for r in v]
+
+    @field_validator("max_upload_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        if not SIZE_RE.match(str(v)):
+            raise ValueError(f"{v!r} must be a size like 50M (K, M or G)")
+        return v
+
+    @model_validator(mode="after")
+    def _element_hostname(self):
+        if self.element.enabled and not self.element.hostname:
+            raise ValueError("element.hostname is required when element.enabled is true")
+        return self
+
+    @property
+    def hostname(self) -> str:
+        return self.public_hostname or f"matrix.{self.server_name}"
+
+    @property
+    def slug(self) -> str:
+        """A name safe for compose projects and container aliases."""
+        return self.server_name.replace(".", "-")
+
+
+class Acme(_Model):
+    # false: certificates are the operator's business (put them in certs/<server_name>/)
+    enabled: bool = True
+    email: Optional[str] = None
+    directory: str = "staging"
+    # PEM bundle that verifies the ACME server itself (a private CA).
+    ca_bundle: Optional[Path] = None
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, v):
+        if v is not None and not re.match(r"^[^@\s]+@[^@\s]+\.[^@\s]+$", v):
+            raise ValueError(f"{v!r} is not an e-mail address")
+        return v
+
+    @field_validator("directory")
+    @classmethod
+    def _directory(cls, v: str) -> str:
+        if v in ACME_DIRECTORIES or v.startswith("https://"):
+            return v
+        raise ValueError("must be 'staging', 'production' or an https:// URL")
+
+    @property
+    def directory_url(self) -> str:
+        return ACME_DIRECTORIES.get(self.directory, self.directory)
+
+
+class Ssh(_Model):
+    # known_hosts file to check host keys against (default: ~/.ssh/known_hosts).
+    known_hosts: Optional[Path] = None
+    # Accept and record the key of a host never seen before (like OpenSSH's
+    # StrictHostKeyChecking=accept-new). A CHANGED key is always refused.
+    accept_new_hosts: bool = False
+    connect_timeout: int = Field(10, ge=1, le=300)
+    # How long a run waits for another run on the same host to finish.
+    lock_timeout: int = Field(60, ge=0, le=3600)
+
+
+class Check(_Model):
+    # DNS server `inv check` asks (default: this machine's resolver).
+    resolver: Optional[str] = None
+
+    @field_validator("resolver")
+    @classmethod
+    def _resolver(cls, v):
+        return None if v is None else str(ipaddress.ip_address(v))
+
+
+class Inventory(_Model):
+    """The whole hosts.yaml."""
+
+    path: Path = Path("hosts.yaml")
+    ssh: Ssh = Ssh()
+    check: Check = Check()
+    acme: Acme = Acme()
+    images: dict[str, str] = {}
+    hosts: dict[str, Host]
+    homeservers: dict[str, Homeserver] = {}
+
+    @field_validator("images")
+    @classmethod
+    def _images(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = set(v) - set(DEFAULT_IMAGES)
+        if unknown:
+            raise ValueError(
+                f"unknown image key {sorted(unknown)[0]!r} (known: {', '.join(DEFAULT_IMAGES)})"
+            )
+        return {**DEFAULT_IMAGES, **v}
+
+    def image(self, name: str) -> str:
+        return self.images.get(name) or DEFAULT_IMAGES[name]
+
+    def homeservers_on(self, host: str) -> list[Homeserver]:
+        return [hs for hs in self.homeservers.values() if hs.host == host]
+
+    def forwarded_from(self, host: str) -> list[Homeserver]:
+        """Homeservers that left `host`, which still forwards their names."""
+        return [hs for hs in self.homeservers.values() if hs.migrated_from == host]
+
+    def with_homeserver(self, hs: Homeserver, **changes) -> "Inventory":
+        """A copy with one homeserver changed (e.g. moved to another host)."""
+        servers = dict(self.homeservers)
+        servers[hs.server_name] = hs.model_copy(update=changes)
+        return self.model_copy(update={"homeservers": servers})
+
+    def host_by_name_or_address(self, wanted: str) -> Host:
+        for host in self.hosts.values():
+            if wanted in (host.name, host.address):
+                return host
+        raise InventoryError(
+            f"{self.path}: no host named or addressed {wanted!r} "
+            f"(known hosts: {', '.join(f'{h.name} ({h.address})' for h in self.hosts.values())})"
+        )
+
+    def homeserver(self, wanted: str) -> Homeserver:
+        try:
+            return self.homeservers[wanted.lower()]
+        except KeyError:
+            raise InventoryError(
+                f"{self.path}: no homeserver {wanted!r} "
+                f"(known: {', '.join(self.homeservers) or 'none'})"
+            ) from None
