@@ -15,7 +15,7 @@ from fabfile.cli import CONFIG_DEFAULTS, TaskError, expected_failures, load_inve
 @task(
     help={
         "host": "only this inventory host (repeatable)",
-        "homeserver": "only this homeserver (its server_name; repeatable)",
+        "homeserver": "only the host(s) running this homeserver (server_name; repeatable); each is converged whole",
         "dry_run": "print the plan as diffs (secrets masked); change nothing",
     },
     iterable=["host", "homeserver"],
