@@ -243,6 +243,12 @@ class Remote:
         if reply.startswith(b"locked"):
             self._lock_channel = chan
             return
+        # busy: the holder's line follows, then the command exits
+        while not (chan.exit_status_ready() and not chan.recv_ready()) and time.monotonic() < deadline:
+            if chan.recv_ready():
+                reply += chan.recv(4096)
+            else:
+                time.sleep(0.01)
         rest = reply.decode(errors="replace").split("\n", 1)
         holder = rest[1].strip() if len(rest) > 1 and rest[1].strip() else "unknown"
         chan.close()
