@@ -33,7 +33,7 @@ from ruamel.yaml import YAML
 from .cli import TaskError
 from .deploy import HostResult, converge, local_images
 from .inventory import Homeserver, Inventory
-from .remote import Remote, RemoteError, open_remote
+from .remote import Remote, RemoteError, locked, open_remote
 from .render import Layout, render_host, synapse_project
 from .report import Reporter
 
@@ -304,9 +304,7 @@ def finish(inv: Inventory, sn: str, yes: bool, keep_backup: bool, log, confirm) 
                                + (" after archiving it" if keep_backup else " WITHOUT a backup") + "?"):
         raise TaskError("nothing was removed")
     after = inv.with_homeserver(hs, migrated_from=None)
-    remote = open_remote(inv, old_host)
-    try:
-        remote.lock(inv.ssh.lock_timeout)
+    with locked(inv, old_host) as remote:
         state = render_host(after, old)
         converge(remote, state, local_images(after, [state]), Reporter(_LogWriter(log, old)), HostResult(old))
         base = shlex.quote(lay.base)
@@ -318,8 +316,6 @@ def finish(inv: Inventory, sn: str, yes: bool, keep_backup: bool, log, confirm) 
             if keep_backup else ""
         remote.run(f"cd {base} && if [ -f {root}/docker-compose.yml ]; then (cd {root} && "
                    f"{_compose(remote)} down); fi && {backup}rm -rf {paths}", what=f"remove {sn} from {old}")
-    finally:
-        remote.close()
     record_in_inventory(inv.path, sn, hs.host, None)
     log(f"{old} no longer serves or forwards {sn}"
         + (f"; its old copy is archived on {old} in {lay.base}/{archive}" if keep_backup else ""))

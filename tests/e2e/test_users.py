@@ -56,20 +56,21 @@ def login(cafile, user: str, password: str):
     return asyncio.run(go())
 
 
-def whoami(cafile, token: str) -> int:
+def status_of(cafile, path: str, token: str) -> int:
+    """HTTP status of an authenticated GET through the public hostname."""
     async def go():
         async with SandboxClient(URL, cafile) as c:
-            status, _ = await c.get("/_matrix/client/v3/account/whoami", token)
+            status, _ = await c.get(path, token)
             return status
     return asyncio.run(go())
+
+
+def whoami(cafile, token: str) -> int:
+    return status_of(cafile, "/_matrix/client/v3/account/whoami", token)
 
 
 def admin_status(cafile, token: str) -> int:
-    async def go():
-        async with SandboxClient(URL, cafile) as c:
-            status, _ = await c.get("/_synapse/admin/v2/users?limit=1", token)
-            return status
-    return asyncio.run(go())
+    return status_of(cafile, "/_synapse/admin/v2/users?limit=1", token)
 
 
 def test_register_then_log_in(cafile):
