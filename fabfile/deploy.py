@@ -15,11 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
-from . import docker, element, facts as facts_mod, plan as plan_mod, proxy, synapse
+from . import docker, element, facts as facts_mod, plan as plan_mod, postgres, proxy, synapse
 from .inventory import Inventory, InventoryError
 from .plan import Plan
 from .remote import Remote, RemoteError, open_remote
-from .render import PROXY_PROJECT, RemoteFile, cert_names, render_host, synapse_project
+from .render import PROXY_PROJECT, SYSTEMD_DIR, RemoteFile, cert_names, render_host, synapse_project
 from .report import Reporter, masked_diff
 
 
@@ -62,14 +62,16 @@ def deploy(
     dry_run: bool = False,
     install: bool = False,
     report: Optional[Reporter] = None,
+    pull: bool = False,
 ) -> list[HostResult]:
-    """Converge `host_names` in parallel. `install` (bootstrap) installs Docker first."""
+    """Converge `host_names` in parallel. `install` (bootstrap) installs Docker first;
+    `pull`: hosts that pull images ask their registry again for every tag."""
     report = report or Reporter()
     states = {name: render_host(inv, name) for name in host_names}  # render errors stop all
     local = local_images(inv, list(states.values()))
     with ThreadPoolExecutor(max_workers=max(1, len(host_names))) as pool:
         futures = [
-            pool.submit(_converge_host, inv, states[n], local, dry_run, install, report)
+            pool.submit(_converge_host, inv, states[n], local, dry_run, install, report, pull)
             for n in host_names
         ]
         results = [f.result() for f in futures]
@@ -80,6 +82,11 @@ def deploy(
 def local_images(inv: Inventory, states) -> dict[str, str]:
     """IDs of the images that hosts with the `push` source need, on this machine."""
     wanted = sorted({ref for s in states for ref in s.images if inv.hosts[s.host.name].images == "push"})
+    pinned = [ref for ref in wanted if "@" in ref]
+    if pinned:
+        raise InventoryError(
+            f"{inv.path}: {', '.join(pinned)}: a digest pin needs a registry; hosts with "
+            "`images: push` receive images by ID over SSH (use a tag for them, or `images: pull`)")
     local = docker.local_image_ids(wanted) if wanted else {}
     missing = [ref for ref in wanted if ref not in local]
     if missing:
@@ -87,7 +94,7 @@ def local_images(inv: Inventory, states) -> dict[str, str]:
     return local
 
 
-def _converge_host(inv, state, local_images, dry_run, install, report) -> HostResult:
+def _converge_host(inv, state, local_images, dry_run, install, report, pull=False) -> HostResult:
     name = state.host.name
     result = HostResult(name)
     started = time.monotonic()
@@ -95,7 +102,7 @@ def _converge_host(inv, state, local_images, dry_run, install, report) -> HostRe
     try:
         remote = open_remote(inv, state.host)
         remote.lock(inv.ssh.lock_timeout)
-        converge(remote, state, local_images, report, result, dry_run=dry_run, install=install)
+        converge(remote, state, local_images, report, result, dry_run=dry_run, install=install, pull=pull)
     except (RemoteError, InventoryError) as exc:
         result.error = str(exc)
     except Exception as exc:  # an unexpected failure must not hide the other hosts
@@ -109,7 +116,8 @@ def _converge_host(inv, state, local_images, dry_run, install, report) -> HostRe
 
 
 def converge(remote: Remote, state, local_images, report: Reporter, result: HostResult,
-             dry_run: bool = False, install: bool = False, hold: tuple[str, ...] = ()) -> None:
+             dry_run: bool = False, install: bool = False, hold: tuple[str, ...] = (),
+             pull: bool = False) -> None:
     """One host, already opened and locked. `hold`: homeservers whose Synapse must
     not start (a migration starts only their PostgreSQL, to restore into it)."""
     name = state.host.name
@@ -119,16 +127,25 @@ def converge(remote: Remote, state, local_images, report: Reporter, result: Host
         docker.start_engine(remote)
     script = facts_mod.script(state)
     facts = facts_mod.parse(remote.run(script, what="gather facts").out)
+    engine_started = False
     if facts.docker and not facts.engine and not dry_run:
+        # e.g. after a reboot of a host without systemd: nothing started Docker
         log("the Docker engine is not running: starting it")
         docker.start_engine(remote)
+        engine_started = True
+        result.restarted.append("Docker engine (start)")
         facts = facts_mod.parse(remote.run(script, what="gather facts").out)
     if not facts.docker:
         raise RemoteError(f"{name}: Docker is not installed; run `fab -H {name} bootstrap` first")
     if not facts.compose:
         raise RemoteError(f"{name}: neither `docker compose` nor `docker-compose` is installed; run bootstrap")
+    keep, notes = postgres.keep_majors(state, facts)
+    for note in notes:
+        log(note)
+    if keep:  # same paths, another image in those homeservers' compose files
+        state = render_host(remote.inv, name, keep_postgres=keep)
     push = state.host.images == "push"
-    plan = plan_mod.make(state, facts, local_images, push)
+    plan = plan_mod.make(state, facts, local_images, push, refresh_tags=pull)
     result.ok = plan.ok
     result.changed = len(plan.changes)
     for change in plan.changes:
@@ -138,6 +155,15 @@ def converge(remote: Remote, state, local_images, report: Reporter, result: Host
         result.restarted = plan.restarts
     elif not plan.empty:
         _apply(remote, plan, facts, log, result, hold)
+    if engine_started:
+        # the engine brings back its containers (restart: unless-stopped): "deployed"
+        # means they are healthy again, not merely started
+        docker.wait_healthy(remote, host_projects(state), log)
+
+
+def host_projects(state) -> list[str]:
+    """Every compose project this host runs."""
+    return [PROXY_PROJECT] + [synapse_project(hs) for hs in state.homeservers]
 
 
 def _show_diffs(remote: Remote, plan: Plan, report: Reporter) -> None:
@@ -145,6 +171,10 @@ def _show_diffs(remote: Remote, plan: Plan, report: Reporter) -> None:
     old = remote.read_files([f.path for f in changed])
     for f in changed:
         report.diff(remote.name, masked_diff(f.path, old.get(f.path), f.content))
+    for ref in plan.pulls:
+        report.line(remote.name, f"would pull: {ref}")
+    for unit in plan.timers:
+        report.line(remote.name, f"would enable and start: {unit}")
     for action in plan.restarts:
         report.line(remote.name, f"would restart: {action}")
 
@@ -172,6 +202,15 @@ def _apply(remote: Remote, plan: Plan, facts, log, result: HostResult, hold=()) 
         log("starting the Docker engine")
         docker.start_engine(remote)
     docker.push_images(remote, plan.images, log)
+    # pulled before anything stops; an image whose ID moved must reach its containers
+    for ref in docker.pull_images(remote, plan.pulls, log):
+        for trigger in plan_mod.image_triggers(state, ref):
+            if trigger == "proxy:stack":
+                plan.proxy_up = True
+            else:
+                sn = trigger.split(":")[1]
+                if sn not in plan.synapse_up:
+                    plan.synapse_up.append(sn)
 
     # Files, directories, secrets, ownership: one command, files written atomically
     # (extracted beside their target as *.sfab-new, then renamed over it).
@@ -205,6 +244,8 @@ def _apply(remote: Remote, plan: Plan, facts, log, result: HostResult, hold=()) 
             lines.append(f"mv -fT {p}.sfab-new {p}")
     for path in plan.remove:
         p = shlex.quote(path)
+        if path.startswith(f"{SYSTEMD_DIR}/synapse-fabric-") and path.endswith(".timer"):
+            lines.append(f"systemctl disable --now {shlex.quote(path.rsplit('/', 1)[1])} >/dev/null 2>&1 || true")
         # an nginx file is kept aside until nginx accepts the config without it
         lines.append(f"mv -f {p} {p}{proxy.BACKUP}" if path in reload_confs else f"rm -f {p}")
     hs_by_name = {h.server_name: h for h in state.homeservers}
@@ -272,6 +313,11 @@ def _apply(remote: Remote, plan: Plan, facts, log, result: HostResult, hold=()) 
         log(f"{site}: installing Element Web")
         remote.run(element.update_script(lay.proxy, "--site", site), what=f"{site}: Element install", timeout=900,
                    on_stdout=log)
+    if plan.timers or any(p.startswith(SYSTEMD_DIR) for p in plan.remove):
+        units = " ".join(shlex.quote(u) for u in plan.timers)
+        log(f"systemd timers: {', '.join(plan.timers) or 'reloaded'}")
+        remote.run("systemctl daemon-reload" + (f" && systemctl enable --now {units}" if units else ""),
+                   what="enable timers")
     if nginx_error:
         raise RemoteError(nginx_error)
     if owed or plan.pending_done:

@@ -21,10 +21,16 @@ fi
 if ! command -v docker >/dev/null 2>&1; then
   apt-get -o DPkg::Lock::Timeout=300 update -qq
   apt-get -o DPkg::Lock::Timeout=300 install -y -qq docker.io >/dev/null
+  # Debian 13 moved the client to docker-cli, only a Recommends of docker.io
+  command -v docker >/dev/null 2>&1 \
+    || apt-get -o DPkg::Lock::Timeout=300 install -y -qq docker-cli >/dev/null
 fi
-# what the host-side scripts use (Element updates, renewals from cron)
+# what the host-side scripts use (Element updates, renewals); their timers are
+# systemd's where systemd runs, cron's elsewhere (a minimal Debian 13 has no cron)
+tools="curl:curl jq:jq gpgv:gpgv flock:util-linux"
+[ "$(cat /proc/1/comm 2>/dev/null)" = systemd ] || tools="$tools crontab:cron"
 missing=""
-for tool in curl:curl jq:jq gpgv:gpgv crontab:cron flock:util-linux; do
+for tool in $tools; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || missing="$missing ${tool#*:}"
 done
 if [ -n "$missing" ]; then
@@ -33,9 +39,14 @@ if [ -n "$missing" ]; then
 fi
 if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null 2>&1; then
   apt-get -o DPkg::Lock::Timeout=300 update -qq
-  # Ubuntu ships the v2 plugin as docker-compose-v2; Debian 12 only has v1.
+  # Debian 13's docker-compose is v2 (the `docker compose` plugin); Debian 12's is
+  # v1; Ubuntu ships the v2 plugin as docker-compose-v2.
   apt-get -o DPkg::Lock::Timeout=300 install -y -qq docker-compose-v2 >/dev/null 2>&1 \
     || apt-get -o DPkg::Lock::Timeout=300 install -y -qq docker-compose >/dev/null
+fi
+# where systemd runs, the engine is a unit that comes back after a reboot
+if [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then
+  systemctl enable --now docker.service >/dev/null 2>&1
 fi
 """
 
@@ -117,6 +128,25 @@ def push_images(remote: Remote, refs: list[str], log: Callable[[str], None]) -> 
             raise RemoteError(f"{remote.name}: docker save failed locally: {err.strip()}")
     took = time.monotonic() - started
     log(f"shipped {sent[0] / 1e6:.0f} MB in {took:.1f}s")
+
+
+def pull_images(remote: Remote, refs: list[str], log: Callable[[str], None]) -> list[str]:
+    """`docker pull` on the host (its own registries and mirrors), in one command;
+    returns the references whose image ID changed (they were present before)."""
+    if not refs:
+        return []
+    started = time.monotonic()
+    log(f"pulling {len(refs)} image(s): {', '.join(refs)}")
+    script = "set -e\n" + "".join(
+        f"before=$(docker image inspect -f '{{{{.Id}}}}' {shlex.quote(r)} 2>/dev/null || true)\n"
+        f"if ! out=$(docker pull -q {shlex.quote(r)} 2>&1); then "
+        f"echo \"could not pull {r}: $out\" >&2; exit 1; fi\n"
+        f"after=$(docker image inspect -f '{{{{.Id}}}}' {shlex.quote(r)})\n"
+        f"if [ -n \"$before\" ] && [ \"$before\" != \"$after\" ]; then echo {shlex.quote(r)}; fi\n"
+        for r in refs)
+    res = remote.run(script, what="pull images", timeout=1800)
+    log(f"pulled in {time.monotonic() - started:.1f}s")
+    return [line for line in res.out.splitlines() if line.strip()]
 
 
 def wait_healthy(remote: Remote, projects: list[str], log: Callable[[str], None], timeout: int = 180) -> None:

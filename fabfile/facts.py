@@ -7,13 +7,17 @@ The script prints one tab-separated record a line:
     B  docker                      the docker client is installed
     E  version                     the engine answers
     K  v2|v1                       compose flavour (plugin or docker-compose binary)
-    C  project service state id    every compose container
+    C  project service state status id image
+                                   every compose container (image: the reference it was created from)
+    D  repo@digest id              every local image's registry digest
     I  repo:tag id                 every local image
     O  server_name path            a path under data/ not owned by 991:991
     1  comm                        what runs as PID 1 (systemd or not)
     M  path                        a file in a managed conf.d carrying our marker
     P  trigger                     a service action an interrupted run left undone
     L  site_dir target             the Element release a site serves (its `current` link)
+    T  unit enabled active         a systemd timer of ours (systemd hosts only)
+    V  server_name major           the PostgreSQL major version of a homeserver's database
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class Container:
     state: str  # running, exited, ...
     status: str  # "Up 3 minutes (healthy)"
     id: str
+    image: str = ""  # the reference the container was created from
 
 
 @dataclass
@@ -54,6 +59,29 @@ class Facts:
     managed: set[str] = field(default_factory=set)
     pending: set[str] = field(default_factory=set)
     element: dict[str, str] = field(default_factory=dict)  # site dir -> current's target
+    digests: dict[str, str] = field(default_factory=dict)  # repo@sha256:... -> image ID
+    timers: dict[str, tuple[str, str]] = field(default_factory=dict)  # unit -> (enabled, active)
+    pg_major: dict[str, int] = field(default_factory=dict)  # server_name -> its database's major
+
+    @property
+    def systemd(self) -> bool:
+        return self.pid1 == "systemd"
+
+    def image_id(self, ref: str) -> str | None:
+        """The local image ID a reference resolves to (a digest pin only by its
+        digest; a bare name means :latest), or None when it is not present."""
+        name, digest = ref.split("@", 1) if "@" in ref else (ref, "")
+        if ":" in name.rsplit("/", 1)[-1]:
+            repo, tag = name.rsplit(":", 1)
+        else:
+            repo, tag = name, "latest"
+        if digest:
+            return self.digests.get(f"{repo}@{digest}")
+        return self.images.get(f"{repo}:{tag}")
+
+    def container_image(self, project: str, service: str) -> str | None:
+        """The reference a compose service's container was created from."""
+        return next((c.image for c in self.containers if c.project == project and c.service == service), None)
 
     def running(self, project: str, service: str) -> bool:
         return any(
@@ -126,6 +154,15 @@ def managed_dirs(state: DesiredState) -> list[str]:
     return [f"{lay.proxy}/nginx/conf.d"] + [f"{lay.synapse(hs.server_name)}/conf.d" for hs in state.homeservers]
 
 
+def timers(state: DesiredState) -> list[str]:
+    """The systemd timer units this host must run (on a systemd host)."""
+    return [f.path.rsplit("/", 1)[1] for f in state.files if f.when == "systemd" and f.path.endswith(".timer")]
+
+
+def pg_version_file(state: DesiredState, hs) -> str:
+    return f"{state.layout.synapse(hs.server_name)}/postgres/PG_VERSION"
+
+
 def script(state: DesiredState) -> str:
     """The facts script for this desired state."""
     files = [f.path for f in state.files]
@@ -143,6 +180,11 @@ def script(state: DesiredState) -> str:
         f"stat -c 'S\t%n\t%F\t%a\t%u:%g' -- {q(stat_paths)} 2>/dev/null",
         f"sha256sum -- {q(files + certs)} 2>/dev/null | sed 's/^\\([0-9a-f]*\\)  /H\\t\\1\\t/'",
         "printf '1\\t%s\\n' \"$(cat /proc/1/comm 2>/dev/null)\"",
+        *(f"printf 'V\\t%s\\t%s\\n' {shlex.quote(hs.server_name)} \"$(cat {shlex.quote(pg_version_file(state, hs))} 2>/dev/null)\""
+          for hs in state.homeservers),
+        *(f"[ \"$(cat /proc/1/comm)\" = systemd ] && printf 'T\\t%s\\t%s\\t%s\\n' {t} "
+          f"\"$(systemctl is-enabled {t} 2>/dev/null)\" \"$(systemctl is-active {t} 2>/dev/null)\""
+          for t in timers(state)),
         "command -v docker >/dev/null 2>&1 || exit 0",
         "printf 'B\\tdocker\\n'",
         "if docker compose version >/dev/null 2>&1; then printf 'K\\tv2\\n';"
@@ -151,8 +193,9 @@ def script(state: DesiredState) -> str:
         "printf 'E\\t%s\\n' \"$v\"",
         "docker ps -a --filter label=com.docker.compose.project --format "
         "'C\t{{.Label \"com.docker.compose.project\"}}\t{{.Label \"com.docker.compose.service\"}}"
-        "\t{{.State}}\t{{.Status}}\t{{.ID}}'",
+        "\t{{.State}}\t{{.Status}}\t{{.ID}}\t{{.Image}}'",
         "docker images --no-trunc --format 'I\t{{.Repository}}:{{.Tag}}\t{{.ID}}'",
+        "docker images --digests --no-trunc --format 'D\t{{.Repository}}@{{.Digest}}\t{{.ID}}'",
     ]
     for hs in state.homeservers:
         data = f"{state.layout.synapse(hs.server_name)}/data"
@@ -180,10 +223,16 @@ def parse(output: str) -> Facts:
             facts.engine = parts[0]
         elif kind == "K":
             facts.compose = parts[0]
-        elif kind == "C" and len(parts) == 5:
+        elif kind == "C" and len(parts) in (5, 6):
             facts.containers.append(Container(*parts))
         elif kind == "I" and len(parts) == 2:
             facts.images[parts[0]] = parts[1]
+        elif kind == "D" and len(parts) == 2 and not parts[0].endswith("@<none>"):
+            facts.digests[parts[0]] = parts[1]
+        elif kind == "T" and len(parts) == 3:
+            facts.timers[parts[0]] = (parts[1], parts[2])
+        elif kind == "V" and len(parts) == 2 and parts[1].strip().isdigit():
+            facts.pg_major[parts[0]] = int(parts[1])
         elif kind == "O" and len(parts) == 2:
             facts.wrong_owner[parts[0]] = parts[1]
         elif kind == "L" and len(parts) == 2:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from .facts import (Facts, acme_live, cert_paths, element_sites, generated_paths, optional_paths,
                     secret_paths)
+from .facts import timers as facts_timers
 from .render import PROXY_PROJECT, DesiredState, RemoteDir, RemoteFile, synapse_project
 
 
@@ -34,6 +35,8 @@ class Plan:
     changes: list[Change] = field(default_factory=list)
     ok: int = 0
     images: list[str] = field(default_factory=list)  # to push (image source "push")
+    pulls: list[str] = field(default_factory=list)  # to pull on the host (image source "pull")
+    timers: list[str] = field(default_factory=list)  # systemd timers to (re)enable and start
     secrets: list[str] = field(default_factory=list)  # server_names lacking secrets
     generate: list[str] = field(default_factory=list)  # server_names lacking generate's output
     chown_data: list[str] = field(default_factory=list)  # server_names with data not 991:991
@@ -52,7 +55,8 @@ class Plan:
     @property
     def empty(self) -> bool:
         return not (
-            self.changes or self.images or self.issue or self.install_cert or self.pending_done
+            self.changes or self.images or self.pulls or self.timers or self.issue or self.install_cert
+            or self.pending_done
             or self.element_install or self.proxy_up or self.nginx_reload
             or self.synapse_up or self.synapse_restart or self.engine_start
         )
@@ -66,15 +70,59 @@ class Plan:
         return out
 
 
+def image_triggers(state: DesiredState, ref: str) -> set[str]:
+    """What must be recreated when the image behind `ref` changes."""
+    out = {"proxy:stack"} if ref == state.image_refs.get("nginx") else set()
+    out |= {f"synapse:{hs.server_name}:stack" for hs in state.homeservers
+            if ref in (state.image_refs.get("synapse"), state.postgres_image(hs))}
+    return out
+
+
+def _pulls(state: DesiredState, facts: Facts, refresh_tags: bool) -> list[str]:
+    """References a `pull` host must pull before anything stops: those it lacks
+    (a digest pin is present only as that digest), a tag a service is about to
+    switch to (a copy pulled long ago may be stale), and with `refresh_tags` every
+    tag (a rebuilt tag upstream; digest pins never need it)."""
+    services = {"nginx": [(PROXY_PROJECT, "nginx")]}
+    for hs in state.homeservers:
+        for role in ("synapse", "postgres"):
+            services.setdefault(role, []).append((synapse_project(hs), role))
+    wanted: dict[str, list[tuple[str, str]]] = {}
+    for role, ref in state.image_refs.items():
+        if role == "postgres" or (role == "synapse" and not state.homeservers):
+            continue
+        wanted.setdefault(ref, []).extend(services.get(role, []))
+    for hs in state.homeservers:  # a homeserver that keeps an older PostgreSQL major
+        ref = state.postgres_image(hs)
+        wanted.setdefault(ref, []).append((synapse_project(hs), "postgres"))
+    pulls = []
+    for ref, users in sorted(wanted.items()):
+        is_tag = "@" not in ref
+        switching = any((img := facts.container_image(p, s)) is not None and img != ref for p, s in users)
+        if facts.image_id(ref) is None or (is_tag and (refresh_tags or switching)):
+            pulls.append(ref)
+    return pulls
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: bool) -> Plan:
+def applicable(state: DesiredState, facts: Facts) -> list[RemoteFile]:
+    """The rendered files this host takes: periodic jobs as systemd timers where
+    systemd is PID 1, as cron.d files elsewhere."""
+    kind = "systemd" if facts.systemd else "no-systemd"
+    return [f for f in state.files if f.when in ("", kind)]
+
+
+def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: bool,
+         refresh_tags: bool = False) -> Plan:
     """Compare the desired state with the facts. `local_images` maps image
-    references to IDs on the operator's machine (used when `push`)."""
+    references to IDs on the operator's machine (used when `push`); without push
+    the host pulls what it lacks (`refresh_tags`: every tag again, see _pulls)."""
     plan = Plan(state)
     triggers: set[str] = set(facts.pending)
+    files = applicable(state, facts)
 
     for d in state.dirs:
         st = facts.stats.get(d.path)
@@ -90,7 +138,7 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
         else:
             plan.ok += 1
 
-    for f in state.files:
+    for f in files:
         st = facts.stats.get(f.path)
         if st is None:
             kind = "create"
@@ -106,7 +154,11 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
         if f.trigger:
             triggers.add(f.trigger)
 
-    desired = {f.path for f in state.files}
+    desired = {f.path for f in files}
+    for f in state.files:  # the other init's periodic jobs (e.g. cron.d on a systemd host)
+        if f.path not in desired and f.path in facts.stats:
+            plan.remove.append(f.path)
+            plan.changes.append(Change("remove", f.path, "not used by this host's init"))
     conf_d = f"{state.layout.proxy}/nginx/conf.d/"
     for path in sorted(facts.managed - desired):
         plan.remove.append(path)
@@ -172,10 +224,20 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
                 plan.changes.append(Change("update" if facts.images.get(ref) else "create", f"image {ref}", "ship over SSH"))
                 # a new image ID must reach the containers that use it
                 if facts.images.get(ref):
-                    if ref == state.image_refs.get("nginx"):
-                        triggers.add("proxy:stack")
-                    if ref in (state.image_refs.get("synapse"), state.image_refs.get("postgres")):
-                        triggers.update(f"synapse:{hs.server_name}:stack" for hs in state.homeservers)
+                    triggers.update(image_triggers(state, ref))
+
+    else:
+        plan.pulls = _pulls(state, facts, refresh_tags)
+        for ref in plan.pulls:
+            plan.changes.append(Change("update" if facts.image_id(ref) else "create", f"image {ref}", "pull"))
+
+    if facts.systemd:
+        for unit in facts_timers(state):
+            enabled, active = facts.timers.get(unit, ("", ""))
+            if f"systemd:{unit}" in triggers or enabled != "enabled" or active != "active":
+                plan.timers.append(unit)
+                if f"systemd:{unit}" not in triggers:
+                    plan.changes.append(Change("update", unit, f"timer {enabled or 'absent'}/{active or 'inactive'}"))
 
     plan.triggers = triggers
     plan.pending_done = bool(facts.pending)

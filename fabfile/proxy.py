@@ -101,17 +101,21 @@ docker exec "$c" sh -c {shlex.quote(_RELOAD_AND_WAIT)}
 """
 
 
-# `nginx -s reload` only signals the master; wait until new workers (which have
-# the new config) exist, so that "deployed" means "serving".
+# `nginx -s reload` only signals the master, which starts new workers (new config)
+# and only THEN tells the old ones to stop accepting: until an old worker has
+# renamed itself "worker process is shutting down" (or exited) it may still take
+# a new connection with the old config. "Deployed" means every new connection
+# gets the new config, so wait for both: a new worker, and no old one accepting.
 _RELOAD_AND_WAIT = r"""
-workers() { for p in /proc/[0-9]*; do tr '\0' ' ' < $p/cmdline 2>/dev/null | grep -q 'worker process' && echo ${p#/proc/}; done; }
+workers() { for p in /proc/[0-9]*; do tr '\0' ' ' < $p/cmdline 2>/dev/null | grep -q 'worker process *$' && echo ${p#/proc/}; done; }
 old=$(workers | sort)
 nginx -s reload
 i=0
-while [ $i -lt 100 ]; do
-  if workers | grep -vxF "$old" | grep -q .; then exit 0; fi
-  sleep 0.1; i=$((i+1))
+while [ $i -lt 200 ]; do
+  now=$(workers | sort)
+  if echo "$now" | grep -vxF "$old" | grep -q . && ! echo "$now" | grep -xF "$old" | grep -q .; then exit 0; fi
+  sleep 0.05; i=$((i+1))
 done
-echo "nginx did not start workers with the new configuration within 10s" >&2
+echo "nginx did not move every worker to the new configuration within 10s" >&2
 exit 1
 """

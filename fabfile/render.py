@@ -10,7 +10,12 @@ Each file says what must act when it changes (its `trigger`):
     proxy:reload         `nginx -t`, then reload nginx
     synapse:<sn>:stack   `up` that homeserver's stack (recreates what changed)
     synapse:<sn>:restart restart that homeserver's Synapse
+    systemd:<unit>       reload systemd's units, then enable and start <unit>
     ""                   nothing (static content served as it is)
+
+Periodic jobs are rendered twice: as systemd timers (`when="systemd"`) and as
+/etc/cron.d files (`when="no-systemd"`); the plan keeps the kind the host's init
+runs (a fact), so rendering stays a function of the inventory alone.
 """
 
 from __future__ import annotations
@@ -47,6 +52,10 @@ class RemoteFile:
     mode: int = 0o644
     owner: str = ROOT
     trigger: str = ""
+    when: str = ""  # "systemd" / "no-systemd": only on hosts whose PID 1 is (not) systemd
+
+
+SYSTEMD_DIR = "/etc/systemd/system"
 
 
 @dataclass(frozen=True)
@@ -78,10 +87,14 @@ class DesiredState:
     images: tuple[str, ...] = field(default=())  # image references the host needs
     image_refs: dict = field(default_factory=dict)  # role (synapse, nginx, ...) -> reference
     acme: object = None  # the inventory's Acme settings when ACME is enabled
+    postgres_images: dict = field(default_factory=dict)  # server_name -> its PostgreSQL image
 
     @property
     def layout(self) -> Layout:
         return Layout(self.host.base_dir)
+
+    def postgres_image(self, hs: Homeserver) -> str:
+        return self.postgres_images[hs.server_name]
 
     def file(self, path: str) -> RemoteFile:
         return next(f for f in self.files if f.path == path)
@@ -127,16 +140,34 @@ def _read_local(path: Path, key: str, read: Callable[[Path], bytes]) -> bytes:
         raise InventoryError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
 
 
+def _periodic(name: str, **ctx) -> list[RemoteFile]:
+    """A periodic job: a systemd timer + service where systemd runs, a cron.d file
+    elsewhere (templates/systemd/, templates/cron.d/)."""
+    timer = f"{name}.timer"
+    return [
+        RemoteFile(f"{SYSTEMD_DIR}/{name}.service", _template(f"systemd/{name}.service.j2", **ctx),
+                   trigger=f"systemd:{timer}", when="systemd"),
+        RemoteFile(f"{SYSTEMD_DIR}/{timer}", _template(f"systemd/{timer}.j2", **ctx),
+                   trigger=f"systemd:{timer}", when="systemd"),
+        RemoteFile(f"/etc/cron.d/{name}", _template(f"cron.d/{name}.j2", **ctx), when="no-systemd"),
+    ]
+
+
 def render_host(
-    inv: Inventory, host_name: str, read: Callable[[Path], bytes] = Path.read_bytes
+    inv: Inventory, host_name: str, read: Callable[[Path], bytes] = Path.read_bytes,
+    keep_postgres: dict[str, str] | None = None,
 ) -> DesiredState:
     """Everything host `host_name` must hold. `read` loads the local files the
-    inventory names (CA bundles)."""
+    inventory names (CA bundles). `keep_postgres` names, per homeserver, the
+    PostgreSQL image its existing database needs when the inventory's has another
+    major version (see fabfile/postgres.py)."""
     host = inv.hosts[host_name]
     lay = Layout(host.base_dir)
     servers = sorted(inv.homeservers_on(host_name), key=lambda hs: hs.server_name)
     images = {name: inv.image(name) for name in ("synapse", "postgres", "nginx", "certbot")}
     common = {"host": host, "network": NETWORK, "images": images}
+    postgres_images = {hs.server_name: (keep_postgres or {}).get(hs.server_name)
+                       or hs.postgres.image or images["postgres"] for hs in servers}
 
     dirs: list[RemoteDir] = [
         RemoteDir(lay.base),
@@ -180,9 +211,7 @@ def render_host(
     if inv.acme.enabled and servers:
         add(f"{lay.proxy}/bin/renew-certificates", "reverse_proxy/bin/renew-certificates.j2", mode=0o755,
             proxy_dir=lay.proxy, servers=servers)
-        files.append(RemoteFile(
-            "/etc/cron.d/synapse-fabric-certificates",
-            _template("cron.d/synapse-fabric-certificates.j2", proxy_dir=lay.proxy), 0o644, ROOT, ""))
+        files += _periodic("synapse-fabric-certificates", proxy_dir=lay.proxy)
     conf_d = f"{lay.proxy}/nginx/conf.d"
     add(f"{conf_d}/00-default.conf", "reverse_proxy/nginx/conf.d/00-default.conf.j2", "proxy:reload")
     add(f"{conf_d}/proxy-headers.inc", "reverse_proxy/nginx/conf.d/proxy-headers.inc.j2", "proxy:reload")
@@ -219,9 +248,7 @@ def render_host(
         dirs.append(RemoteDir(f"{lay.proxy}/bin"))
         add(f"{lay.proxy}/bin/element-update", "reverse_proxy/bin/element-update.j2", mode=0o755,
             proxy_dir=lay.proxy, sites=sites)
-        files.append(RemoteFile(
-            "/etc/cron.d/synapse-fabric-element",
-            _template("cron.d/synapse-fabric-element.j2", proxy_dir=lay.proxy), 0o644, ROOT, ""))
+        files += _periodic("synapse-fabric-element", proxy_dir=lay.proxy)
 
     # -- homeservers that moved away: their names are forwarded to the new host
     forwarded = sorted(inv.forwarded_from(host_name), key=lambda hs: hs.server_name)
@@ -243,7 +270,8 @@ def render_host(
     for hs in servers:
         sn = hs.server_name
         root = lay.synapse(sn)
-        ctx = {"hs": hs, "upstream": synapse_upstream(hs), "project": synapse_project(hs)}
+        ctx = {"hs": hs, "upstream": synapse_upstream(hs), "project": synapse_project(hs),
+               "postgres_image": postgres_images[sn]}
         dirs += [
             RemoteDir(root),
             RemoteDir(f"{root}/data", 0o750, SYNAPSE_UID),
@@ -279,6 +307,7 @@ def render_host(
         homeservers=tuple(servers),
         image_refs=dict(images),
         acme=inv.acme if inv.acme.enabled else None,
+        postgres_images=postgres_images,
         images=tuple(sorted({images["nginx"], images["certbot"]} | (
-            {images["synapse"], images["postgres"]} if servers else set()))),
+            {images["synapse"], *postgres_images.values()} if servers else set()))),
     )

@@ -30,12 +30,52 @@ ACME_DIRECTORIES = {
     "production": "https://acme-v02.api.letsencrypt.org/directory",
 }
 
+# Current, supported releases (README "Images"): Synapse's newest, PostgreSQL 17 on
+# Debian 13 (what Synapse supports longest of the majors that keep the classic
+# data directory), nginx's stable line, certbot 5. A homeserver whose database is
+# an older major keeps running that major (fabfile/postgres.py).
 DEFAULT_IMAGES = {
     "synapse": "matrixdotorg/synapse:v1.163.2",
-    "postgres": "postgres:15-bookworm",
-    "nginx": "nginx:1.22",
-    "certbot": "certbot/certbot:v2.1.0",
+    "postgres": "postgres:17-trixie",
+    "nginx": "nginx:1.30",
+    "certbot": "certbot/certbot:v5.8.0",
 }
+
+# name[:tag][@sha256:<64 hex>], lower-case registry/repository path components.
+IMAGE_RE = re.compile(
+    r"^(?P<name>(?:[a-z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*)"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?"
+    r"(?:@(?P<digest>sha256:[0-9a-f]{64}))?$"
+)
+
+
+def check_image(value: str) -> str:
+    """An image reference: `name:tag`, `name@sha256:...` or `name:tag@sha256:...`."""
+    m = IMAGE_RE.match(value)
+    if not m or not (m["tag"] or m["digest"]):
+        raise ValueError(f"{value!r} is not an image reference like name:tag or name:tag@sha256:<digest>")
+    return value
+
+
+def postgres_major(ref: str) -> int:
+    """The PostgreSQL major version an image reference names by its tag
+    (postgres:17-trixie -> 17). A reference without one is refused: a database
+    must never change major version because a tag moved."""
+    m = IMAGE_RE.match(ref)
+    major = re.match(r"^([0-9]+)(?:[.-]|$)", (m["tag"] or "") if m else "")
+    if not major:
+        raise ValueError(
+            f"{ref!r} does not name a PostgreSQL major version in its tag; use one like "
+            "postgres:17-trixie (a digest may follow: postgres:17-trixie@sha256:...)")
+    n = int(major[1])
+    if n >= 18:
+        raise ValueError(
+            f"{ref!r}: PostgreSQL {n} images keep their data in /var/lib/postgresql/{n}/docker "
+            "(PGDATA moved in 18) and refuse the /var/lib/postgresql/data mount synapse-fabric "
+            "uses; choose 17 or older")
+    if n < 13:
+        raise ValueError(f"{ref!r}: Synapse no longer supports PostgreSQL {n}")
+    return n
 
 
 def check_domain(value: str) -> str:
@@ -154,6 +194,16 @@ class Element(_Model):
 class Postgres(_Model):
     database: str = "synapse"
     user: str = "synapse"
+    # This homeserver's PostgreSQL image (default: images.postgres); its major
+    # version must be the one its database was created with.
+    image: Optional[str] = None
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v):
+        if v is not None:
+            postgres_major(check_image(v))
+        return v
 
     @field_validator("database", "user")
     @classmethod
@@ -281,6 +331,13 @@ class Inventory(_Model):
             raise ValueError(
                 f"unknown image key {sorted(unknown)[0]!r} (known: {', '.join(DEFAULT_IMAGES)})"
             )
+        for key, ref in v.items():
+            try:
+                check_image(ref)
+                if key == "postgres":
+                    postgres_major(ref)
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
         return {**DEFAULT_IMAGES, **v}
 
     def image(self, name: str) -> str:

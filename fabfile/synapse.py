@@ -44,7 +44,9 @@ def chown_data_script(lay: Layout, hs: Homeserver) -> str:
 
 def generate_script(lay: Layout, hs: Homeserver, compose: str) -> str:
     """Run Synapse's own `generate` (config, signing key, secrets) unless its output
-    is already there: an existing config or key is never overwritten."""
+    is already there: an existing config or key is never overwritten. The image's
+    start.py writes the log config as root and chowns only the data directory
+    itself, so the data is then given to 991:991 here (or the next run would)."""
     root = shlex.quote(lay.synapse(hs.server_name))
     sn = hs.server_name
     return f"""
@@ -52,4 +54,4 @@ cd {root}
 if [ -s data/homeserver.yaml ] && [ -s data/{sn}.signing.key ]; then exit 0; fi
 {compose} run --rm --no-deps -T synapse generate </dev/null
 test -s data/homeserver.yaml && test -s data/{sn}.signing.key
-"""
+""" + chown_data_script(lay, hs)

@@ -9,9 +9,10 @@ where pytest-docker takes over):
    (`sandbox.prepare`), and exports the image tags that compose.yml reads.
 2. pytest-docker's `docker_services` runs `docker-compose -p sfab -f ... up -d`
    (our `docker_setup` depends on `sandbox_prepared`, so images and state exist
-   first) and, at session end, `down --volumes` (skipped with SFAB_KEEP_SANDBOX=1,
-   which leaves the sandbox running for a look or for the next session: `up` is
-   idempotent).
+   first), after a `down --volumes` of whatever sandbox was running (the suite
+   always starts from bare hosts; SFAB_REUSE_SANDBOX=1 keeps it), and at session
+   end `down --volumes` (skipped with SFAB_KEEP_SANDBOX=1, which leaves the
+   sandbox running for a look).
 3. `sandbox` waits until it is usable (`sandbox.wait_ready`: SSH on every VPS,
    DNS records in challtestsrv, pebble's roots in state/acme-roots.pem) and hands
    tests a `SandboxInfo`.
@@ -64,10 +65,17 @@ def docker_compose_project_name() -> str:
     return sb.PROJECT
 
 
+def _reuse() -> bool:
+    return os.environ.get("SFAB_REUSE_SANDBOX", "").strip().lower() in ("1", "true", "yes")
+
+
 @pytest.fixture(scope="session")
 def docker_setup(sandbox_prepared):
-    # compose v1 has no `up --wait`; readiness is checked by the `sandbox` fixture
-    return ["up -d --remove-orphans"]
+    # A fresh sandbox, whatever an earlier run or the quick start left (the suite
+    # starts from bare hosts); SFAB_REUSE_SANDBOX=1 keeps a running one instead.
+    # compose v1 has no `up --wait`; readiness is checked by the `sandbox` fixture.
+    fresh = [] if _reuse() else ["down --volumes --remove-orphans --timeout 5"]
+    return fresh + ["up -d --remove-orphans"]
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,10 @@
 """Local stand-in images for the sandbox (see tests/sandbox/README.md).
 
-No registry is reachable, so every image is built here: a Debian bookworm base made
-with debootstrap, then one folder per image under tests/sandbox/images/.  Each image
-carries the label ``synapse-fabric.inputs-hash``; a build is skipped when an image
-with the tag and that label already exists.
+No registry is reachable, so every image is built here: Debian bases made with
+debootstrap (trixie for the stand-ins and the Debian 13 host, bookworm for the
+Debian 12 host and PostgreSQL 15), then one folder per image under
+tests/sandbox/images/.  Each image carries the label ``synapse-fabric.inputs-hash``;
+a build is skipped when an image with the tag and that label already exists.
 
     python -m tests.sandbox.images [build|list] [NAME...]
 """
@@ -27,7 +28,7 @@ REPO = HERE.parent.parent
 CACHE = REPO / ".cache"
 LABEL = "synapse-fabric.inputs-hash"
 
-DEBOOTSTRAP = ["debootstrap", "--variant=minbase", "bookworm", "{rootfs}",
+DEBOOTSTRAP = ["debootstrap", "--variant=minbase", "{suite}", "{rootfs}",
                "http://deb.debian.org/debian"]
 IMPORT_CHANGES = [
     "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -35,38 +36,56 @@ IMPORT_CHANGES = [
     'CMD ["bash"]',
 ]
 # Wheels are downloaded on the machine (PyPI is unreachable from inside containers)
-# for the image's Python: Debian bookworm's CPython 3.11 on x86_64, glibc 2.36.
-WHEEL_PLATFORM_ARGS = (
-    ["--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
-     "--abi", "cp311", "--abi", "abi3", "--abi", "none"]
-    + [a for v in range(36, 4, -1) for a in ("--platform", f"manylinux_2_{v}_x86_64")]
-    + ["--platform", "manylinux2014_x86_64", "--platform", "manylinux2010_x86_64",
-       "--platform", "manylinux1_x86_64", "--platform", "linux_x86_64"]
-)
+# for the image's Python on x86_64: (CPython version, newest glibc of the suite).
+PYTHONS = {"bookworm": ("3.11", 36), "trixie": ("3.13", 41)}
+
+
+def wheel_platform_args(suite: str) -> list[str]:
+    py, glibc = PYTHONS[suite]
+    abi = "cp" + py.replace(".", "")
+    return (["--only-binary=:all:", "--python-version", py, "--implementation", "cp",
+             "--abi", abi, "--abi", "abi3", "--abi", "none"]
+            + [a for v in range(glibc, 4, -1) for a in ("--platform", f"manylinux_2_{v}_x86_64")]
+            + ["--platform", "manylinux2014_x86_64", "--platform", "manylinux2010_x86_64",
+               "--platform", "manylinux1_x86_64", "--platform", "linux_x86_64"])
 
 
 @dataclass
 class Spec:
     name: str
     tag: str                      # may contain {hash12}
-    base: str | None = "base"     # name of the spec whose tag is passed as BASE
+    base: str | None = "base13"   # name of the spec whose tag is passed as BASE
     wheels: list[str] = field(default_factory=list)  # requirements to pip download
+    args: dict[str, str] = field(default_factory=dict)  # extra --build-arg
+    dir: str = ""                 # folder under images/ (default: the name)
+    suite: str = ""               # a debootstrap base: the Debian suite
 
     @property
     def folder(self) -> Path:
-        return IMAGES_DIR / self.name
+        return IMAGES_DIR / (self.dir or self.name)
+
+    @property
+    def debian(self) -> str:
+        """The Debian suite the image is built on."""
+        return self.suite or _spec(self.base).debian
 
 
 # The registry. Other modules may append: SPECS["x"] = Spec("x", "some/tag:{hash12}").
+# Stand-ins carry the REAL references the product's defaults name (fabfile/schema.py);
+# each keeps its upstream image's contract (tests/sandbox/README.md), not its version.
 SPECS: dict[str, Spec] = {s.name: s for s in [
-    Spec("base", "synapse-fabric/debian:bookworm-{hash12}", base=None),
+    Spec("base", "synapse-fabric/debian:bookworm-{hash12}", base=None, suite="bookworm"),
+    Spec("base13", "synapse-fabric/debian:trixie-{hash12}", base=None, dir="base", suite="trixie"),
     Spec("synapse", "matrixdotorg/synapse:v1.163.2",
          wheels=["matrix-synapse==1.163.2", "psycopg2-binary==2.9.13"]),
-    Spec("postgres", "postgres:15-bookworm"),
-    Spec("nginx", "nginx:1.22"),
-    Spec("certbot", "certbot/certbot:v2.1.0"),
-    Spec("host", "synapse-fabric/sandbox-host:{hash12}"),
-    Spec("infra", "synapse-fabric/sandbox-infra:{hash12}"),
+    Spec("postgres", "postgres:17-trixie", args={"PG_MAJOR": "17"}),
+    # what homeservers created before the default moved to 17 keep running
+    Spec("postgres15", "postgres:15-bookworm", base="base", dir="postgres", args={"PG_MAJOR": "15"}),
+    Spec("nginx", "nginx:1.30"),
+    Spec("certbot", "certbot/certbot:v5.8.0", wheels=["certbot==5.8.0"]),
+    Spec("host", "synapse-fabric/sandbox-host:{hash12}", base="base"),
+    Spec("host13", "synapse-fabric/sandbox-host13:{hash12}"),
+    Spec("infra", "synapse-fabric/sandbox-infra:{hash12}", base="base"),
 ]}
 
 
@@ -86,14 +105,15 @@ def _hash_folder(h, folder: Path) -> None:
 
 
 def _wheel_dir(spec: Spec) -> Path:
-    return CACHE / "wheels" / spec.name
+    return CACHE / "wheels" / spec.name / spec.debian
 
 
 def wheels(name: str, log=print) -> str:
     """Download the spec's wheel set (once) and return its pinned requirement list."""
     spec = _spec(name)
     wdir = _wheel_dir(spec)
-    request = json.dumps([spec.wheels, WHEEL_PLATFORM_ARGS])
+    platform_args = wheel_platform_args(spec.debian)
+    request = json.dumps([spec.wheels, platform_args])
     lock, req = wdir / "requirements.txt", wdir / "request.json"
     if lock.is_file() and req.is_file() and req.read_text() == request:
         return lock.read_text()
@@ -102,7 +122,7 @@ def wheels(name: str, log=print) -> str:
     shutil.rmtree(wdir, ignore_errors=True)
     wdir.mkdir(parents=True)
     _run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
-          "-d", str(wdir), *WHEEL_PLATFORM_ARGS, *spec.wheels])
+          "-d", str(wdir), *platform_args, *spec.wheels])
     pins = set()
     for whl in wdir.glob("*.whl"):
         dist, version = whl.name.split("-")[:2]
@@ -117,10 +137,12 @@ def wheels(name: str, log=print) -> str:
 def inputs_hash(name: str) -> str:
     spec = _spec(name)
     h = hashlib.sha256()
-    if spec.base is None:  # the debootstrap base
-        h.update(json.dumps([DEBOOTSTRAP, IMPORT_CHANGES]).encode())
+    if spec.base is None:  # a debootstrap base
+        h.update(json.dumps([DEBOOTSTRAP, IMPORT_CHANGES, spec.suite]).encode())
     else:
         h.update(f"base\0{inputs_hash(spec.base)}\0".encode())
+    if spec.args:
+        h.update(b"args\0" + json.dumps(spec.args, sort_keys=True).encode())
     _hash_folder(h, spec.folder)
     if spec.wheels:
         h.update(b"wheels\0" + wheels(name).encode())
@@ -160,7 +182,7 @@ def _build_base(spec: Spec, tag: str, digest: str) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="rootfs-", dir=CACHE))
     rootfs = tmp / "rootfs"
     try:
-        _run([a.format(rootfs=rootfs) for a in DEBOOTSTRAP])
+        _run([a.format(rootfs=rootfs, suite=spec.suite) for a in DEBOOTSTRAP])
         overlay = spec.folder / "rootfs"  # optional files laid over the rootfs
         if overlay.is_dir():
             shutil.copytree(overlay, rootfs, dirs_exist_ok=True, symlinks=True)
@@ -227,8 +249,9 @@ def _ensure_one(name: str, done: dict[str, str], log) -> str | None:
         else:
             ctx = _build_context(spec)
             try:
+                args = [a for k, v in sorted(spec.args.items()) for a in ("--build-arg", f"{k}={v}")]
                 _run(["docker", "build", "-t", tag, "--label", f"{LABEL}={digest}",
-                      "--build-arg", f"BASE={base_tag}", "-f", str(ctx / "Dockerfile"),
+                      "--build-arg", f"BASE={base_tag}", *args, "-f", str(ctx / "Dockerfile"),
                       str(ctx)])
             finally:
                 if ctx != spec.folder:

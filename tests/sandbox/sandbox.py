@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+REPO_CACHE = HERE.parent.parent / ".cache"
 COMPOSE_FILE = HERE / "compose.yml"
 PROJECT = "sfab"
 NETWORK = "sfab-sandbox"
@@ -45,7 +46,16 @@ PEBBLE_MGMT_PORT = 15000
 DNS_API_PORT = 8055
 DNS_API = f"http://{INFRA_IP}:{DNS_API_PORT}"
 
-IMAGE_ENV = {"host": "SFAB_HOST_IMAGE", "infra": "SFAB_INFRA_IMAGE", "nginx": "SFAB_NGINX_IMAGE"}
+IMAGE_ENV = {"host": "SFAB_HOST_IMAGE", "host13": "SFAB_HOST13_IMAGE", "infra": "SFAB_INFRA_IMAGE",
+             "nginx": "SFAB_NGINX_IMAGE"}
+
+# The registry in sfab-infra: this machine pushes to it on 127.0.0.1, hosts with
+# `images: pull` use it as their Docker registry mirror (a host-level setting,
+# as a cloud provider's mirror would be).
+REGISTRY_PUSH = "127.0.0.1:5000"
+REGISTRY_MIRROR = f"{INFRA_IP}:5000"
+# The stand-ins the registry serves, under their Docker Hub names.
+REGISTRY_IMAGES = ("synapse", "postgres", "postgres15", "nginx", "certbot")
 
 SSH_TIMEOUT = float(os.environ.get("SFAB_SANDBOX_SSH_TIMEOUT", "90"))
 INFRA_TIMEOUT = float(os.environ.get("SFAB_SANDBOX_INFRA_TIMEOUT", "60"))
@@ -57,12 +67,14 @@ class Host:
     container: str   # docker container name: sfab-vps1
     ip: str
     user: str        # the account the operator key logs into
+    debian: int      # Debian release
+    systemd: bool    # systemd is PID 1
 
 
 HOSTS: dict[str, Host] = {h.name: h for h in [
-    Host("vps1", "sfab-vps1", "172.29.231.11", "root"),
-    Host("vps2", "sfab-vps2", "172.29.231.12", "deploy"),
-    Host("vps3", "sfab-vps3", "172.29.231.13", "root"),
+    Host("vps1", "sfab-vps1", "172.29.231.11", "root", 13, True),
+    Host("vps2", "sfab-vps2", "172.29.231.12", "deploy", 12, False),
+    Host("vps3", "sfab-vps3", "172.29.231.13", "root", 13, True),
 ]}
 
 # Set in challtestsrv at every `up` (tests may move names with set_dns()).
@@ -120,6 +132,8 @@ def _paths() -> dict[str, Path]:
         "cert": s / "pebble-cert.pem",
         "cert_key": s / "pebble-key.pem",
         "roots": s / "acme-roots.pem",
+        "mirror": s / "registry-mirror.json",
+        "digests": s / "registry-digests.json",
     }
 
 
@@ -199,6 +213,11 @@ def image_tags(build: bool, log=print) -> dict[str, str]:
                                "(see the images: lines above)")
         return {n: done[n] for n in IMAGE_ENV}
     return {n: images.tag_of(n) for n in IMAGE_ENV}
+
+
+def images_mod():
+    from tests.sandbox import images
+    return images
 
 
 def export_image_env(tags: dict[str, str]) -> None:
@@ -282,6 +301,9 @@ def make_state(log=print) -> SandboxInfo:
             lines.append(f"{alias} {keytype} {b64}\n")
     _write_if_changed(p["known_hosts"], "".join(lines), 0o644)
     _write_if_changed(p["resolv"], f"nameserver {INFRA_IP}\n", 0o644)
+    _write_if_changed(p["mirror"], json.dumps({"registry-mirrors": [f"http://{REGISTRY_MIRROR}"],
+                                               "insecure-registries": [REGISTRY_MIRROR]}, indent=2) + "\n")
+    (REPO_CACHE / "registry").mkdir(parents=True, exist_ok=True)
     _make_pebble_certs(p, log)
     _make_releases_site(p, log)
     return info()
@@ -457,6 +479,60 @@ def _retry(what: str, fn, timeout: float):
             time.sleep(0.3)
 
 
+def registry_path(ref: str) -> str:
+    """`postgres:17-trixie` -> `library/postgres:17-trixie` (Docker Hub's naming)."""
+    return ref if "/" in ref.split(":")[0] else f"library/{ref}"
+
+
+def _registry_manifest(path: str) -> dict | None:
+    repo, tag = path.rsplit(":", 1)
+    conn = http.client.HTTPConnection(*REGISTRY_PUSH.split(":"), timeout=10)
+    try:
+        conn.request("GET", f"/v2/{repo}/manifests/{tag}", headers={
+            "Accept": "application/vnd.docker.distribution.manifest.v2+json"})
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status != 200:
+            return None
+        return {"manifest": json.loads(body), "digest": resp.getheader("Docker-Content-Digest")}
+    finally:
+        conn.close()
+
+
+def publish_images(tags: dict[str, str], log=print) -> dict[str, str]:
+    """Push the stand-ins into the sandbox registry under their Docker Hub names
+    (skipped when it already holds the same image); returns {reference: digest}
+    (saved in state/registry-digests.json for tests that pin digests)."""
+    t0 = time.monotonic()
+    _retry("the sandbox registry (127.0.0.1:5000/v2/)",
+           lambda: _registry_manifest("library/none:none") or True, INFRA_TIMEOUT)
+    digests = {}
+    for name in REGISTRY_IMAGES:
+        ref = tags[name]
+        path = registry_path(ref)
+        image_id = _run(["docker", "image", "inspect", "--format", "{{.Id}}", ref]).stdout.strip()
+        found = _registry_manifest(path)
+        if not (found and found["manifest"].get("config", {}).get("digest") == image_id):
+            alias = f"{REGISTRY_PUSH}/{path}"
+            _run(["docker", "tag", ref, alias])
+            try:
+                _run(["docker", "push", alias])
+            finally:
+                _run(["docker", "rmi", alias], check=False)
+            found = _registry_manifest(path)
+            if not found:
+                raise SandboxError(f"pushed {ref} but the registry does not serve {path}")
+        digests[ref] = found["digest"]
+    _write_if_changed(_paths()["digests"], json.dumps(digests, indent=2) + "\n")
+    log(f"sandbox: registry serves {len(digests)} images in {time.monotonic() - t0:.1f}s")
+    return digests
+
+
+def registry_digests() -> dict[str, str]:
+    """{reference: digest} of what the sandbox registry serves (after up)."""
+    return json.loads(_paths()["digests"].read_text())
+
+
 def wait_ready(log=print) -> SandboxInfo:
     """After `compose up`: SSH on every VPS, DNS records, pebble's roots."""
     t0 = time.monotonic()
@@ -467,6 +543,8 @@ def wait_ready(log=print) -> SandboxInfo:
     _retry("setting DNS records in challtestsrv", set_all, INFRA_TIMEOUT)
     _retry("fetching pebble's root from :15000/roots/0", acme_roots_pem, INFRA_TIMEOUT)
     wait_ssh(log=log)
+    tags = {n: images_mod().tag_of(n) for n in REGISTRY_IMAGES}
+    publish_images(tags, log)
     log(f"sandbox: ssh, dns and acme ready in {time.monotonic() - t0:.1f}s")
     return info()
 

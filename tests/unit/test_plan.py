@@ -5,7 +5,7 @@ import textwrap
 from fabfile import facts as facts_mod
 from fabfile.facts import Container, Facts, Stat
 from fabfile.inventory import parse
-from fabfile.plan import make, sha256
+from fabfile.plan import applicable, make, sha256
 from fabfile.render import PROXY_PROJECT, render_host, synapse_project
 from fabfile.report import mask, masked_diff
 
@@ -18,22 +18,26 @@ INV = parse(textwrap.dedent("""
 """))
 
 
-def converged(state) -> Facts:
+def converged(state, systemd: bool = False) -> Facts:
     """Facts of a host that holds exactly the desired state and runs everything."""
-    f = Facts(docker=True, engine="20.10", compose="v1")
+    f = Facts(docker=True, engine="20.10", compose="v1", pid1="systemd" if systemd else "tini")
     for d in state.dirs:
         f.stats[d.path] = Stat("directory", d.mode, d.owner)
-    for file in state.files:
+    for unit in facts_mod.timers(state):
+        f.timers[unit] = ("enabled", "active")
+    for file in applicable(state, f):
         f.stats[file.path] = Stat("regular file", file.mode, file.owner)
         f.hashes[file.path] = sha256(file.content)
         if "Managed by synapse-fabric" in file.content.decode(errors="replace")[:200]:
             f.managed.add(file.path)
     for path in facts_mod.secret_paths(state) + facts_mod.generated_paths(state) + facts_mod.cert_paths(state):
         f.stats[path] = Stat("regular file", 0o400, "0:0")
-    f.containers.append(Container(PROXY_PROJECT, "nginx", "running", "Up", "a"))
+    f.containers.append(Container(PROXY_PROJECT, "nginx", "running", "Up", "a", state.image_refs["nginx"]))
     for hs in state.homeservers:
-        for svc in ("synapse", "postgres"):
-            f.containers.append(Container(synapse_project(hs), svc, "running", "Up", "b"))
+        f.containers.append(Container(synapse_project(hs), "synapse", "running", "Up", "b",
+                                      state.image_refs["synapse"]))
+        f.containers.append(Container(synapse_project(hs), "postgres", "running", "Up", "c",
+                                      state.postgres_image(hs)))
     f.images = {ref: "sha256:1" for ref in state.images}
     return f
 
@@ -43,9 +47,10 @@ LOCAL = lambda state: {ref: "sha256:1" for ref in state.images}  # noqa: E731
 
 def test_converged_host_gives_an_empty_plan():
     state = render_host(INV, "web")
-    plan = make(state, converged(state), LOCAL(state), push=True)
+    facts = converged(state)
+    plan = make(state, facts, LOCAL(state), push=True)
     assert plan.empty and plan.changes == [] and plan.restarts == []
-    assert plan.ok == len(state.dirs) + len(state.files)
+    assert plan.ok == len(state.dirs) + len(applicable(state, facts))
 
 
 def test_synapse_setting_restarts_only_its_homeserver():

@@ -18,6 +18,9 @@ export PEBBLE_VA_NOSLEEP=1
 export PEBBLE_WFE_NONCEREJECT="${PEBBLE_WFE_NONCEREJECT:-0}"
 pebble -config /etc/sfab/pebble-config.json -dnsserver 127.0.0.1:8053 &
 
+# The hosts' registry mirror (and this machine's push target, published on 127.0.0.1).
+docker-registry serve /etc/sfab/registry.yml &
+
 status=0
 wait -n || status=$?
 echo "sfab-infra: a service exited (status $status); stopping" >&2

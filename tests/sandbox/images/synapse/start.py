@@ -92,12 +92,10 @@ def generate(env, user) -> None:
             "--data-directory", data_dir,
             "--generate-config", "--open-private-ports"]
     if user is not None:
+        # As upstream: only the data directory itself is given to Synapse's user
+        # (not recursively); the log config written above stays root's.
         print(f"Setting ownership on {data_dir} to {user}", flush=True)
         subprocess.run(["chown", user, data_dir], check=True)
-        if config_dir != data_dir:
-            subprocess.run(["chown", user, config_dir], check=True)
-        if os.path.exists(log_config):
-            subprocess.run(["chown", user, log_config], check=True)
         argv = ["gosu", user] + argv
     sys.exit(subprocess.run(argv).returncode)
 
