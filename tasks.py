@@ -17,17 +17,18 @@ from fabfile.cli import CONFIG_DEFAULTS, TaskError, expected_failures, load_inve
         "host": "only this inventory host (repeatable)",
         "homeserver": "only the host(s) running this homeserver (server_name; repeatable); each is converged whole",
         "dry_run": "print the plan as diffs (secrets masked); change nothing",
+        "pull": "hosts with `images: pull` ask their registry again for every tag (digest pins never need it)",
     },
     iterable=["host", "homeserver"],
 )
-def deploy(c, host=None, homeserver=None, dry_run=False):
+def deploy(c, host=None, homeserver=None, dry_run=False, pull=False):
     """Converge every host (in parallel) to what hosts.yaml describes."""
     from fabfile import deploy as converge
 
     inv = load_inventory(c)
     with expected_failures():
         names = converge.select_hosts(inv, host, homeserver)
-        results = converge.deploy(inv, names, dry_run=dry_run)
+        results = converge.deploy(inv, names, dry_run=dry_run, pull=pull)
     if any(r.failed for r in results):
         raise Exit(code=1)
 

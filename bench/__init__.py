@@ -1,6 +1,8 @@
 """Benchmarks: scripts that measure on the sandbox and write bench/results/*.json."""
 
 import json
+import subprocess
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -10,6 +12,9 @@ def write_figures(name: str, figures: dict) -> int:
     """Write bench/results/<name>.json and print the figures."""
     out = REPO / "bench" / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    figures = {"commit": git("rev-parse", "HEAD") + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else ""),
+               "measured": time.strftime("%Y-%m-%d %H:%M:%S"), **figures}
     out.write_text(json.dumps(figures, indent=2) + "\n")
     print(json.dumps(figures, indent=2))
     print(f"written to {out.relative_to(REPO)}")

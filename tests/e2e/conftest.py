@@ -117,3 +117,16 @@ def deployed(sandbox):
     yield outputs
     for p in REPO.glob(".e2e-*.yaml"):
         p.unlink()
+
+
+@pytest.fixture(scope="session")
+def cafile(deployed, sandbox, tmp_path_factory):
+    """What a Matrix client trusts: the sandbox CA's roots plus the certificates
+    vps1 serves (their own temporary ones until ACME replaced them)."""
+    from tests.e2e.helpers import REPO, on_host
+
+    pem = on_host("vps1", "cat /opt/matrix/reverse_proxy/certs/*/fullchain.pem")
+    roots = (REPO / "tests/sandbox/state/acme-roots.pem").read_text()
+    path = tmp_path_factory.mktemp("ca") / "trust.pem"
+    path.write_text(pem + "\n" + roots)
+    return path

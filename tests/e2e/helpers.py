@@ -42,10 +42,19 @@ find /opt/matrix -type f -path '*/conf.d/*' -exec sha256sum {} + | sort
 docker ps -aq | xargs -r docker inspect -f '{{.Name}} {{.State.StartedAt}} {{.State.Status}}' | sort
 """
 
-STARTS = "docker ps -aq | xargs -r docker inspect -f '{{.Name}} {{.State.StartedAt}}' | sort"
+STARTS = ("docker ps -aq | xargs -r docker inspect -f '{{index .Config.Labels \"com.docker.compose.project\"}}/"
+          "{{index .Config.Labels \"com.docker.compose.service\"}} {{.State.StartedAt}}' | sort")
+
+
+def ctr(project: str, service: str) -> str:
+    """Shell for the container of a compose service, whichever compose flavour
+    named it (v1: project_service_1, v2: project-service-1)."""
+    return (f"$(docker ps -q --filter label=com.docker.compose.project={project} "
+            f"--filter label=com.docker.compose.service={service})")
 
 
 def starts(host: str) -> dict[str, str]:
+    """{"project/service": start time} of every compose container on `host`."""
     return dict(line.split() for line in on_host(host, STARTS).splitlines())
 
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.e2e.helpers import BIN, INVENTORY, REPO, SNAPSHOT, on_host, run, starts, variant
+from tests.e2e.helpers import ctr, BIN, INVENTORY, REPO, SNAPSHOT, on_host, run, starts, variant
 
 pytestmark = pytest.mark.e2e
 
@@ -24,20 +24,21 @@ def test_bootstrap_brings_bare_hosts_to_healthy_stacks(deployed):
     for name, (code, out) in deployed.items():
         assert code == 0, f"bootstrap of {name} failed:\n{out[-3000:]}"
     # vps1 holds two homeservers, vps2 (a sudo user) one
-    status = on_host("vps1", "docker ps --format '{{.Names}} {{.Status}}' | sort")
-    for container in ("synapse-one-test_synapse_1", "synapse-one-test_postgres_1",
-                      "synapse-three-test_synapse_1", "synapse-three-test_postgres_1",
-                      "synapse-fabric-proxy_nginx_1"):
-        line = next((l for l in status.splitlines() if l.startswith(container)), "")
-        assert "(healthy)" in line, f"{container} not healthy: {status}"
-    assert "synapse-two-test_synapse_1" in on_host("vps2", "docker ps --format '{{.Names}} {{.Status}}'")
+    fmt = ("{{index .Config.Labels \\\"com.docker.compose.project\\\"}}/"
+           "{{index .Config.Labels \\\"com.docker.compose.service\\\"}} {{.State.Health.Status}}")
+    status = on_host("vps1", f"docker ps -q | xargs docker inspect -f \"{fmt}\" | sort")
+    for service in ("synapse-one-test/synapse", "synapse-one-test/postgres", "synapse-three-test/synapse",
+                    "synapse-three-test/postgres", "synapse-fabric-proxy/nginx"):
+        assert f"{service} healthy" in status, f"{service} not healthy: {status}"
+    assert "synapse-two-test/synapse healthy" in on_host("vps2", f"docker ps -q | xargs docker inspect -f \"{fmt}\"")
 
 
 @pytest.mark.parametrize("host,server", [("vps1", "one-test"), ("vps1", "three-test"), ("vps2", "two-test")])
 def test_databases_use_c_collation(deployed, host, server):
-    out = on_host(host, f"docker exec synapse-{server}_postgres_1 psql -U synapse -d synapse -tAc "
-                        "'SHOW lc_collate; SHOW lc_ctype; SHOW server_encoding'")
-    assert out.split() == ["C", "C", "UTF8"]
+    out = on_host(host, f"docker exec {ctr('synapse-' + server, 'postgres')} psql -U synapse -d synapse -tAc "
+                        "\"SELECT datcollate, datctype, pg_encoding_to_char(encoding) FROM pg_database "
+                        "WHERE datname = current_database()\"")
+    assert out.strip() == "C|C|UTF8"
 
 
 def test_data_owned_by_synapse_and_secrets_private(deployed):
@@ -70,7 +71,7 @@ def test_changed_setting_restarts_only_that_homeserver(deployed):
     assert "three.test (restart)" in res.stdout
     after = starts("vps1")
     changed = {name for name in before if before[name] != after.get(name)}
-    assert changed == {"/synapse-three-test_synapse_1"}, changed
+    assert changed == {"synapse-three-test/synapse"}, changed
     # and back again: the extra file goes away, three.test restarts once more
     res = run(["inv", "deploy"])
     assert res.returncode == 0 and "three.test (restart)" in res.stdout
@@ -189,8 +190,8 @@ def test_killed_mid_deploy_then_rerun_finishes_the_job(deployed):
     res = run(["inv", "deploy", "--host", "vps1"], inv)
     assert res.returncode == 0
     after = starts("vps1")
-    assert after["/synapse-three-test_synapse_1"] != before["/synapse-three-test_synapse_1"]
-    assert "healthy" in on_host("vps1", "docker ps --filter name=synapse-three-test_synapse --format '{{.Status}}'")
+    assert after["synapse-three-test/synapse"] != before["synapse-three-test/synapse"]
+    assert "healthy" in on_host("vps1", f"docker inspect -f '{{{{.State.Health.Status}}}}' {ctr('synapse-three-test', 'synapse')}")
     res = run(["inv", "deploy", "--host", "vps1"], inv)
     assert "vps1: 0 changed" in res.stdout and "restarted 0" in res.stdout
     assert run(["inv", "deploy", "--host", "vps1"]).returncode == 0  # back to the example inventory
@@ -200,19 +201,20 @@ def test_rendered_files_pass_their_real_consumers(deployed):
     """Each rendered file, read by the program that consumes it on the host:
     compose (both flavours' `config`), `nginx -t`, and Synapse's own config parser
     over homeserver.yaml + conf.d/ (the same files the running server loads)."""
-    out = on_host("vps1", r"""
+    nginx, one, three = ctr("synapse-fabric-proxy", "nginx"), ctr("synapse-one-test", "synapse"), \
+        ctr("synapse-three-test", "synapse")
+    out = on_host("vps1", rf"""
 set -e
-cd /opt/matrix/reverse_proxy && docker-compose config -q && echo proxy-compose-ok
-for d in /opt/matrix/synapse/*/; do (cd "$d" && docker-compose config -q && echo "$(basename "$d")-compose-ok"); done
-docker exec synapse-fabric-proxy_nginx_1 nginx -t 2>&1 | tail -n 1
-for p in one-test three-test; do
+cd /opt/matrix/reverse_proxy && docker compose config -q && echo proxy-compose-ok
+for d in /opt/matrix/synapse/*/; do (cd "$d" && docker compose config -q && echo "$(basename "$d")-compose-ok"); done
+docker exec {nginx} nginx -t 2>&1
+for c in {one} {three}; do
   # server_name comes from what `generate` wrote, public_baseurl from our conf.d/
-  docker exec synapse-${p}_synapse_1 python -m synapse.config read server.server_name \
-    -c /data/homeserver.yaml -c /conf.d/
-  docker exec synapse-${p}_synapse_1 python -m synapse.config read server.public_baseurl \
-    -c /data/homeserver.yaml -c /conf.d/
+  docker exec $c python -m synapse.config read server.server_name -c /data/homeserver.yaml -c /conf.d/
+  docker exec $c python -m synapse.config read server.public_baseurl -c /data/homeserver.yaml -c /conf.d/
 done
 """)
+    assert "warn" not in out  # nothing deprecated in what we render (e.g. `listen ... http2`)
     assert "proxy-compose-ok" in out and "one.test-compose-ok" in out and "three.test-compose-ok" in out
     assert "test is successful" in out
     assert out.count("Config parses OK!") == 4

@@ -1,5 +1,5 @@
 """Element Web on the sandbox: served by the proxy, updated from the sandbox's
-release feed (tests/sandbox/releases.py) by `inv element-update` and by cron."""
+release feed (tests/sandbox/releases.py) by `inv element-update` and by its timer."""
 
 from __future__ import annotations
 
@@ -70,7 +70,10 @@ def test_fresh_deploy_serves_the_pinned_version_and_its_config(deployed):
     assert headers.get("x-frame-options") == "SAMEORIGIN"
     assert headers.get("x-content-type-options") == "nosniff"
     assert "frame-ancestors 'self'" in headers.get("content-security-policy", "")
-    assert "--unattended" in on_host("vps1", "cat /etc/cron.d/synapse-fabric-element")
+    # vps1 runs systemd: the hourly update is a timer, not a cron file
+    assert "element-update --unattended" in on_host("vps1", "systemctl cat synapse-fabric-element.service")
+    assert on_host("vps1", "systemctl is-active synapse-fabric-element.timer; ls /etc/cron.d 2>/dev/null | wc -l"
+                   ).split() == ["active", "0"]
 
 
 class PageProber(Prober):
@@ -153,7 +156,7 @@ def test_rollback_and_only_n_versions_kept(deployed):
     assert len(kept) <= 3, kept  # element.keep defaults to 3
 
 
-def test_cron_runs_unattended_and_two_at_once_swap_once(deployed):
+def test_timer_runs_unattended_and_two_at_once_swap_once(deployed):
     # an auto-updating site (version: latest) for this test
     def latest(doc):
         doc["homeservers"]["one.test"]["element"]["version"] = "latest"
@@ -161,12 +164,15 @@ def test_cron_runs_unattended_and_two_at_once_swap_once(deployed):
     try:
         assert run(["inv", "deploy", "--host", "vps1"], inv).returncode == 0
         releases.publish("1.14.0")
-        line = on_host("vps1", "grep element-update /etc/cron.d/synapse-fabric-element").split()
-        command = " ".join(line[6:]).split(">>")[0].strip()  # what cron runs, as root
-        # two started at once, the way cron would (no terminal, minimal environment)
-        both = on_host("vps1", f"env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin sh -c '{command}' > /tmp/el1 2>&1 & "
+        command = on_host("vps1", "sed -n 's/^ExecStart=//p' /etc/systemd/system/synapse-fabric-element.service").strip()
+        assert command.endswith("element-update --unattended")
+        # the timer's service (as systemd starts it: no terminal, its own environment)
+        # and a second run at the same moment
+        both = on_host("vps1", "since=$(date '+%Y-%m-%d %H:%M:%S'); "
+                               "systemctl start synapse-fabric-element.service & "
                                f"env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin sh -c '{command}' > /tmp/el2 2>&1 & "
-                               "wait; cat /tmp/el1; echo ====; cat /tmp/el2")
+                               "wait; journalctl -u synapse-fabric-element.service --since \"$since\" -o cat; "
+                               "echo ====; cat /tmp/el2")
         print(both)
         assert both.count("now serving 1.14.0") == 1  # one swap, whichever ran first
         assert "another element-update is running" in both or both.count("already at 1.14.0") == 1

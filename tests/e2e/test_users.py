@@ -13,7 +13,7 @@ import time
 import pytest
 from nio import LoginError, LoginResponse
 
-from tests.e2e.helpers import BIN, INVENTORY, REPO, on_host, run, variant
+from tests.e2e.helpers import ctr, BIN, INVENTORY, REPO, on_host, run, variant
 from tests.sandbox.client import SandboxClient
 
 pytestmark = pytest.mark.e2e
@@ -24,17 +24,6 @@ RUN = secrets.token_hex(3)
 ALICE = f"alice-{RUN}"
 ADMIN = f"admin-{RUN}"
 URL = "https://matrix.one.test"
-
-
-@pytest.fixture(scope="module")
-def cafile(deployed, sandbox, tmp_path_factory):
-    """What the client trusts: the sandbox CA's roots plus the certificates the
-    hosts serve right now (their own temporary ones until ACME replaced them)."""
-    pem = on_host("vps1", "cat /opt/matrix/reverse_proxy/certs/*/fullchain.pem")
-    roots = (REPO / "tests/sandbox/state/acme-roots.pem").read_text()
-    path = tmp_path_factory.mktemp("ca") / "trust.pem"
-    path.write_text(pem + "\n" + roots)
-    return path
 
 
 def cli(argv: list[str], password: str | None = None, inventory=INVENTORY) -> subprocess.CompletedProcess:
@@ -124,7 +113,7 @@ def test_reset_with_logout_kills_old_sessions(cafile):
     assert whoami(cafile, before.access_token) == 200
     res = cli(["inv", "reset-password", "--homeserver", HS, "--user", ALICE, "--logout"], "fresh start")
     assert res.returncode == 0, res.stderr
-    on_host("vps1", "for i in $(seq 60); do docker ps --filter name=synapse-one-test_synapse --format '{{.Status}}' "
+    on_host("vps1", "for i in $(seq 60); do docker ps --filter label=com.docker.compose.project=synapse-one-test --filter label=com.docker.compose.service=synapse --format '{{.Status}}' "
                     "| grep -q '(healthy)' && exit 0; sleep 1; done; exit 1")
     assert whoami(cafile, before.access_token) == 401
     assert isinstance(login(cafile, ALICE, "fresh start"), LoginResponse)
@@ -168,7 +157,7 @@ def test_hostile_user_names_refused_before_ssh(name):
 
 
 def test_unknown_user_changes_nothing(cafile):
-    count = "docker exec synapse-one-test_postgres_1 psql -U synapse -d synapse -tAc " \
+    count = f"docker exec {ctr('synapse-one-test', 'postgres')} psql -U synapse -d synapse -tAc " \
             "\"SELECT md5(string_agg(name || coalesce(password_hash,''), ',' ORDER BY name)) FROM users\""
     before = on_host("vps1", count)
     res = cli(["inv", "reset-password", "--homeserver", HS, "--user", "nobody"], "whatever")
@@ -199,12 +188,12 @@ def test_password_and_hash_never_visible(cafile):
     thread.join(60)
     assert res.returncode == 0
     assert int(result["lines"]) > 50, "the sampler saw too little"
-    new_hash = on_host("vps1", "docker exec synapse-one-test_postgres_1 psql -U synapse -d synapse -tAc "
+    new_hash = on_host("vps1", f"docker exec {ctr('synapse-one-test', 'postgres')} psql -U synapse -d synapse -tAc "
                                "\"SELECT password_hash FROM users WHERE name = '@" + ALICE + ":one.test'\"").strip()
     assert new_hash.startswith("$2")
     samples = on_host("vps1", "cat /tmp/argv-samples; rm -f /tmp/argv-samples /tmp/stop-sampler")
     assert "hash_password" in samples, "the sampler did not overlap the reset"
-    logs = on_host("vps1", "docker logs synapse-one-test_synapse_1 2>&1; docker logs synapse-one-test_postgres_1 2>&1")
+    logs = on_host("vps1", f"docker logs {ctr('synapse-one-test', 'synapse')} 2>&1; docker logs {ctr('synapse-one-test', 'postgres')} 2>&1")
     for secret in (password, new_hash):
         assert secret not in samples
         assert secret not in res.stdout + res.stderr

@@ -15,7 +15,7 @@ import time
 import pytest
 from nio import LoginResponse, RoomCreateResponse, SyncResponse
 
-from tests.e2e.helpers import BIN, INVENTORY, REPO, on_host, run, variant
+from tests.e2e.helpers import ctr, BIN, INVENTORY, REPO, on_host, run, variant
 from tests.sandbox import sandbox as sb
 from tests.sandbox.client import SandboxClient, resolve
 from tests.sandbox.probe import Prober
@@ -88,9 +88,10 @@ FINGERPRINT = r"""
 cd /opt/matrix/synapse/one.test
 sha256sum data/one.test.signing.key | cut -d' ' -f1
 find data/media_store -type f 2>/dev/null | sort | xargs -r sha256sum | sha256sum | cut -d' ' -f1
-docker exec synapse-one-test_postgres_1 psql -U synapse -d synapse -tAc \
+pg=$(docker ps -q --filter label=com.docker.compose.project=synapse-one-test --filter label=com.docker.compose.service=postgres)
+docker exec $pg psql -U synapse -d synapse -tAc \
   "SELECT md5(string_agg(name || ':' || coalesce(password_hash,'') || ':' || admin, ',' ORDER BY name)) FROM users"
-docker exec synapse-one-test_postgres_1 psql -U synapse -d synapse -tAc "SELECT count(*) FROM events"
+docker exec $pg psql -U synapse -d synapse -tAc "SELECT count(*) FROM events"
 """
 
 
@@ -148,7 +149,7 @@ def test_interrupted_migration_is_rolled_back_by_abort(world):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "aborted" in res.stdout
     assert on_host("vps3", "test -e /opt/matrix/synapse/one.test && echo left || echo clean").strip() == "clean"
-    on_host("vps1", "for i in $(seq 90); do docker ps --filter name=synapse-one-test_synapse "
+    on_host("vps1", "for i in $(seq 90); do docker ps --filter label=com.docker.compose.project=synapse-one-test --filter label=com.docker.compose.service=synapse "
                     "--format '{{.Status}}' | grep -q '(healthy)' && exit 0; sleep 1; done; exit 1")
     assert on_host("vps1", FINGERPRINT).split()[:3] == world["before"][:3]
     want = {"a-before-0", "b-before-2"}
@@ -225,7 +226,7 @@ def test_after_dns_change_federation_goes_direct(world, sandbox):
     assert f"a-direct-{RUN}" in asyncio.run(
         history("https://matrix.two.test", BOB, "bob pw", room, {f"a-direct-{RUN}"}))
     assert delivered_to_alice(room, f"b-direct-{RUN}")
-    log = on_host("vps3", "docker logs synapse-fabric-proxy_nginx_1 2>/dev/null | grep '_matrix/federation' | tail -n 50")
+    log = on_host("vps3", f"docker logs {ctr('synapse-fabric-proxy', 'nginx')} 2>/dev/null | grep '_matrix/federation' | tail -n 50")
     assert sandbox.hosts["vps2"].ip in log, "two.test never reached vps3 directly"
 
 

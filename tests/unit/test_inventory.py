@@ -211,3 +211,19 @@ def test_element_cannot_share_its_homeservers_name():
         """
     )
     assert "homeservers.one.example.element.hostname" in msg and "needs its own" in msg
+
+
+def test_image_references():
+    ok = parse(textwrap.dedent("""
+        images:
+          nginx: nginx:1.30@sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa
+          postgres: registry.example.org:5000/lib/postgres:16.4-bookworm
+        hosts: {web: {address: 1.2.3.4}}
+    """))
+    assert ok.image("nginx").startswith("nginx:1.30@sha256:")
+    assert "not an image reference" in bad("images: {nginx: 'nginx'}\nhosts: {web: {address: 1.2.3.4}}")
+    assert "major version" in bad("images: {postgres: 'postgres:latest'}\nhosts: {web: {address: 1.2.3.4}}")
+    msg = bad("images: {postgres: 'postgres:18-trixie'}\nhosts: {web: {address: 1.2.3.4}}")
+    assert "PGDATA moved in 18" in msg and "17 or older" in msg
+    msg = bad("hosts: {web: {address: 1.2.3.4}}\nhomeservers: {a.example: {host: web, postgres: {image: 'postgres:18'}}}")
+    assert "homeservers.a.example.postgres.image" in msg

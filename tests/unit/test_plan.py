@@ -2,6 +2,8 @@
 
 import textwrap
 
+import pytest
+
 from fabfile import facts as facts_mod
 from fabfile.facts import Container, Facts, Stat
 from fabfile.inventory import parse
@@ -150,3 +152,86 @@ def test_actions_left_by_an_interrupted_run_are_done_by_the_next():
     plan = make(state, facts, LOCAL(state), push=True)
     assert plan.changes == [] and not plan.empty
     assert plan.synapse_restart == ["one.example"] and plan.nginx_reload and plan.pending_done
+
+
+# -- hosts as operators have them: systemd timers, pulled images, PostgreSQL majors
+
+def test_systemd_host_gets_timers_and_no_cron_files():
+    state = render_host(INV, "web")
+    facts = converged(state, systemd=True)
+    paths = {f.path for f in applicable(state, facts)}
+    assert "/etc/systemd/system/synapse-fabric-certificates.timer" in paths
+    assert not any(p.startswith("/etc/cron.d/") for p in paths)
+    assert make(state, facts, LOCAL(state), push=True).empty
+    # a timer that is not running (e.g. disabled by hand) is enabled again
+    facts.timers["synapse-fabric-certificates.timer"] = ("disabled", "inactive")
+    plan = make(state, facts, LOCAL(state), push=True)
+    assert plan.timers == ["synapse-fabric-certificates.timer"] and plan.files == []
+    # a host that moved to systemd drops its cron file
+    facts = converged(state, systemd=True)
+    facts.stats["/etc/cron.d/synapse-fabric-certificates"] = Stat("regular file", 0o644, "0:0")
+    assert make(state, facts, LOCAL(state), push=True).remove == ["/etc/cron.d/synapse-fabric-certificates"]
+
+
+def test_host_without_systemd_gets_cron_files():
+    state = render_host(INV, "web")
+    paths = {f.path for f in applicable(state, converged(state))}
+    assert "/etc/cron.d/synapse-fabric-certificates" in paths
+    assert not any(p.startswith("/etc/systemd/") for p in paths)
+
+
+PULL_INV = parse(textwrap.dedent("""
+    images:
+      nginx: nginx:1.30@sha256:1111111111111111111111111111111111111111111111111111111111111111
+    hosts:
+      web: {address: 203.0.113.10}
+    homeservers:
+      one.example: {host: web}
+"""))
+
+
+def test_pull_host_pulls_only_what_it_lacks():
+    state = render_host(PULL_INV, "web")
+    facts = converged(state)
+    pinned = PULL_INV.image("nginx")
+    facts.digests = {"nginx@sha256:" + "1" * 64: "sha256:1"}
+    plan = make(state, facts, {}, push=False)
+    assert plan.pulls == [] and plan.empty
+    # a digest pin is present only as that digest, whatever tags exist
+    facts.digests = {}
+    assert make(state, facts, {}, push=False).pulls == [pinned]
+    # a tag a service is about to switch to is pulled again, even when present
+    facts = converged(state)
+    facts.digests = {"nginx@sha256:" + "1" * 64: "sha256:1"}
+    pg = state.postgres_image(state.homeservers[0])
+    facts.containers = [c if c.service != "synapse" else
+                        type(c)(c.project, c.service, c.state, c.status, c.id, "matrixdotorg/synapse:v1.0.0")
+                        for c in facts.containers]
+    assert make(state, facts, {}, push=False).pulls == [PULL_INV.image("synapse")]
+    # --pull asks again for every tag, never for a digest pin
+    facts = converged(state)
+    facts.digests = {"nginx@sha256:" + "1" * 64: "sha256:1"}
+    refreshed = make(state, facts, {}, push=False, refresh_tags=True).pulls
+    assert sorted(refreshed) == sorted([PULL_INV.image("certbot"), PULL_INV.image("synapse"), pg])
+
+
+def test_postgres_keeps_the_major_of_its_data():
+    from fabfile.postgres import keep_majors
+    from fabfile.schema import InventoryError as Err
+
+    state = render_host(INV, "web")
+    facts = converged(state)
+    assert keep_majors(state, facts) == ({}, [])
+    facts.pg_major = {"one.example": 17, "two.example": 15}
+    for c in facts.containers:
+        if c.project == synapse_project(state.homeservers[1]) and c.service == "postgres":
+            c.image = "postgres:15-bookworm"
+    keep, notes = keep_majors(state, facts)
+    assert keep == {"two.example": "postgres:15-bookworm"} and "PostgreSQL 15" in notes[0]
+    kept = render_host(INV, "web", keep_postgres=keep)
+    assert b'"postgres:15-bookworm"' in kept.file("/opt/matrix/synapse/two.example/docker-compose.yml").content
+    assert b'"postgres:17-trixie"' in kept.file("/opt/matrix/synapse/one.example/docker-compose.yml").content
+    # no container of the right major left: refuse, naming the key to set
+    facts.containers = [c for c in facts.containers if c.service != "postgres"]
+    with pytest.raises(Err, match="homeservers.two.example.postgres.image"):
+        keep_majors(state, facts)
