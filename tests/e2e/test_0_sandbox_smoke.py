@@ -1,5 +1,6 @@
 """The sandbox itself works: strict SSH as each host's user, sandbox DNS, the ACME CA
-over verified TLS, and the VPSs are bare (no docker yet)."""
+over verified TLS, and the VPSs are bare (no docker yet): Debian 13 with systemd
+as PID 1 (vps1, vps3), Debian 12 without (vps2)."""
 from __future__ import annotations
 
 import json
@@ -29,6 +30,18 @@ def test_vps_is_a_bare_reachable_host(sandbox, name):
         # a freshly rented VPS: no container engine yet
         res = conn.run("command -v docker dockerd", hide=True, warn=True)
         assert res.stdout.strip() == "", f"{name} already has docker: {res.stdout}"
+        release = conn.run(". /etc/os-release && echo $VERSION_ID", hide=True).stdout.strip()
+        assert release == str(host.debian)
+        pid1 = conn.run("cat /proc/1/comm", hide=True).stdout.strip()
+        if host.systemd:
+            # booted like a cloud VPS: systemd running, sshd one of its services, no cron
+            sudo = "sudo -n " if host.user != "root" else ""
+            state = conn.run(f"{sudo}systemctl is-system-running --wait; systemctl is-active ssh.service",
+                             hide=True, warn=True).stdout.split()
+            assert pid1 == "systemd" and state == ["running", "active"], state
+            assert conn.run("command -v cron crontab", hide=True, warn=True).stdout.strip() == ""
+        else:
+            assert pid1 != "systemd"
 
         # sandbox names through the infra resolver; everything else upstream
         assert _getent(conn, "matrix.one.test") == [sandbox.hosts["vps1"].ip]

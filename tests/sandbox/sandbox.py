@@ -624,7 +624,8 @@ def status() -> list[tuple[str, str, str, str]]:
     """Rows of (container, address, state, role)."""
     rows = []
     entries = [(INFRA_CONTAINER, INFRA_IP, "dns :53, acme :14000, mgmt :15000, dns api :8055")]
-    entries += [(h.container, h.ip, f"ssh {h.user}@{h.ip}") for h in HOSTS.values()]
+    entries += [(h.container, h.ip, f"Debian {h.debian}, {'systemd' if h.systemd else 'no systemd'}; "
+                 f"ssh {h.user}@{h.ip}") for h in HOSTS.values()]
     for container, ip, role in entries:
         res = _run(["docker", "container", "inspect", "--format", "{{.State.Status}}",
                     container], check=False)
