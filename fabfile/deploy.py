@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
-from . import docker, element, facts as facts_mod, plan as plan_mod, postgres, proxy, synapse
+from . import docker, element, facts as facts_mod, guard, plan as plan_mod, postgres, proxy, synapse
 from .inventory import Inventory, InventoryError
 from .plan import Plan
 from .remote import Remote, RemoteError, open_remote
@@ -117,9 +117,10 @@ def _converge_host(inv, state, local_images, dry_run, install, report, pull=Fals
 
 def converge(remote: Remote, state, local_images, report: Reporter, result: HostResult,
              dry_run: bool = False, install: bool = False, hold: tuple[str, ...] = (),
-             pull: bool = False) -> None:
+             pull: bool = False, migrating: str = "") -> None:
     """One host, already opened and locked. `hold`: homeservers whose Synapse must
-    not start (a migration starts only their PostgreSQL, to restore into it)."""
+    not start (a migration starts only their PostgreSQL, to restore into it);
+    `migrating`: the homeserver a migration moves (its records do not stop it)."""
     name = state.host.name
     log = lambda msg: report.line(name, msg)  # noqa: E731
     if install:
@@ -139,6 +140,7 @@ def converge(remote: Remote, state, local_images, report: Reporter, result: Host
         raise RemoteError(f"{name}: Docker is not installed; run `fab -H {name} bootstrap` first")
     if not facts.compose:
         raise RemoteError(f"{name}: neither `docker compose` nor `docker-compose` is installed; run bootstrap")
+    guard.check(state, facts, remote.inv.path, migrating)
     keep, notes = postgres.keep_majors(state, facts)
     for note in notes:
         log(note)

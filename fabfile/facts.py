@@ -18,6 +18,9 @@ The script prints one tab-separated record a line:
     L  site_dir target             the Element release a site serves (its `current` link)
     T  unit enabled active         a systemd timer of ours (systemd hosts only)
     V  server_name major           the PostgreSQL major version of a homeserver's database
+    G  server_name                 a homeserver whose stack is on this host (synapse/<sn>/docker-compose.yml)
+    X  server_name record          a homeserver this host handed over (inv migrate-host)
+    R  server_name record          a migration of this homeserver in progress from this host
 """
 
 from __future__ import annotations
@@ -62,6 +65,9 @@ class Facts:
     digests: dict[str, str] = field(default_factory=dict)  # repo@sha256:... -> image ID
     timers: dict[str, tuple[str, str]] = field(default_factory=dict)  # unit -> (enabled, active)
     pg_major: dict[str, int] = field(default_factory=dict)  # server_name -> its database's major
+    hosted: set[str] = field(default_factory=set)  # homeservers whose stack is here
+    handed_over: dict[str, dict[str, str]] = field(default_factory=dict)  # sn -> {to, address, at}
+    migrating: dict[str, dict[str, str]] = field(default_factory=dict)  # sn -> {to, phase}
 
     @property
     def systemd(self) -> bool:
@@ -159,6 +165,16 @@ def timers(state: DesiredState) -> list[str]:
     return [f.path.rsplit("/", 1)[1] for f in state.files if f.when == "systemd" and f.path.endswith(".timer")]
 
 
+def records_dir(state: DesiredState) -> str:
+    """What this host knows of the homeservers it gave away (see fabfile/guard.py)."""
+    return f"{state.layout.base}/.synapse-fabric/handed-over"
+
+
+def migration_marker(base: str, server_name: str) -> str:
+    """The state of a migration in progress, on the host it leaves."""
+    return f"{base}/synapse/{server_name}/.migration"
+
+
 def pg_version_file(state: DesiredState, hs) -> str:
     return f"{state.layout.synapse(hs.server_name)}/postgres/PG_VERSION"
 
@@ -181,6 +197,13 @@ def script(state: DesiredState) -> str:
         f"sha256sum -- {q(files + certs)} 2>/dev/null | sed 's/^\\([0-9a-f]*\\)  /H\\t\\1\\t/'",
         "printf '1\\t%s\\n' \"$(cat /proc/1/comm 2>/dev/null)\"",
         *(f"printf 'V\\t%s\\t%s\\n' {shlex.quote(hs.server_name)} \"$(cat {shlex.quote(pg_version_file(state, hs))} 2>/dev/null)\""
+          for hs in state.homeservers),
+        f"for f in {shlex.quote(state.layout.base)}/synapse/*/docker-compose.yml; do [ -f \"$f\" ] && "
+        "printf 'G\\t%s\\n' \"$(basename \"$(dirname \"$f\")\")\"; done",
+        f"for f in {shlex.quote(records_dir(state))}/*; do [ -f \"$f\" ] && "
+        "printf 'X\\t%s\\t%s\\n' \"$(basename \"$f\")\" \"$(tr '\\n\\t' '  ' < \"$f\")\"; done",
+        *(f"[ -f {shlex.quote(migration_marker(state.layout.base, hs.server_name))} ] && printf 'R\\t%s\\t%s\\n' "
+          f"{shlex.quote(hs.server_name)} \"$(tr '\\n\\t' '  ' < {shlex.quote(migration_marker(state.layout.base, hs.server_name))})\""
           for hs in state.homeservers),
         *(f"[ \"$(cat /proc/1/comm)\" = systemd ] && printf 'T\\t%s\\t%s\\t%s\\n' {t} "
           f"\"$(systemctl is-enabled {t} 2>/dev/null)\" \"$(systemctl is-active {t} 2>/dev/null)\""
@@ -231,6 +254,12 @@ def parse(output: str) -> Facts:
             facts.digests[parts[0]] = parts[1]
         elif kind == "T" and len(parts) == 3:
             facts.timers[parts[0]] = (parts[1], parts[2])
+        elif kind == "G" and parts[0]:
+            facts.hosted.add(parts[0])
+        elif kind == "X" and len(parts) == 2:
+            facts.handed_over[parts[0]] = _fields(parts[1])
+        elif kind == "R" and len(parts) == 2:
+            facts.migrating[parts[0]] = _fields(parts[1])
         elif kind == "V" and len(parts) == 2 and parts[1].strip().isdigit():
             facts.pg_major[parts[0]] = int(parts[1])
         elif kind == "O" and len(parts) == 2:
@@ -244,3 +273,8 @@ def parse(output: str) -> Facts:
         elif kind == "1":
             facts.pid1 = parts[0]
     return facts
+
+
+def _fields(text: str) -> dict[str, str]:
+    """`key=value key=value` -> dict (values have no spaces)."""
+    return dict(part.split("=", 1) for part in text.split() if "=" in part)

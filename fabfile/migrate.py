@@ -11,12 +11,21 @@ is resumed by running it again, or undone with --abort):
     restored  database dumped on the old host and restored on the new one, streamed
               through this machine (never stored here); media changed since `copied`
               copied again
-    started   Synapse started on the new host, healthy (the downtime ends)
-    switched  the old host's vhosts for the homeserver forward to the new address
+    started   Synapse started on the new host (with the original signing key), healthy
+    switching the old host records the hand-over (<base>/.synapse-fabric/handed-over/<sn>,
+              which stops any later deploy from starting a copy there), then its
+              vhosts for the homeserver forward to the new address
+    switched  the forwarding serves (the downtime ends)
     recorded  hosts.yaml says where the homeserver is now (comment-preserving edit)
 
-Any failure before `switched` puts everything back: Synapse runs again on the old
-host and the partial copy on the new host is removed.
+Any failure before `switching` puts everything back: Synapse runs again on the
+old host and the partial copy on the new host is removed. The rollback is itself
+recorded (`undo=` in the state file) and resumed by the next run, whatever it was
+asked: a half-done rollback is never mistaken for a half-done migration. The new
+copy's Synapse is stopped BEFORE the old one restarts; if the new host cannot be
+reached while its Synapse may run, the old one stays stopped (one copy at most).
+Once `switching` is recorded, the forwarding may be live and the new copy may
+have taken writes: the only way on is forward (`--abort` refuses).
 """
 
 from __future__ import annotations
@@ -37,24 +46,32 @@ from .remote import Remote, RemoteError, locked, open_remote
 from .render import Layout, render_host, synapse_project
 from .report import Reporter
 
-PHASES = ["checked", "copied", "stopped", "restored", "started", "switched", "recorded"]
+PHASES = ["checked", "copied", "stopped", "restored", "started", "switching", "switched", "recorded"]
+# A rollback's own steps (recorded as undo=<step done>), resumed by any later run.
+UNDO = ["begun", "new-stopped", "old-started"]
 
 
 def _marker(lay: Layout, sn: str) -> str:
     return f"{lay.synapse(sn)}/.migration"
 
 
+def read_state(remote: Remote, lay: Layout, sn: str) -> dict[str, str]:
+    """{to, phase[, undo]} of a migration in progress (or being rolled back), or {}."""
+    out = remote.run(f"cat {shlex.quote(_marker(lay, sn))} 2>/dev/null || true", what="read migration state").out
+    return dict(part.split("=", 1) for part in out.split() if "=" in part)
+
+
 def read_phase(remote: Remote, lay: Layout, sn: str) -> tuple[str, str]:
     """(target host, last phase done) of a migration in progress, or ("", "")."""
-    out = remote.run(f"cat {shlex.quote(_marker(lay, sn))} 2>/dev/null || true", what="read migration state").out
-    fields = dict(part.split("=", 1) for part in out.split() if "=" in part)
-    return fields.get("to", ""), fields.get("phase", "")
+    state = read_state(remote, lay, sn)
+    return state.get("to", ""), state.get("phase", "")
 
 
-def _set_phase(remote: Remote, lay: Layout, sn: str, to: str, phase: str) -> None:
+def _set_phase(remote: Remote, lay: Layout, sn: str, to: str, phase: str, undo: str = "") -> None:
     m = shlex.quote(_marker(lay, sn))
-    remote.run(f"printf 'to=%s phase=%s\\n' {shlex.quote(to)} {phase} > {m}.new && mv -f {m}.new {m}",
-               what="record migration state")
+    extra = f" undo={undo}" if undo else ""
+    remote.run(f"printf 'to=%s phase=%s%s\\n' {shlex.quote(to)} {phase} {shlex.quote(extra)} > {m}.new "
+               f"&& mv -f {m}.new {m}", what="record migration state")
 
 
 def _compose(remote: Remote) -> str:
@@ -83,10 +100,17 @@ class Migration:
 
     # -- plumbing ------------------------------------------------------------
     def open(self) -> None:
+        """Both hosts, locked. An unreachable new host is not an error yet: a
+        rollback must still be able to act on the old one (see undo)."""
         self.src = open_remote(self.inv, self.old_host)
-        self.dst = open_remote(self.inv, self.new_host)
         self.src.lock(self.inv.ssh.lock_timeout)
-        self.dst.lock(self.inv.ssh.lock_timeout)
+        try:
+            self.dst = open_remote(self.inv, self.new_host)
+            self.dst.lock(self.inv.ssh.lock_timeout)
+        except RemoteError as exc:
+            if self.dst is not None:
+                self.dst.close()
+            self.dst = _Unreachable(self.new_host.name, str(exc))
 
     def close(self) -> None:
         for r in (self.src, self.dst):
@@ -97,7 +121,7 @@ class Migration:
         state = render_host(inv, remote.name)
         result = HostResult(remote.name)
         converge(remote, state, local_images(inv, [state]), Reporter(_LogWriter(self.log, remote.name)),
-                 result, install=install, hold=hold)
+                 result, install=install, hold=hold, migrating=self.sn)
 
     def _copy(self, what: str, src_script: str) -> None:
         started = time.monotonic()
@@ -111,7 +135,10 @@ class Migration:
         sn = self.sn
         data = shlex.quote(self.old_lay.synapse(sn))
         size = int(self.src.run(f"du -sk {data} | cut -f1", what="size of the homeserver").out.split()[0])
-        free_kb = int(self.dst.run("df -Pk / | awk 'NR==2 {print $4}'", what="free space").out.split()[0])
+        # on the filesystem that will hold base_dir (its nearest existing parent today)
+        free_kb = int(self.dst.run(
+            f"d={shlex.quote(self.new_lay.base)}; while [ ! -d \"$d\" ]; do d=$(dirname \"$d\"); done; "
+            "df -Pk \"$d\" | awk 'NR==2 {print $4}'", what="free space").out.split()[0])
         if free_kb < size * 2 + 512 * 1024:
             raise TaskError(f"{self.to} has {free_kb // 1024} MiB free; {sn} needs about {size * 2 // 1024} MiB "
                             "(files plus the restored database)")
@@ -130,8 +157,11 @@ class Migration:
         base = shlex.quote(self.old_lay.base)
         mark = f"synapse/{sn}/.migration-mark"
         paths = " ".join(shlex.quote(p) for p in [f"synapse/{sn}"] + _acme_paths(sn))
+        # Synapse keeps writing (media): a file that changes while read is copied again
+        # after the stop (`-newer` the mark), so tar's "file changed" (exit 1) is fine here.
         script = (f"cd {base} && touch {mark} && for p in {paths}; do [ -e \"$p\" ] && echo \"$p\"; done | "
-                  f"tar -c -f - --exclude=synapse/{sn}/postgres --exclude='synapse/{sn}/.migration*' -T -")
+                  f"{{ tar -c -f - --warning=no-file-changed --exclude=synapse/{sn}/postgres "
+                  f"--exclude='synapse/{sn}/.migration*' -T -; rc=$?; [ $rc -le 1 ]; }}")
         self._copy("copy while running", script)
         self._converge(self.dst, self.moved, hold=(sn,), install=True)
 
@@ -163,30 +193,106 @@ class Migration:
         self._copy("copy what changed meanwhile",
                    f"cd {base} && find synapse/{sn}/data -newer {mark} \\( -type f -o -type l \\) | tar -c -f - -T -")
 
+    def _signing_key(self, remote: Remote, lay: Layout) -> str:
+        key = shlex.quote(f"{lay.synapse(self.sn)}/data/{self.sn}.signing.key")
+        return remote.run(f"sha256sum {key} 2>/dev/null | cut -d' ' -f1", what="signing key").out.strip()
+
     def start_new(self) -> None:
+        # never start a copy that is not this homeserver (e.g. a fresh `generate`)
+        old_key, new_key = self._signing_key(self.src, self.old_lay), self._signing_key(self.dst, self.new_lay)
+        if not old_key or old_key != new_key:
+            raise TaskError(f"the copy on {self.to} does not hold {self.sn}'s signing key; not starting it")
         self._converge(self.dst, self.moved)
         self.log(f"{self.sn} runs on {self.to}")
 
     def switch(self) -> None:
-        self._converge(self.src, self.forwarding)
+        """Record the hand-over on the old host, then make it forward. Raises
+        ForwardingNotLive when it failed and the forwarding certainly does not
+        serve (nginx refused it and kept the previous files)."""
+        src_records = records_dir_of(self.old_lay)
+        at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        record = f"to={self.to} address={self.new_host.address} at={at}\n"
+        self.src.run(f"mkdir -p {shlex.quote(src_records)} && cat > {shlex.quote(src_records + '/' + self.sn)}.new && "
+                     f"mv -f {shlex.quote(src_records + '/' + self.sn)}.new {shlex.quote(src_records + '/' + self.sn)}",
+                     stdin=record.encode(), what="record the hand-over")
+        try:
+            self._converge(self.src, self.forwarding)
+        except RemoteError:
+            conf = shlex.quote(f"{self.old_lay.proxy}/nginx/conf.d/{self.sn}-forward.conf")
+            live = self.src.run(f"test -f {conf} && echo yes || true", what="forwarding in place?").out.strip()
+            if not live:
+                self.src.run(f"rm -f {shlex.quote(src_records + '/' + self.sn)}", what="withdraw the hand-over")
+                raise ForwardingNotLive() from None
+            raise
+        # the new host serves it now: forget an older hand-over of it there (a move back)
+        self.dst.run(f"rm -f {shlex.quote(records_dir_of(self.new_lay) + '/' + self.sn)}", what="hand-over taken")
         self.log(f"{self.old_host.name} forwards {self.sn}'s names to {self.new_host.address}")
 
-    def undo(self) -> None:
-        """Back to the old host: Synapse running there, no copy on the new host."""
-        sn = self.sn
+    def undo(self, phase: str, undone: str = "") -> None:
+        """Back to the old host: the new copy stopped FIRST, then Synapse running on
+        the old host, then the partial copy removed. Each step is recorded, so an
+        interrupted rollback is resumed (never taken for a migration to resume)."""
+        sn, to = self.sn, self.to
+        done = UNDO.index(undone) if undone else -1
         self.log(f"rolling back: {sn} stays on {self.old_host.name}")
-        root = shlex.quote(self.old_lay.synapse(sn))
-        self.src.run(f"cd {root} && {_compose(self.src)} up -d", what="restart Synapse on the old host")
+        if done < 0:
+            _set_phase(self.src, self.old_lay, sn, to, phase, "begun")
         new_root = shlex.quote(self.new_lay.synapse(sn))
+        # the new Synapse may run only if its start was attempted (after `restored`)
+        may_run = PHASES.index(phase) >= PHASES.index("restored")
+        if done < UNDO.index("new-stopped"):
+            try:
+                compose = _compose(self.dst) if self.dst.run("command -v docker || true", what="docker?").out.strip() else ""
+                if compose:
+                    self.dst.run(f"if [ -f {new_root}/docker-compose.yml ]; then cd {new_root} && {compose} stop; fi",
+                                 what="stop the new copy", timeout=180)
+            except RemoteError as exc:
+                if may_run:
+                    raise TaskError(
+                        f"cannot reach {to} to stop the copy of {sn} there ({exc}); the old copy stays "
+                        f"STOPPED so that at most one serves. Run `inv migrate-host --homeserver {sn} --abort` "
+                        f"again once {to} answers") from None
+                self.log(f"{to} does not answer; its copy never started: going on ({exc})")
+            _set_phase(self.src, self.old_lay, sn, to, phase, "new-stopped")
+        if done < UNDO.index("old-started"):
+            root = shlex.quote(self.old_lay.synapse(sn))
+            self.src.run(f"cd {root} && {_compose(self.src)} up -d", what="restart Synapse on the old host", timeout=300)
+            _set_phase(self.src, self.old_lay, sn, to, phase, "old-started")
         compose = _compose(self.dst) if self.dst.run("command -v docker || true", what="docker?").out.strip() else ""
         if compose:
             self.dst.run(f"if [ -f {new_root}/docker-compose.yml ]; then cd {new_root} && {compose} down; fi",
-                         what="stop the partial copy")
-            self._converge(self.dst, self.inv)  # drops the vhosts it got
+                         what="remove the partial copy's containers", timeout=300)
         nb = self.new_lay.base
         rm = " ".join(shlex.quote(f"{nb}/{p}") for p in [f"synapse/{sn}"] + _acme_paths(sn)[:-1])
         self.dst.run(f"rm -rf {rm}", what="remove the partial copy")
+        if compose:
+            self._converge(self.dst, self.inv)  # drops the vhosts it got
+        root = shlex.quote(self.old_lay.synapse(sn))
         self.src.run(f"rm -f {shlex.quote(_marker(self.old_lay, sn))} {root}/.migration-mark", what="clear state")
+
+
+class _Unreachable:
+    """Stands for a host that could not be reached: every command fails."""
+
+    def __init__(self, name: str, why: str):
+        self.name, self.why = name, why
+
+    def run(self, *args, **kwargs):
+        raise RemoteError(self.why)
+
+    def stream(self, *args, **kwargs):
+        raise RemoteError(self.why)
+
+    def close(self) -> None:
+        pass
+
+
+class ForwardingNotLive(Exception):
+    """The switch failed and the old host still serves its previous files."""
+
+
+def records_dir_of(lay: Layout) -> str:
+    return f"{lay.base}/.synapse-fabric/handed-over"
 
 
 class _LogWriter:
@@ -245,11 +351,24 @@ def migrate(inv: Inventory, sn: str, to: str | None, dry_run: bool, abort: bool,
     m = Migration(inv, hs, to, log)
     m.open()
     try:
+        state = read_state(m.src, m.old_lay, sn)  # again, now that both hosts are locked
+        phase = state.get("phase", "")
+        if state.get("undo"):
+            # a rollback was interrupted: whatever was asked, it is finished first
+            log(f"a rollback of the migration of {sn} to {to} was interrupted (after: {state['undo']}); "
+                "finishing it")
+            m.undo(phase, state["undo"])
+            log(f"aborted: {sn} runs on {hs.host} as before")
+            if not abort:
+                raise TaskError(f"the interrupted rollback of {sn} is complete; nothing was migrated "
+                                "(run the migration again to start over)")
+            return
         if abort:
-            if PHASES.index(phase) >= PHASES.index("switched"):
-                raise TaskError(f"{sn} already runs on {to} and the old host forwards to it: "
-                                "too late to abort (use --finish after DNS moved)")
-            m.undo()
+            if PHASES.index(phase) >= PHASES.index("switching"):
+                raise TaskError(f"{sn} already runs on {to} and the old host forwards (or may forward) to it: "
+                                "too late to abort; re-run the migration to complete it, then --finish "
+                                "after DNS moved")
+            m.undo(phase)
             log(f"aborted: {sn} runs on {hs.host} as before")
             return
         done = PHASES.index(phase) if phase else -1
@@ -260,23 +379,36 @@ def migrate(inv: Inventory, sn: str, to: str | None, dry_run: bool, abort: bool,
             log("dry run: " + " -> ".join(PHASES[done + 1:]) + " (nothing was changed)")
             return
         steps = [("copied", m.copy_live), ("stopped", m.stop_old), ("restored", m.restore),
-                 ("started", m.start_new), ("switched", m.switch)]
+                 ("started", m.start_new), ("switching", None), ("switched", m.switch)]
+        if PHASES.index("stopped") <= done < PHASES.index("switching"):
+            m.stop_old()  # resuming: make sure the old copy is stopped before going on
         stop_started = None
         for name, step in steps:
             if PHASES.index(name) <= done:
                 continue
             if name == "stopped":
                 stop_started = time.monotonic()
+            if step is None:  # a point of no return, recorded before the step that passes it
+                _set_phase(m.src, m.old_lay, sn, to, name)
+                log(f"step '{name}' recorded")
+                continue
             try:
                 step()
+            except ForwardingNotLive:
+                log(f"step '{name}' failed: the old host refused the forwarding and serves as before")
+                m.undo("started")
+                raise TaskError(f"migration of {sn} failed at step '{name}' and was rolled back; "
+                                f"{sn} runs on {hs.host} as before") from None
             except (RemoteError, TaskError) as exc:
-                if PHASES.index(name) < PHASES.index("switched"):
+                if PHASES.index(name) < PHASES.index("switching"):
                     log(f"step '{name}' failed: {exc}")
-                    m.undo()
+                    m.undo(PHASES[PHASES.index(name) - 1])
                     raise TaskError(f"migration of {sn} failed at step '{name}' and was rolled back; "
                                     f"{sn} runs on {hs.host} as before") from None
-                raise
+                raise TaskError(f"migration of {sn} failed at step '{name}': {exc}\n"
+                                f"{sn} runs on {to}; re-run the same command to complete the switch") from None
             _set_phase(m.src, m.old_lay, sn, to, name)
+            log(f"step '{name}' done")
             if name == "switched" and stop_started is not None:
                 log(f"{sn} was stopped for {time.monotonic() - stop_started:.1f}s (stop to forwarding)")
         record_in_inventory(inv.path, sn, to, hs.host)

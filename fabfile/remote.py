@@ -30,6 +30,13 @@ from invoke import Config
 
 from .inventory import Host, Inventory
 
+# No remote call waits forever (a NAT that drops the connection silently must end
+# in an error, and during a migration in its rollback): a deadline for each command
+# unless it gives its own, and for streams a limit on silence.
+DEFAULT_TIMEOUT = 900.0
+STREAM_IDLE_TIMEOUT = 300.0
+KEEPALIVE_SECONDS = 15
+
 LOCK_FILE = "/run/lock/synapse-fabric.lock"
 LOCK_OWNER = "/run/lock/synapse-fabric.owner"
 
@@ -100,7 +107,9 @@ class Remote:
         on_stdout: Optional[Callable[[str], None]] = None,
     ) -> Result:
         """Run `script` as root. `stdin` may be bytes or an iterable of chunks
-        (streamed). Raises RemoteError when it exits non-zero and `check` is set."""
+        (streamed). Raises RemoteError when it exits non-zero and `check` is set,
+        or when it has not finished after `timeout` seconds (DEFAULT_TIMEOUT)."""
+        timeout = DEFAULT_TIMEOUT if timeout is None else timeout
         if self._lock_channel is not None and (self._lock_channel.closed or not self.conn.is_connected):
             raise RemoteError(f"{self.name}: the SSH connection dropped; stopping (the host lock is gone)")
         self.conn.open()
@@ -136,24 +145,30 @@ class Remote:
             raise RemoteError(self._failure(what or script.splitlines()[0], result))
         return result
 
-    def stream(self, script: str, what: str) -> Iterator[bytes]:
+    def stream(self, script: str, what: str, idle_timeout: float = STREAM_IDLE_TIMEOUT) -> Iterator[bytes]:
         """Run `script` as root and yield its stdout as it comes (to feed another
         host's command without a copy on this machine). Raises RemoteError at the
-        end if it failed."""
+        end if it failed, or when nothing arrived for `idle_timeout` seconds."""
         self.conn.open()
         self.commands += 1
         chan = self.conn.transport.open_session()
         chan.exec_command(self._wrap(script))
         chan.shutdown_write()
         err = bytearray()
+        last = time.monotonic()
         try:
             while True:
                 if chan.recv_ready():
+                    last = time.monotonic()
                     yield chan.recv(1 << 20)
                 elif chan.recv_stderr_ready():
                     err.extend(chan.recv_stderr(65536))
                 elif chan.eof_received or chan.closed:
                     break
+                elif time.monotonic() - last > idle_timeout:
+                    raise RemoteError(f"{self.name}: {what}: no data for {int(idle_timeout)}s; giving up")
+                elif not self.conn.is_connected:
+                    raise RemoteError(f"{self.name}: {what}: connection lost")
                 else:
                     time.sleep(0.002)
             while chan.recv_stderr_ready():
@@ -311,6 +326,8 @@ def open_remote(inv: Inventory, host: Host) -> Remote:
     known = inv.ssh.known_hosts or "~/.ssh/known_hosts"
     try:
         remote.conn.open()
+        # keepalives make a silently dropped connection (NAT, firewall) fail, not hang
+        remote.conn.transport.set_keepalive(KEEPALIVE_SECONDS)
     except paramiko.BadHostKeyException:
         raise HostKeyError(
             f"{where}: the host key CHANGED since it was recorded in {known}. "

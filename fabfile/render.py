@@ -84,6 +84,7 @@ class DesiredState:
     dirs: tuple[RemoteDir, ...]
     files: tuple[RemoteFile, ...]
     homeservers: tuple[Homeserver, ...] = field(default=())
+    forwarded: tuple[Homeserver, ...] = field(default=())  # moved away; this host forwards them
     images: tuple[str, ...] = field(default=())  # image references the host needs
     image_refs: dict = field(default_factory=dict)  # role (synapse, nginx, ...) -> reference
     acme: object = None  # the inventory's Acme settings when ACME is enabled
@@ -107,6 +108,11 @@ def synapse_project(hs: Homeserver) -> str:
 def synapse_upstream(hs: Homeserver) -> str:
     """The name nginx uses for this homeserver's Synapse on the shared network."""
     return f"synapse-{hs.slug}"
+
+
+def url_host(address: str) -> str:
+    """An address as the host part of a URL: IPv6 in brackets."""
+    return f"[{address}]" if ":" in address else address
 
 
 def cert_names(hs: Homeserver) -> list[str]:
@@ -263,7 +269,7 @@ def render_host(
                 _read_local(hs.federation.trusted_ca, f"homeservers.{sn}.federation.trusted_ca", read),
                 trigger="proxy:reload"))
         add(f"{conf_d}/{sn}-forward.conf", "reverse_proxy/nginx/conf.d/forward.conf.j2", "proxy:reload",
-            hs=hs, names=cert_names(hs), target=inv.hosts[hs.host].address, cert_name=sn,
+            hs=hs, names=cert_names(hs), target=url_host(inv.hosts[hs.host].address), cert_name=sn,
             upstream_ca=upstream_ca)
 
     # -- one synapse stack per homeserver -----------------------------------
@@ -305,6 +311,7 @@ def render_host(
         dirs=tuple(sorted(set(dirs), key=lambda d: d.path)),
         files=tuple(sorted(files, key=lambda f: f.path)),
         homeservers=tuple(servers),
+        forwarded=tuple(forwarded),
         image_refs=dict(images),
         acme=inv.acme if inv.acme.enabled else None,
         postgres_images=postgres_images,

@@ -95,15 +95,18 @@ def test_postgres_initialises_from_password_file(tags, tmp_path):
     _docker("run", "-d", "--name", name, "-e", "POSTGRES_USER=synapse", "-e", "POSTGRES_DB=synapse",
             "-e", "POSTGRES_PASSWORD_FILE=/run/secrets/pw", "-e", "POSTGRES_INITDB_ARGS=-E UTF8 --lc-collate=C --lc-ctype=C",
             "-v", f"{secret}:/run/secrets/pw:ro", tags["postgres"])
+    script = ("set -e; id -u postgres; psql -U synapse -d synapse -tAc "
+              "\"select datcollate, pg_encoding_to_char(encoding) from pg_database where datname='synapse'\"; "
+              "tail -n 1 \"$PGDATA/pg_hba.conf\"")
     try:
-        for _ in range(60):
-            if _docker("exec", name, "pg_isready", "-U", "synapse", "-d", "synapse", check=False).returncode == 0:
-                break
+        # pg_isready also answers the entrypoint's temporary init server: wait for the real one
+        for _ in range(120):
+            if "ready for start up" in _docker("logs", name, check=False).stdout:
+                res = _docker("exec", name, "sh", "-c", script, check=False)
+                if res.returncode == 0:
+                    break
             subprocess.run(["sleep", "0.5"])
-        out = _docker("exec", name, "sh", "-c",
-                      "id -u postgres; psql -U synapse -d synapse -tAc "
-                      "\"select datcollate, pg_encoding_to_char(encoding) from pg_database where datname='synapse'\"; "
-                      "tail -n 1 \"$PGDATA/pg_hba.conf\"").stdout.split("\n")
+        out = res.stdout.split("\n")
         assert out[0] == "999"
         assert out[1] == "C|UTF8"
         assert out[2].split() == ["host", "all", "all", "all", "scram-sha-256"]

@@ -202,9 +202,14 @@ def test_migration_keeps_serving_through_the_old_host(world, sandbox):
     assert resolve("matrix.one.test") == sandbox.hosts["vps1"].ip
     assert "one.test-forward.conf" in on_host("vps1", "ls /opt/matrix/reverse_proxy/nginx/conf.d")
     asyncio.run(send("https://matrix.one.test", ALICE, "alice old pw", room, [f"a-after-{RUN}"]))
-    want = {"a-before-0", "b-before-2", f"a-after-{RUN}"} | set(sent_during[:3])
+    # EVERY message bob sent while one.test moved arrived, and the outage a client saw
+    # is bounded (generous: it catches a broken forwarder, not a slow machine; the
+    # benchmark prints the real figure)
+    assert sent_during, "bob sent nothing during the migration"
+    want = {"a-before-0", "b-before-2", f"a-after-{RUN}"} | set(sent_during)
     seen = asyncio.run(history("https://matrix.one.test", ALICE, "alice old pw", room, want))
     assert want <= seen, want - seen
+    assert prober.downtime < 60, f"clients saw {prober.downtime:.1f}s of outage"
     # two.test federates through the forwarding
     assert delivered_to_alice(room, f"b-via-forward-{RUN}")
 

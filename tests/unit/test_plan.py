@@ -235,3 +235,30 @@ def test_postgres_keeps_the_major_of_its_data():
     facts.containers = [c for c in facts.containers if c.service != "postgres"]
     with pytest.raises(Err, match="homeservers.two.example.postgres.image"):
         keep_majors(state, facts)
+
+
+def test_guard_refuses_a_stale_inventory():
+    from fabfile import guard
+
+    state = render_host(INV, "web")
+    facts = converged(state)
+    facts.hosted = {"one.example", "two.example"}
+    guard.check(state, facts, "hosts.yaml")  # what the host holds is what the inventory says
+    # the host handed one.example over: starting it here again is refused
+    facts.handed_over = {"one.example": {"to": "web2", "address": "203.0.113.20", "at": "2026-11-24"}}
+    with pytest.raises(guard.StaleInventory, match="one.example was moved from web to web2"):
+        guard.check(state, facts, "hosts.yaml")
+    guard.check(state, facts, "hosts.yaml", migrating="one.example")  # the migration's own converges
+    # a migration in progress from this host
+    facts.handed_over = {}
+    facts.migrating = {"two.example": {"to": "web2", "phase": "stopped"}}
+    with pytest.raises(guard.StaleInventory, match="migration of two.example from web to web2 is in progress"):
+        guard.check(state, facts, "hosts.yaml")
+    # a homeserver the host runs that the inventory does not place there
+    facts.migrating = {}
+    facts.hosted = {"one.example", "two.example", "three.example"}
+    with pytest.raises(guard.StaleInventory, match="web runs three.example"):
+        guard.check(state, facts, "hosts.yaml")
+    # ...unless it is the stopped old copy of a finished hand-over
+    facts.handed_over = {"three.example": {"to": "web2"}}
+    guard.check(state, facts, "hosts.yaml")

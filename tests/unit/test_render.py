@@ -201,3 +201,21 @@ def test_changes_trigger_only_their_own_service():
     assert f["/opt/matrix/synapse/two.example/docker-compose.yml"].trigger == "synapse:two.example:stack"
     assert f["/opt/matrix/reverse_proxy/nginx/conf.d/matrix.one.example.conf"].trigger == "proxy:reload"
     assert f["/opt/matrix/reverse_proxy/well-known/one.example/matrix/client"].trigger == ""
+
+
+def test_forwarding_to_an_ipv6_host_brackets_the_address():
+    import textwrap as tw
+
+    from fabfile.inventory import parse as p
+    from fabfile.render import render_host as r
+
+    inv = p(tw.dedent("""
+        hosts:
+          old: {address: 203.0.113.10}
+          new: {address: "2001:db8::1"}
+        homeservers:
+          one.example: {host: new, migrated_from: old}
+    """))
+    conf = r(inv, "old").file("/opt/matrix/reverse_proxy/nginx/conf.d/one.example-forward.conf").content.decode()
+    assert "proxy_pass https://[2001:db8::1]$request_uri;" in conf
+    assert "proxy_pass http://[2001:db8::1];" in conf
