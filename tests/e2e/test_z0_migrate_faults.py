@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import signal
 import subprocess
 import time
 
@@ -21,7 +20,7 @@ import pytest
 from nio import RoomCreateResponse
 
 from tests.e2e.helpers import BIN, INVENTORY, REPO, on_host, run
-from tests.e2e.test_z_migrate import ROOTS, history, inv_cli, register, send
+from tests.e2e.test_z_migrate import ROOTS, _kill_at, history, inv_cli, register, send
 from tests.sandbox import sandbox as sb
 from tests.sandbox.client import SandboxClient
 
@@ -58,14 +57,7 @@ def migrate_until(inventory, marker: str, *extra: str) -> str:
     proc = subprocess.Popen([str(BIN / "inv"), "migrate-host", "--homeserver", HS, *extra],
                             cwd=REPO, env={**os.environ, "INVOKE_INVENTORY": str(inventory)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = []
-    for line in proc.stdout:
-        out.append(line)
-        if marker in line:
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(120)
-    text = "".join(out)
+    text = _kill_at(proc, marker)
     assert marker in text, text
     return text
 
