@@ -221,3 +221,13 @@ def _cross_check(inv: Inventory, path: Path, lines: dict) -> None:
             if owner is not None and owner != key:
                 fail(loc, f"hostname {name!r} is already claimed by homeserver {owner!r}")
             claimed[name] = key
+    # a.b-c.org and a-b.c.org share a compose project name (dots become '-'): on one
+    # host, one tenant's stack would take over the other's
+    slugs: dict[tuple[str, str], str] = {}
+    for key, hs in inv.homeservers.items():
+        other = slugs.get((hs.host, hs.slug))
+        if other is not None:
+            fail(("homeservers", key),
+                 f"its compose project would be synapse-{hs.slug}, the same as {other!r}'s on host "
+                 f"{hs.host!r}; put one of them on another host")
+        slugs[(hs.host, hs.slug)] = key

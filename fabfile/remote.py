@@ -37,8 +37,11 @@ DEFAULT_TIMEOUT = 900.0
 STREAM_IDLE_TIMEOUT = 300.0
 KEEPALIVE_SECONDS = 15
 
-LOCK_FILE = "/run/lock/synapse-fabric.lock"
-LOCK_OWNER = "/run/lock/synapse-fabric.owner"
+# In a root-only directory: /run/lock is writable by every local user, any of whom
+# could otherwise take (and hold) the deploy lock.
+LOCK_DIR = "/run/synapse-fabric"
+LOCK_FILE = f"{LOCK_DIR}/deploy.lock"
+LOCK_OWNER = f"{LOCK_DIR}/deploy.owner"
 
 
 class RemoteError(Exception):
@@ -235,7 +238,7 @@ class Remote:
         self.commands += 1
         me = f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
         script = (
-            f"mkdir -p /run/lock && exec 9>{LOCK_FILE} && "
+            f"mkdir -p -m 0700 {LOCK_DIR} && exec 9>{LOCK_FILE} && "
             f"if flock -w {int(wait)} 9; then head -n 1 > {LOCK_OWNER}.new && mv {LOCK_OWNER}.new {LOCK_OWNER} "
             f"&& echo locked && exec cat >/dev/null; "
             f"else echo busy; cat {LOCK_OWNER} 2>/dev/null; exit 75; fi"

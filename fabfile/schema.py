@@ -14,6 +14,28 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
+# base_dir may not be one of these (it holds secrets and is removed from in places)
+SYSTEM_DIRS = {"/opt", "/srv", "/var", "/home", "/root", "/mnt", "/media", "/var/lib", "/usr/local"}
+
+
+def check_cidrs(values: list[str], key: str) -> list[str]:
+    """Networks as written: host bits set is a mistake (203.0.113.7/0 is not
+    203.0.113.7), never silently widened."""
+    out = []
+    for r in values:
+        try:
+            net = ipaddress.ip_network(r, strict=True)
+        except ValueError as exc:
+            if "host bits set" in str(exc):
+                base = ipaddress.ip_network(r, strict=False)
+                raise ValueError(f"{r!r} has host bits set: it would mean {base} ; write the network "
+                                 f"(e.g. {base}) or a single address (e.g. {r.split('/')[0]}/"
+                                 f"{base.max_prefixlen})") from None
+            raise ValueError(f"{r!r} is not an IP network: {exc}") from None
+        out.append(str(net))
+    return out
+
+
 class InventoryError(Exception):
     """A hosts.yaml problem an operator can fix; the message says where and what."""
 
@@ -123,9 +145,15 @@ class Host(_Model):
     @field_validator("base_dir")
     @classmethod
     def _base_dir(cls, v: str) -> str:
-        if not re.match(r"^/[A-Za-z0-9._/-]+$", v) or ".." in v.split("/"):
-            raise ValueError(f"{v!r} must be an absolute path without '..'")
-        return v.rstrip("/")
+        if not re.match(r"^/[A-Za-z0-9._/-]+$", v) or ".." in v.split("/") or "." in v.split("/"):
+            raise ValueError(f"{v!r} must be an absolute path without '.' or '..'")
+        v = re.sub("/+", "/", v).rstrip("/")
+        top = v.split("/")[1] if v else ""
+        if not v or v in SYSTEM_DIRS or top in ("tmp", "proc", "sys", "dev", "run", "boot", "etc", "bin", "sbin",
+                                                "lib", "lib64", "usr"):
+            raise ValueError(f"{v or '/'!r} is a system directory (or inside one): choose a directory of "
+                             "its own, such as /opt/matrix or /srv/matrix")
+        return v
 
     @property
     def use_sudo(self) -> bool:
@@ -155,7 +183,7 @@ class Federation(_Model):
     @field_validator("allow_ip_ranges")
     @classmethod
     def _ranges(cls, v):
-        return [str(ipaddress.ip_network(r, strict=False)) for r in v]
+        return check_cidrs(v, "federation.allow_ip_ranges")
 
 
 class Element(_Model):
@@ -239,7 +267,11 @@ class Homeserver(_Model):
     @field_validator("admin_api_allow")
     @classmethod
     def _cidrs(cls, v):
-        return [str(ipaddress.ip_network(r, strict=False)) for r in v]
+        nets = check_cidrs(v, "admin_api_allow")
+        if any(ipaddress.ip_network(n).prefixlen == 0 for n in nets):
+            raise ValueError("a /0 network would open the admin API to everyone; list the networks "
+                             "that need it (anyone who can reach it can try admin tokens)")
+        return nets
 
     @field_validator("max_upload_size")
     @classmethod

@@ -80,8 +80,9 @@ def user_exists(remote: Remote, hs: Homeserver, uid: UserId) -> bool:
 _REGISTER_PY = """\
 import sys
 password = sys.stdin.buffer.read().decode("utf-8")
+# --password=VALUE: a password starting with '-' must not look like an option
 sys.argv = ["register_new_matrix_user", "-c", "/data/homeserver.yaml", "-u", {localpart!r},
-            "-p", password, {admin!r}, "http://localhost:8008"]
+            "--password=" + password, {admin!r}, "http://localhost:8008"]
 from synapse._scripts.register_new_matrix_user import main
 main()
 """
@@ -97,12 +98,19 @@ def register(remote: Remote, hs: Homeserver, uid: UserId, password: str, admin: 
 _HASH_PY = """\
 import sys
 password = sys.stdin.buffer.read().decode("utf-8")
-sys.argv = ["hash_password", "-c", "/data/homeserver.yaml", "-p", password]
+sys.argv = ["hash_password", "-c", "/data/homeserver.yaml", "--password=" + password]
 from synapse._scripts.hash_password import main
 main()
 """
 
 NOT_FOUND = 5
+
+
+def backup_name(uid: UserId) -> str:
+    """A file name for a user's old hash: a localpart may contain '/' (and '..'),
+    which must not become a path: '/' and a leading '.' are %-encoded."""
+    name = uid.localpart.replace("%", "%25").replace("/", "%2F")
+    return "%2E" + name[1:] if name.startswith(".") else name
 
 
 def reset_password(
@@ -128,7 +136,7 @@ def reset_password(
         "\\if :one_row\n" + logout_sql + "COMMIT;\n\\echo sfab-updated\n"
         "\\else\nROLLBACK;\n\\echo sfab-not-updated\n\\endif\n"
     )
-    script = _containers(hs) + f"""
+    script = "set -e\n" + _containers(hs) + f"""
 umask 077
 mkdir -p {backups}
 old=$(printf '%s\\n' "\\\\set uid '{uid}'" "SELECT password_hash FROM users WHERE name = :'uid';" | {_psql(hs)})
@@ -136,8 +144,11 @@ if [ -z "$old" ]; then echo "no user {uid} on {hs.server_name}; nothing was chan
 # hash_password may print a notice first (e.g. about bcrypt's 72-byte limit): the hash is the last line
 hash=$(docker exec -i "$syn" python -c {shlex.quote(_HASH_PY)} | tail -n 1)
 case "$hash" in '$2'*) ;; *) echo "hash_password did not return a bcrypt hash" >&2; exit 1;; esac
-backup={backups}/{uid.localpart}.$(date -u +%Y%m%dT%H%M%SZ)
-printf '%s\\n' "$old" > "$backup.tmp" && mv -f "$backup.tmp" "$backup"
+backup={backups}/{shlex.quote(backup_name(uid))}.$(date -u +%Y%m%dT%H%M%SZ)
+# the old hash is kept before anything changes; no backup, no change
+if ! {{ printf '%s\\n' "$old" > "$backup.tmp" && mv -f "$backup.tmp" "$backup"; }}; then
+  echo "could not keep the old hash in $backup; nothing was changed" >&2; exit 1
+fi
 res=$({{ printf '\\\\set hash %s\\n' "'$hash'"; cat <<'SQL'
 {sql}SQL
 }} | {_psql(hs)})

@@ -181,7 +181,10 @@ def test_killed_mid_deploy_then_rerun_finishes_the_job(deployed):
     """The run is killed (its SSH connection dies) right after it wrote a changed
     Synapse setting and before the restart: the re-run must still restart it."""
     def change(doc):
-        doc["homeservers"]["three.test"]["synapse_settings"]["presence"] = {"enabled": False}
+        # hosts.yaml shares one synapse_settings mapping (a YAML alias): change a copy
+        settings = dict(doc["homeservers"]["three.test"]["synapse_settings"])
+        settings["presence"] = {"enabled": False}
+        doc["homeservers"]["three.test"]["synapse_settings"] = settings
 
     inv = variant("killed", change)
     before = starts("vps1")
@@ -194,10 +197,16 @@ def test_killed_mid_deploy_then_rerun_finishes_the_job(deployed):
             break
     proc.wait(30)
     assert proc.returncode != 0, "the run finished before it could be killed"
+    # what the killed run still owed is on the host
+    owed = on_host("vps1", "cat /opt/matrix/.synapse-fabric-pending").split()
+    assert "synapse:three.test:restart" in owed and "synapse:one.test:restart" not in owed, owed
     res = run(["inv", "deploy", "--host", "vps1"], inv)
-    assert res.returncode == 0
+    assert res.returncode == 0 and "three.test (restart)" in res.stdout, res.stdout
+    assert "one.test (restart)" not in res.stdout
+    assert on_host("vps1", "test -e /opt/matrix/.synapse-fabric-pending && echo owed || echo done").strip() == "done"
     after = starts("vps1")
     assert after["synapse-three-test/synapse"] != before["synapse-three-test/synapse"]
+    assert after["synapse-one-test/synapse"] == before["synapse-one-test/synapse"]
     # serving when the deploy returns: its health check passes (Docker may not have run it yet)
     on_host("vps1", f"docker exec {ctr('synapse-three-test', 'synapse')} curl -fsS http://localhost:8008/health")
     res = run(["inv", "deploy", "--host", "vps1"], inv)
@@ -258,3 +267,13 @@ def test_host_keys_are_checked(deployed, tmp_path):
         from fabfile.remote import open_remote
         key.write_text(forged + "\n")
         open_remote(load(with_known(forged + "\n", accept_new=True)), load(INVENTORY).hosts["vps1"])
+
+
+def test_locks_live_in_a_root_only_directory(deployed):
+    from tests.sandbox import sandbox as sb
+
+    assert on_host("vps2", "stat -c '%U %a' /run/synapse-fabric").strip() == "root 700"
+    # the unprivileged login cannot take (and so cannot hold) the deploy lock
+    with sb.connection("vps2") as conn:
+        res = conn.run("flock -n /run/synapse-fabric/deploy.lock true", hide=True, warn=True)
+        assert res.exited != 0 and "Permission denied" in res.stderr

@@ -131,6 +131,8 @@ HOSTILE = [
     "emoji 🔐🦄",
     "  spaces at both ends  ",
     "x" * 512,
+    "-starts like an option",
+    "--password",
 ]
 
 
@@ -199,3 +201,14 @@ def test_password_and_hash_never_visible(cafile):
         assert secret not in res.stdout + res.stderr
         assert secret not in logs
     assert isinstance(login(cafile, ALICE, password), LoginResponse)
+
+
+def test_slash_in_a_user_name_never_becomes_a_path(cafile):
+    user = f"x/../../y-{RUN}"
+    assert cli(["inv", "register-user", "--homeserver", HS, "--user", user], "first one").returncode == 0
+    res = cli(["inv", "reset-password", "--homeserver", HS, "--user", user], "second one")
+    assert res.returncode == 0, res.stderr
+    backup = res.stdout.split(" in ", 1)[1].split(" (0600)")[0].strip()
+    assert backup.startswith("/opt/matrix/synapse/one.test/secrets/password-backups/x%2F..%2F..%2Fy-")
+    assert on_host("vps1", f"stat -c '%a %U' '{backup}'").strip() == "600 root"
+    assert isinstance(login(cafile, user, "second one"), LoginResponse)

@@ -43,3 +43,12 @@ def test_fab_unknown_host_lists_known_ones():
     assert "no host named or addressed 'nowhere'" in res.stderr
     assert "vps1 (172.29.231.11)" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_backup_names_of_user_ids_are_never_paths():
+    from fabfile.users import UserId, backup_name
+
+    assert backup_name(UserId("alice", "a.example")) == "alice"
+    assert backup_name(UserId("x/../../y", "a.example")) == "x%2F..%2F..%2Fy"
+    assert backup_name(UserId("..", "a.example")) == "%2E."
+    assert "/" not in backup_name(UserId("/a%2F/", "a.example"))

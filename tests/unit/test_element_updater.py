@@ -297,7 +297,7 @@ def test_renders_for_dash_with_quoted_values(tmp_path):
                              feed="https://api.github.com/repos/element-hq/element-web/releases")]
     text = _template(TEMPLATE, proxy_dir="/opt/matrix/reverse_proxy", sites=sites).decode()
     assert text.startswith("#!/bin/sh\n# Managed by synapse-fabric")
-    assert "LOCK_FILE='/run/lock/synapse-fabric-element.lock'" in text
+    assert "LOCK_FILE='/run/synapse-fabric/element.lock'" in text
     assert "PROXY_DIR='/opt/matrix/reverse_proxy'" in text
     assert "cfg_feed='https://example.test/it'\\''s $(reboot) `x`'" in text
     script = tmp_path / "element-update"

@@ -227,3 +227,20 @@ def test_image_references():
     assert "PGDATA moved in 18" in msg and "17 or older" in msg
     msg = bad("hosts: {web: {address: 1.2.3.4}}\nhomeservers: {a.example: {host: web, postgres: {image: 'postgres:18'}}}")
     assert "homeservers.a.example.postgres.image" in msg
+
+
+def test_hardening_of_values():
+    host = "hosts: {web: {address: 1.2.3.4}}\n"
+    # compose project names must not collide on one host
+    msg = bad(host + "homeservers: {a-b.example.org: {host: web}, a.b-example.org: {host: web}}")
+    assert "synapse-a-b-example-org" in msg
+    # CIDRs are never widened; /0 never opens the admin API
+    msg = bad(host + "homeservers: {a.example: {host: web, admin_api_allow: ['203.0.113.7/0']}}")
+    assert "host bits set" in msg and "0.0.0.0/0" in msg
+    assert "open the admin API to everyone" in bad(host + "homeservers: {a.example: {host: web, admin_api_allow: ['0.0.0.0/0']}}")
+    assert "host bits set" in bad(host + "homeservers: {a.example: {host: web, federation: {allow_ip_ranges: ['10.1.2.3/8']}}}")
+    # base_dir: no system directories, no empty path
+    for value in ("//", "/tmp", "/tmp/matrix", "/etc", "/opt", "/", "/opt/./x"):
+        assert "base_dir" in bad(f"hosts: {{web: {{address: 1.2.3.4, base_dir: '{value}'}}}}"), value
+    ok = parse("hosts: {web: {address: 1.2.3.4, base_dir: '/srv//matrix/'}}")
+    assert ok.hosts["web"].base_dir == "/srv/matrix"
