@@ -28,7 +28,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 
-from .render import DesiredState, SYNAPSE_UID
+from .render import SYSTEMD_DIR, DesiredState, SYNAPSE_UID
 
 
 @dataclass
@@ -148,9 +148,18 @@ def element_sites(state: DesiredState) -> dict[str, str]:
             for hs in state.homeservers if hs.element.enabled}
 
 
+PERIODIC_JOBS = ("synapse-fabric-certificates", "synapse-fabric-element")
+
+
 def optional_paths(state: DesiredState) -> list[str]:
-    """Files that are ours only while the inventory asks for them (removed after)."""
-    return [f"{d}/{name}" for d in element_sites(state) for name in ("signing-key.gpg", "feed-ca.pem")]
+    """Files that are ours only while the inventory (or the host's init) asks for
+    them, removed after: an Element site's keys, and every periodic job's timer,
+    service, cron file and script, so a feature turned off stops running."""
+    proxy_bin = f"{state.layout.proxy}/bin"
+    return ([f"{d}/{name}" for d in element_sites(state) for name in ("signing-key.gpg", "feed-ca.pem")]
+            + [p for job in PERIODIC_JOBS for p in (f"{SYSTEMD_DIR}/{job}.timer", f"{SYSTEMD_DIR}/{job}.service",
+                                                     f"/etc/cron.d/{job}")]
+            + [f"{proxy_bin}/renew-certificates", f"{proxy_bin}/element-update"])
 
 
 def managed_dirs(state: DesiredState) -> list[str]:

@@ -155,10 +155,6 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
             triggers.add(f.trigger)
 
     desired = {f.path for f in files}
-    for f in state.files:  # the other init's periodic jobs (e.g. cron.d on a systemd host)
-        if f.path not in desired and f.path in facts.stats:
-            plan.remove.append(f.path)
-            plan.changes.append(Change("remove", f.path, "not used by this host's init"))
     conf_d = f"{state.layout.proxy}/nginx/conf.d/"
     for path in sorted(facts.managed - desired):
         plan.remove.append(path)
@@ -169,10 +165,10 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
             if path.startswith(f"{state.layout.synapse(hs.server_name)}/conf.d/"):
                 triggers.add(f"synapse:{hs.server_name}:restart")
 
-    for path in optional_paths(state):
+    for path in optional_paths(state):  # a feature turned off, or the other init's jobs
         if path in facts.stats and path not in desired:
             plan.remove.append(path)
-            plan.changes.append(Change("remove", path, "no longer in the inventory"))
+            plan.changes.append(Change("remove", path, "not needed on this host"))
     for site, version in element_sites(state).items():
         target = facts.element.get(site, "")
         if not target or f"element:{site.rsplit('/', 1)[1]}" in triggers:

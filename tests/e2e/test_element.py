@@ -181,3 +181,21 @@ def test_timer_runs_unattended_and_two_at_once_swap_once(deployed):
         assert run(["inv", "deploy", "--host", "vps1"]).returncode == 0
     # the pin is back: deploy installed 1.11.0 again
     assert served_version() == "1.11.0"
+
+
+def test_element_turned_off_stops_its_timer_and_updater(deployed):
+    def off(doc):
+        doc["homeservers"]["one.test"]["element"]["enabled"] = False
+    gone = ("/etc/systemd/system/synapse-fabric-element.timer /etc/systemd/system/synapse-fabric-element.service "
+            "/opt/matrix/reverse_proxy/bin/element-update")
+    try:
+        res = run(["inv", "deploy", "--host", "vps1"], variant("element-off", off))
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert on_host("vps1", f"ls {gone} 2>/dev/null | wc -l").strip() == "0"
+        assert on_host("vps1", "systemctl is-active synapse-fabric-element.timer || true").strip() != "active"
+        # the renewal timer of the other feature still runs
+        assert on_host("vps1", "systemctl is-active synapse-fabric-certificates.timer").strip() == "active"
+    finally:
+        assert run(["inv", "deploy", "--host", "vps1"]).returncode == 0
+    assert on_host("vps1", "systemctl is-active synapse-fabric-element.timer").strip() == "active"
+    assert served_version() == "1.11.0"

@@ -262,3 +262,16 @@ def test_guard_refuses_a_stale_inventory():
     # ...unless it is the stopped old copy of a finished hand-over
     facts.handed_over = {"three.example": {"to": "web2"}}
     guard.check(state, facts, "hosts.yaml")
+
+
+def test_a_feature_turned_off_stops_running():
+    # the host ran Element (its timer, service and updater script); the inventory no longer asks
+    state = render_host(INV, "web")
+    facts = converged(state, systemd=True)
+    gone = ["/etc/systemd/system/synapse-fabric-element.timer", "/etc/systemd/system/synapse-fabric-element.service",
+            "/opt/matrix/reverse_proxy/bin/element-update"]
+    for path in gone:
+        facts.stats[path] = Stat("regular file", 0o644, "0:0")
+    plan = make(state, facts, LOCAL(state), push=True)
+    assert sorted(plan.remove) == sorted(gone)
+    assert all(c.detail == "not needed on this host" for c in plan.changes)
