@@ -174,16 +174,6 @@ def timers(state: DesiredState) -> list[str]:
     return [f.path.rsplit("/", 1)[1] for f in state.files if f.when == "systemd" and f.path.endswith(".timer")]
 
 
-def records_dir(state: DesiredState) -> str:
-    """What this host knows of the homeservers it gave away (see fabfile/guard.py)."""
-    return f"{state.layout.base}/.synapse-fabric/handed-over"
-
-
-def migration_marker(base: str, server_name: str) -> str:
-    """The state of a migration in progress, on the host it leaves."""
-    return f"{base}/synapse/{server_name}/.migration"
-
-
 def pg_version_file(state: DesiredState, hs) -> str:
     return f"{state.layout.synapse(hs.server_name)}/postgres/PG_VERSION"
 
@@ -209,10 +199,10 @@ def script(state: DesiredState) -> str:
           for hs in state.homeservers),
         f"for f in {shlex.quote(state.layout.base)}/synapse/*/docker-compose.yml; do [ -f \"$f\" ] && "
         "printf 'G\\t%s\\n' \"$(basename \"$(dirname \"$f\")\")\"; done",
-        f"for f in {shlex.quote(records_dir(state))}/*; do [ -f \"$f\" ] && "
+        f"for f in {shlex.quote(state.layout.handed_over_dir)}/*; do [ -f \"$f\" ] && "
         "printf 'X\\t%s\\t%s\\n' \"$(basename \"$f\")\" \"$(tr '\\n\\t' '  ' < \"$f\")\"; done",
-        *(f"[ -f {shlex.quote(migration_marker(state.layout.base, hs.server_name))} ] && printf 'R\\t%s\\t%s\\n' "
-          f"{shlex.quote(hs.server_name)} \"$(tr '\\n\\t' '  ' < {shlex.quote(migration_marker(state.layout.base, hs.server_name))})\""
+        *(f"[ -f {shlex.quote(state.layout.migration_state(hs.server_name))} ] && printf 'R\\t%s\\t%s\\n' "
+          f"{shlex.quote(hs.server_name)} \"$(tr '\\n\\t' '  ' < {shlex.quote(state.layout.migration_state(hs.server_name))})\""
           for hs in state.homeservers),
         *(f"[ \"$(cat /proc/1/comm)\" = systemd ] && printf 'T\\t%s\\t%s\\t%s\\n' {t} "
           f"\"$(systemctl is-enabled {t} 2>/dev/null)\" \"$(systemctl is-active {t} 2>/dev/null)\""

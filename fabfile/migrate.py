@@ -51,13 +51,9 @@ PHASES = ["checked", "copied", "stopped", "restored", "started", "switching", "s
 UNDO = ["begun", "new-stopped", "old-started"]
 
 
-def _marker(lay: Layout, sn: str) -> str:
-    return f"{lay.synapse(sn)}/.migration"
-
-
 def read_state(remote: Remote, lay: Layout, sn: str) -> dict[str, str]:
     """{to, phase[, undo]} of a migration in progress (or being rolled back), or {}."""
-    out = remote.run(f"cat {shlex.quote(_marker(lay, sn))} 2>/dev/null || true", what="read migration state").out
+    out = remote.run(f"cat {shlex.quote(lay.migration_state(sn))} 2>/dev/null || true", what="read migration state").out
     return dict(part.split("=", 1) for part in out.split() if "=" in part)
 
 
@@ -68,15 +64,17 @@ def read_phase(remote: Remote, lay: Layout, sn: str) -> tuple[str, str]:
 
 
 def _set_phase(remote: Remote, lay: Layout, sn: str, to: str, phase: str, undo: str = "") -> None:
-    m = shlex.quote(_marker(lay, sn))
+    m = shlex.quote(lay.migration_state(sn))
     extra = f" undo={undo}" if undo else ""
     remote.run(f"printf 'to=%s phase=%s%s\\n' {shlex.quote(to)} {phase} {shlex.quote(extra)} > {m}.new "
                f"&& mv -f {m}.new {m}", what="record migration state")
 
 
 def _compose(remote: Remote) -> str:
-    res = remote.run("docker compose version >/dev/null 2>&1 && echo v2 || echo v1", what="compose flavour")
-    return "docker compose" if res.out.strip() == "v2" else "docker-compose"
+    """The host's compose command, or "" when it has no Docker yet (one round trip)."""
+    res = remote.run("command -v docker >/dev/null || exit 0; "
+                     "docker compose version >/dev/null 2>&1 && echo v2 || echo v1", what="compose flavour")
+    return {"v2": "docker compose", "v1": "docker-compose"}.get(res.out.strip(), "")
 
 
 def _acme_paths(sn: str) -> list[str]:
@@ -209,23 +207,23 @@ class Migration:
         """Record the hand-over on the old host, then make it forward. Raises
         ForwardingNotLive when it failed and the forwarding certainly does not
         serve (nginx refused it and kept the previous files)."""
-        src_records = records_dir_of(self.old_lay)
+        record = shlex.quote(self.old_lay.handed_over(self.sn))
         at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        record = f"to={self.to} address={self.new_host.address} at={at}\n"
-        self.src.run(f"mkdir -p {shlex.quote(src_records)} && cat > {shlex.quote(src_records + '/' + self.sn)}.new && "
-                     f"mv -f {shlex.quote(src_records + '/' + self.sn)}.new {shlex.quote(src_records + '/' + self.sn)}",
-                     stdin=record.encode(), what="record the hand-over")
+        self.src.run(f"mkdir -p {shlex.quote(self.old_lay.handed_over_dir)} && cat > {record}.new && "
+                     f"mv -f {record}.new {record}",
+                     stdin=f"to={self.to} address={self.new_host.address} at={at}\n".encode(),
+                     what="record the hand-over")
         try:
             self._converge(self.src, self.forwarding)
         except RemoteError:
             conf = shlex.quote(f"{self.old_lay.proxy}/nginx/conf.d/{self.sn}-forward.conf")
             live = self.src.run(f"test -f {conf} && echo yes || true", what="forwarding in place?").out.strip()
             if not live:
-                self.src.run(f"rm -f {shlex.quote(src_records + '/' + self.sn)}", what="withdraw the hand-over")
+                self.src.run(f"rm -f {record}", what="withdraw the hand-over")
                 raise ForwardingNotLive() from None
             raise
         # the new host serves it now: forget an older hand-over of it there (a move back)
-        self.dst.run(f"rm -f {shlex.quote(records_dir_of(self.new_lay) + '/' + self.sn)}", what="hand-over taken")
+        self.dst.run(f"rm -f {shlex.quote(self.new_lay.handed_over(self.sn))}", what="hand-over taken")
         self.log(f"{self.old_host.name} forwards {self.sn}'s names to {self.new_host.address}")
 
     def undo(self, phase: str, undone: str = "") -> None:
@@ -242,7 +240,7 @@ class Migration:
         may_run = PHASES.index(phase) >= PHASES.index("restored")
         if done < UNDO.index("new-stopped"):
             try:
-                compose = _compose(self.dst) if self.dst.run("command -v docker || true", what="docker?").out.strip() else ""
+                compose = _compose(self.dst)
                 if compose:
                     self.dst.run(f"if [ -f {new_root}/docker-compose.yml ]; then cd {new_root} && {compose} stop; fi",
                                  what="stop the new copy", timeout=180)
@@ -258,7 +256,7 @@ class Migration:
             root = shlex.quote(self.old_lay.synapse(sn))
             self.src.run(f"cd {root} && {_compose(self.src)} up -d", what="restart Synapse on the old host", timeout=300)
             _set_phase(self.src, self.old_lay, sn, to, phase, "old-started")
-        compose = _compose(self.dst) if self.dst.run("command -v docker || true", what="docker?").out.strip() else ""
+        compose = _compose(self.dst)
         if compose:
             self.dst.run(f"if [ -f {new_root}/docker-compose.yml ]; then cd {new_root} && {compose} down; fi",
                          what="remove the partial copy's containers", timeout=300)
@@ -268,7 +266,7 @@ class Migration:
         if compose:
             self._converge(self.dst, self.inv)  # drops the vhosts it got
         root = shlex.quote(self.old_lay.synapse(sn))
-        self.src.run(f"rm -f {shlex.quote(_marker(self.old_lay, sn))} {root}/.migration-mark", what="clear state")
+        self.src.run(f"rm -f {shlex.quote(self.old_lay.migration_state(sn))} {root}/.migration-mark", what="clear state")
 
 
 class _Unreachable:
@@ -289,10 +287,6 @@ class _Unreachable:
 
 class ForwardingNotLive(Exception):
     """The switch failed and the old host still serves its previous files."""
-
-
-def records_dir_of(lay: Layout) -> str:
-    return f"{lay.base}/.synapse-fabric/handed-over"
 
 
 class _LogWriter:
@@ -413,7 +407,7 @@ def migrate(inv: Inventory, sn: str, to: str | None, dry_run: bool, abort: bool,
                 log(f"{sn} was stopped for {time.monotonic() - stop_started:.1f}s (stop to forwarding)")
         record_in_inventory(inv.path, sn, to, hs.host)
         _set_phase(m.src, m.old_lay, sn, to, "recorded")
-        m.src.run(f"rm -f {shlex.quote(_marker(m.old_lay, sn))}", what="clear state")
+        m.src.run(f"rm -f {shlex.quote(m.old_lay.migration_state(sn))}", what="clear state")
     finally:
         m.close()
     log(f"""done: {sn} runs on {to} ({inv.hosts[to].address}); {hs.host} forwards its names there.

@@ -77,6 +77,18 @@ class Layout:
     def certs(self, cert_name: str) -> str:
         return f"{self.proxy}/certs/{cert_name}"
 
+    def migration_state(self, server_name: str) -> str:
+        """A migration in progress, on the host it leaves (fabfile/migrate.py)."""
+        return f"{self.synapse(server_name)}/.migration"
+
+    @property
+    def handed_over_dir(self) -> str:
+        """Records of the homeservers this host handed over (fabfile/guard.py)."""
+        return f"{self.base}/.synapse-fabric/handed-over"
+
+    def handed_over(self, server_name: str) -> str:
+        return f"{self.handed_over_dir}/{server_name}"
+
 
 @dataclass(frozen=True)
 class DesiredState:
