@@ -19,7 +19,7 @@ from . import docker, element, facts as facts_mod, guard, plan as plan_mod, post
 from .inventory import Inventory, InventoryError
 from .plan import Plan
 from .remote import Remote, RemoteError, open_remote
-from .render import PROXY_PROJECT, SYSTEMD_DIR, RemoteFile, cert_names, render_host, synapse_project
+from .render import HIDDEN, PROXY_PROJECT, SYSTEMD_DIR, RemoteFile, cert_names, render_host, synapse_project
 from .report import Reporter, masked_diff
 
 
@@ -172,7 +172,7 @@ def _show_diffs(remote: Remote, plan: Plan, report: Reporter) -> None:
     changed = [f for f in plan.files]
     old = remote.read_files([f.path for f in changed])
     for f in changed:
-        report.diff(remote.name, masked_diff(f.path, old.get(f.path), f.content))
+        report.diff(remote.name, masked_diff(f.path, old.get(f.path), f.content, f.secret))
     for ref in plan.pulls:
         report.line(remote.name, f"would pull: {ref}")
     for unit in plan.timers:
@@ -222,7 +222,7 @@ def _apply(remote: Remote, plan: Plan, facts, log, result: HostResult, hold=()) 
         chain, key = proxy.placeholder_cert(cert_names(hs))
         files += [
             RemoteFile(f"{lay.certs(sn)}/fullchain.pem", chain, 0o644),
-            RemoteFile(f"{lay.certs(sn)}/privkey.pem", key, 0o600),
+            RemoteFile(f"{lay.certs(sn)}/privkey.pem", key, 0o600, secret=HIDDEN),
         ]
     conf_d = f"{lay.proxy}/nginx/conf.d/"
     reload_confs = (

@@ -1,7 +1,7 @@
 """Pure rendering: (inventory, host) -> every directory and file the host must hold.
 
 No SSH, no clock, no randomness: the same inventory gives the same bytes. Secrets are
-not rendered at all; they are made once on the host (see fabfile/secrets.py) and the
+not rendered at all; they are made once on the host (fabfile/synapse.py) and the
 rendered files only name the paths where they live.
 
 Each file says what must act when it changes (its `trigger`):
@@ -45,6 +45,12 @@ class RemoteDir:
     owner: str = ROOT
 
 
+# RemoteFile.secret: what a diff of the file may show (fabfile/report.py)
+SHOW = ""              # everything (lines that look like secrets are masked all the same)
+SETTINGS = "settings"  # YAML Synapse settings: values masked unless known to hold no secret
+HIDDEN = "hidden"      # nothing
+
+
 @dataclass(frozen=True)
 class RemoteFile:
     path: str
@@ -53,6 +59,7 @@ class RemoteFile:
     owner: str = ROOT
     trigger: str = ""
     when: str = ""  # "systemd" / "no-systemd": only on hosts whose PID 1 is (not) systemd
+    secret: str = SHOW
 
 
 SYSTEMD_DIR = "/etc/systemd/system"
@@ -306,7 +313,8 @@ def render_host(
             # The operator's extra settings are data, dumped as YAML, never templated.
             extra = "# Managed by synapse-fabric: synapse_settings from hosts.yaml.\n"
             extra += yaml.safe_dump(hs.synapse_settings, sort_keys=True, default_flow_style=False)
-            files.append(RemoteFile(f"{root}/conf.d/90-operator.yaml", extra.encode(), 0o644, ROOT, restart))
+            files.append(RemoteFile(f"{root}/conf.d/90-operator.yaml", extra.encode(), 0o644, ROOT, restart,
+                                    secret=SETTINGS))
         if hs.federation.trusted_ca:
             dirs.append(RemoteDir(f"{root}/ca"))
             key = f"homeservers.{sn}.federation.trusted_ca"

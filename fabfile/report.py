@@ -1,5 +1,9 @@
 """What the operator sees: one line per change, diffs with secrets masked, and a
-summary line per host. Lines from parallel hosts never interleave mid-line."""
+summary line per host. Lines from parallel hosts never interleave mid-line.
+
+What a diff may show is decided by the file's producer (render.py sets
+`RemoteFile.secret`), not guessed from its text: the operator's `synapse_settings`
+are masked value by value unless a setting is known to hold no secret."""
 
 from __future__ import annotations
 
@@ -9,29 +13,93 @@ import sys
 import threading
 from typing import Optional
 
+import yaml
+
+from .render import HIDDEN, SETTINGS, SHOW
+
 _SECRET = re.compile(
-    r"(?i)^(\s*-?\s*[\w.\"'-]*(?:pass|secret|token|key|pepper|macaroon)[\w.\"'-]*\s*[:=]\s*)(\S.*)$"
+    r"(?i)^(\s*-?\s*[\w.\"'-]*(?:pass|secret|token|key|pepper|macaroon|dsn|credential|webhook)"
+    r"[\w.\"'-]*\s*[:=]\s*)(\S.*)$"
 )
 _PEM_KEY = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----")
 
+# Top-level Synapse settings known to hold no secret: their values are shown in a
+# diff of `synapse_settings`; every other value there is masked (an operator may put
+# an SMTP password, a Sentry DSN or a webhook URL under any key).
+PLAIN_SETTINGS = frozenset({
+    "admin_contact", "allow_public_rooms_over_federation", "allow_public_rooms_without_auth",
+    "auto_join_rooms", "autocreate_auto_join_rooms", "default_room_version", "dynamic_thumbnails",
+    "enable_media_repo", "enable_metrics", "enable_registration", "enable_search",
+    "federation_domain_whitelist", "forgotten_room_retention_period", "include_profile_data_on_invite",
+    "limit_profile_requests_to_users_who_share_rooms", "limit_remote_rooms", "max_image_pixels",
+    "max_upload_size", "media_retention", "presence", "rc_admin_redaction", "rc_federation",
+    "rc_invites", "rc_joins", "rc_login", "rc_message", "rc_registration", "redaction_retention_period",
+    "require_auth_for_profile_requests", "retention", "url_preview_enabled", "user_directory",
+    "user_ips_max_age",
+})
+
 
 def mask(line: str) -> str:
-    """Hide the value on any line that looks like it carries a secret."""
+    """Hide the value on any line that looks like it carries a secret (a safety net
+    for files that are not supposed to hold any)."""
     if _PEM_KEY.search(line):
         return "-----BEGIN PRIVATE KEY----- ***"
     return _SECRET.sub(lambda m: f"{m.group(1)}***", line)
 
 
-def masked_diff(path: str, old: Optional[bytes], new: bytes) -> str:
-    if b"PRIVATE KEY" in new or (old and b"PRIVATE KEY" in old):
-        return f"--- {path}\n+++ {path}\n(private key material: not shown)\n"
+_MISSING = object()
+
+
+def _mask_values(value, other=_MISSING):
+    """`value` with every scalar replaced by '***', or '*** (changed)' where it
+    differs from the same place in `other`."""
+    if isinstance(value, dict):
+        sub = other if isinstance(other, dict) else {}
+        return {k: _mask_values(v, sub.get(k, _MISSING)) for k, v in value.items()}
+    if isinstance(value, list):
+        sub = other if isinstance(other, list) else []
+        return [_mask_values(v, sub[i] if i < len(sub) else _MISSING) for i, v in enumerate(value)]
+    return "***" if other is _MISSING or other == value else "*** (changed)"
+
+
+def _masked_settings(text: str, other: Optional[str]) -> Optional[list[str]]:
+    """A YAML mapping of Synapse settings with the values masked, as lines; None
+    when it is not such a mapping."""
     try:
-        a = (old or b"").decode().splitlines()
-        b = new.decode().splitlines()
+        data = yaml.safe_load(text) or {}
+        ref = yaml.safe_load(other) if other is not None else None
+    except yaml.YAMLError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    ref = ref if isinstance(ref, dict) else {}
+    shown = {k: v if k in PLAIN_SETTINGS else _mask_values(v, ref.get(k, _MISSING if other is None else None))
+             for k, v in data.items()}
+    return yaml.safe_dump(shown, sort_keys=True, default_flow_style=False).splitlines()
+
+
+def masked_diff(path: str, old: Optional[bytes], new: bytes, secret: str = SHOW) -> str:
+    """A unified diff of a managed file, masked as the file's `secret` policy says."""
+    head = f"--- {path}\n+++ {path}\n"
+    if secret == HIDDEN or b"PRIVATE KEY" in new or (old and b"PRIVATE KEY" in old):
+        return head + "(secret content: not shown)\n"
+    try:
+        a_text = (old or b"").decode()
+        b_text = new.decode()
     except UnicodeDecodeError:
-        return f"--- {path}\n+++ {path}\n(binary content differs)\n"
+        return head + "(binary content differs)\n"
+    if secret == SETTINGS:
+        a = _masked_settings(a_text, None) if old is not None else []
+        b = _masked_settings(b_text, a_text if old is not None else None)
+        if a is None or b is None:
+            return head + "(settings that are not a YAML mapping: not shown)\n"
+        if a == b:  # only a comment or the order changed
+            return head + "(values masked: only comments or layout differ)\n"
+    else:
+        a = [mask(x) for x in a_text.splitlines()]
+        b = [mask(x) for x in b_text.splitlines()]
     lines = difflib.unified_diff(
-        [mask(x) for x in a], [mask(x) for x in b],
+        a, b,
         fromfile=f"{path} (on host)" if old is not None else "/dev/null",
         tofile=f"{path} (rendered)", lineterm="",
     )
