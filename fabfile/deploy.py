@@ -305,7 +305,7 @@ def _apply(remote: Remote, plan: Plan, facts, log, result: HostResult, hold=()) 
     for sn in plan.issue:
         hs = hs_by_name[sn]
         log(f"{sn}: asking the ACME CA ({state.acme.directory}) for a certificate")
-        remote.run(proxy.issue_script(lay.proxy, hs, cert_names(hs), state.acme, compose),
+        remote.run(proxy.issue_script(lay.proxy, hs, cert_names(hs), state.acme),
                    what=f"{sn}: certificate", timeout=300)
         issued.append(sn)
     if issued:

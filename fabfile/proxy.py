@@ -46,35 +46,23 @@ def nginx_container() -> str:
     )
 
 
-def issue_script(proxy_dir: str, hs, names: list[str], acme, compose: str) -> str:
+def certificates_program(proxy_dir: str) -> str:
+    """The host-side program that renews, issues and installs certificates under one
+    lock (templates/reverse_proxy/bin/renew-certificates.j2)."""
+    return shlex.quote(f"{proxy_dir}/bin/renew-certificates")
+
+
+def issue_script(proxy_dir: str, hs, names: list[str], acme) -> str:
     """Ask the ACME CA for one certificate covering `names` (HTTP-01 through the
     webroot nginx serves), once: a failure stops with the CA's own error and is
     never retried in a loop. On success the certificate replaces the temporary one."""
-    sn = hs.server_name
-    domains = " ".join(f"-d {shlex.quote(n)}" for n in names)
-    contact = f"--email {shlex.quote(acme.email)}" if acme.email else "--register-unsafely-without-email"
-    return f"""
-cd {shlex.quote(proxy_dir)}
-if ! out=$({compose} run --rm -T certbot certonly --non-interactive --agree-tos {contact} \
-    --server {shlex.quote(acme.directory_url)} --webroot -w /srv/acme --cert-name {sn} {domains} \
-    --keep-until-expiring --expand </dev/null 2>&1); then
-  echo "the ACME CA did not issue a certificate for {sn} ({' '.join(names)}); not retrying:" >&2
-  echo "$out" | grep -v '^Saving debug log' | tail -n 15 >&2
-  exit 1
-fi
-""" + install_cert_script(proxy_dir, sn)
+    args = [hs.server_name, acme.directory_url, acme.email or "", *names]
+    return f"{certificates_program(proxy_dir)} --issue {' '.join(shlex.quote(a) for a in args)}"
 
 
 def install_cert_script(proxy_dir: str, sn: str) -> str:
     """Copy certbot's current certificate to where nginx reads it (atomically)."""
-    return f"""
-cd {shlex.quote(proxy_dir)}
-live=acme/letsencrypt/live/{sn}
-cp -L $live/privkey.pem certs/{sn}/privkey.pem.new && chmod 600 certs/{sn}/privkey.pem.new
-cp -L $live/fullchain.pem certs/{sn}/fullchain.pem.new
-mv -f certs/{sn}/privkey.pem.new certs/{sn}/privkey.pem
-mv -f certs/{sn}/fullchain.pem.new certs/{sn}/fullchain.pem
-"""
+    return f"{certificates_program(proxy_dir)} --install {shlex.quote(sn)}"
 
 
 def reload_script(changed_confs: list[str]) -> str:

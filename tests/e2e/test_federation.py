@@ -101,3 +101,49 @@ def test_redeploy_does_not_reissue_valid_certificates(deployed, sandbox):
     assert res.returncode == 0 and "ACME" not in res.stdout
     after = {n: peer_cert(sandbox.hosts[h].ip, n)["serialNumber"] for h, names in NAMES.items() for n in names}
     assert before == after
+
+
+PROXY = "/opt/matrix/reverse_proxy"
+
+
+def test_one_failed_renewal_does_not_stop_the_others_from_being_installed(deployed, sandbox):
+    """three.test's renewal breaks (its renewal config is unreadable to certbot);
+    one.test's certificate, which certbot holds but nginx does not serve yet, is
+    still installed, and the run says something failed."""
+    out = on_host("vps1", f"""
+cd {PROXY}
+conf=acme/letsencrypt/renewal/three.test.conf
+cp -p $conf /root/three.test.conf.saved
+echo 'this is not a renewal configuration [' > $conf
+cp certs/three.test/fullchain.pem certs/one.test/fullchain.pem.other
+mv -f certs/one.test/fullchain.pem.other certs/one.test/fullchain.pem   # nginx's copy differs from certbot's
+rc=0; bin/renew-certificates > /root/renew.out 2>&1 || rc=$?
+cp -p /root/three.test.conf.saved $conf
+echo "rc=$rc"
+cmp -s acme/letsencrypt/live/one.test/fullchain.pem certs/one.test/fullchain.pem && echo installed-again
+cat /root/renew.out
+""")
+    assert "rc=1" in out, out
+    assert "installed-again" in out, out
+    assert "renewed certificates handed to nginx" in out, out
+    # nginx serves certbot's certificate of one.test again
+    cert = peer_cert(sandbox.hosts["vps1"].ip, "matrix.one.test")
+    assert ("DNS", "matrix.one.test") in cert["subjectAltName"]
+
+
+def test_a_deploy_installing_a_certificate_waits_for_a_renewal_run(deployed):
+    """The deploy and the renewal share one lock: `--install` (what a deploy runs)
+    waits while a renewal holds it, and writes only after."""
+    out = on_host("vps1", f"""
+cd {PROXY}
+rm -f /root/held
+( flock /run/synapse-fabric/certificates.lock sh -c 'sleep 2; touch /root/held' ) &
+sleep 0.5
+bin/renew-certificates --install one.test
+[ -e /root/held ] && echo "installed after the holder let go"
+wait
+ls -a certs/one.test | grep -c '^\\.' || true
+""")
+    assert "installed after the holder let go" in out, out
+    # only . and .. : no temporary file left beside the certificate
+    assert out.strip().splitlines()[-1] == "2", out
