@@ -125,8 +125,15 @@ def synapse_project(hs: Homeserver) -> str:
 
 
 def synapse_upstream(hs: Homeserver) -> str:
-    """The name nginx uses for this homeserver's Synapse on the shared network."""
+    """The name nginx uses for this homeserver's Synapse on its network."""
     return f"synapse-{hs.slug}"
+
+
+def synapse_network(hs: Homeserver) -> str:
+    """The network this homeserver's Synapse shares with nginx and nothing else:
+    Synapse trusts X-Forwarded-For, so only nginx may reach it (not another
+    homeserver's Synapse, not certbot)."""
+    return f"{NETWORK}-{hs.slug}"
 
 
 def url_host(address: str) -> str:
@@ -225,6 +232,7 @@ def render_host(
         "proxy:stack",
         port_8448=port_8448,
         acme_ca_bundle=inv.acme.ca_bundle is not None,
+        homeserver_networks=[synapse_network(hs) for hs in servers],
     )
     if inv.acme.ca_bundle is not None:
         files.append(
@@ -296,7 +304,7 @@ def render_host(
         sn = hs.server_name
         root = lay.synapse(sn)
         ctx = {"hs": hs, "upstream": synapse_upstream(hs), "project": synapse_project(hs),
-               "postgres_image": postgres_images[sn]}
+               "postgres_image": postgres_images[sn], "hs_network": synapse_network(hs)}
         dirs += [
             RemoteDir(root),
             RemoteDir(f"{root}/data", 0o750, SYNAPSE_UID),

@@ -9,6 +9,7 @@ modified copy of it next to it (so its relative paths still hold).
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import subprocess
 import time
@@ -135,6 +136,31 @@ def test_only_the_proxy_ports_answer_from_outside(deployed, sandbox):
     assert _port_open(ip, 80) and _port_open(ip, 443)
     for port in (5432, 8008, 8009, 8448):
         assert not _port_open(ip, port), f"port {port} answers on {ip}"
+
+
+def test_each_synapse_is_reachable_from_nginx_alone(deployed):
+    """Synapse trusts X-Forwarded-For (x_forwarded: true), so nothing but nginx may
+    reach it: not another homeserver's Synapse on the same host, not certbot."""
+    one, three = ctr("synapse-one-test", "synapse"), ctr("synapse-three-test", "synapse")
+    nginx = ctr("synapse-fabric-proxy", "nginx")
+    probe = ("import sys, urllib.request\n"
+             "try:\n urllib.request.urlopen(sys.argv[1], timeout=3); print('reached')\n"
+             "except Exception as e: print('refused', type(e).__name__)\n")
+    out = on_host("vps1", f"""
+one_ips=$(docker inspect -f '{{{{range .NetworkSettings.Networks}}}}{{{{.IPAddress}}}} {{{{end}}}}' {one})
+for target in synapse-one-test $one_ips; do
+  printf '%s ' "$target"
+  docker exec {three} python -c {shlex.quote(probe)} "http://$target:8008/health"
+done
+cd /opt/matrix/reverse_proxy
+printf 'certbot '
+docker compose run --rm -T --entrypoint python3 certbot -c {shlex.quote(probe)} http://synapse-one-test:8008/health
+echo "nginx: $(docker exec {nginx} bash -c 'exec 3<>/dev/tcp/synapse-one-test/8008 && echo reached' 2>&1 || true)"
+""")
+    lines = out.strip().splitlines()
+    assert len(lines) >= 4, out
+    assert all("refused" in line for line in lines[:-1]), out
+    assert lines[-1] == "nginx: reached", out
 
 
 def test_unreachable_host_is_reported_and_others_finish(deployed):
