@@ -113,19 +113,56 @@ def backup_name(uid: UserId) -> str:
     return "%2E" + name[1:] if name.startswith(".") else name
 
 
+# Ends every session of a user through Synapse's own code (POST /logout/all with a
+# token minted for it): access and refresh tokens, devices, their pushers, and the
+# device-list updates other servers need, and Synapse's caches with them.
+_LOGOUT_ALL_PY = """\
+import sys, urllib.request
+token = sys.stdin.read().strip()
+req = urllib.request.Request("http://localhost:8008/_matrix/client/v3/logout/all", data=b"{}", method="POST",
+                             headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
+try:
+    urllib.request.urlopen(req, timeout=120).read()
+except Exception as exc:
+    sys.exit(f"Synapse did not end the sessions: {exc}")
+"""
+
+# A token for the user, valid for 5 minutes. Synapse numbers access tokens in its
+# own memory from the largest id it saw at start, so this row takes an id far above
+# it (1e9 more) that Synapse will not reach while the row lives.
+_MINT_SQL = (
+    "INSERT INTO access_tokens (id, user_id, token, valid_until_ms)\n"
+    "SELECT COALESCE(max(id), 0) + 1000000000, :'uid', :'tok',\n"
+    "       (extract(epoch FROM now()) * 1000)::bigint + 300000 FROM access_tokens;\n"
+)
+
+
+def logout_script(hs: Homeserver, uid: UserId) -> str:
+    """Shell (after _containers) that ends every session of `uid`; the token it
+    mints lives in a shell variable and on stdin only, and is gone afterwards
+    (logout/all deletes it; on failure it is deleted here)."""
+    return f"""
+tok=sfab_$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \\n')
+ended="the password of {uid} was changed, but its sessions were not ended; run again with --logout"
+if ! {{ printf '%s\\n' "\\\\set uid '{uid}'" "\\\\set tok '$tok'"; cat <<'SQL'
+{_MINT_SQL}SQL
+}} | {_psql(hs)}; then echo "$ended" >&2; exit 1; fi
+if ! printf '%s' "$tok" | docker exec -i "$syn" python -c {shlex.quote(_LOGOUT_ALL_PY)}; then
+  printf '%s\\n' "\\\\set tok '$tok'" "DELETE FROM access_tokens WHERE token = :'tok';" | {_psql(hs)}
+  echo "$ended" >&2
+  exit 1
+fi
+"""
+
+
 def reset_password(
     remote: Remote, lay: Layout, hs: Homeserver, uid: UserId, password: str, logout: bool
 ) -> str:
     """Hash with Synapse's hash_password in the container, then one transaction in
     PostgreSQL that changes exactly one row. The old hash goes to a 0600 file on
-    the host first. Returns that file's path."""
+    the host first. With `logout`, Synapse itself then ends every session.
+    Returns the backup file's path."""
     backups = shlex.quote(f"{lay.synapse(hs.server_name)}/secrets/password-backups")
-    logout_sql = (
-        "DELETE FROM access_tokens WHERE user_id = :'uid';\n"
-        "DELETE FROM refresh_tokens WHERE user_id = :'uid';\n"
-        "DELETE FROM devices WHERE user_id = :'uid';\n"
-        if logout else ""
-    )
     # Values travel inside psql's stdin as psql variables (\set) and are used as
     # :'name', which psql quotes as SQL literals: never spliced into SQL text.
     sql = (
@@ -133,7 +170,7 @@ def reset_password(
         "BEGIN;\n"
         "WITH changed AS (UPDATE users SET password_hash = :'hash' WHERE name = :'uid' RETURNING 1)\n"
         "SELECT CASE WHEN count(*) = 1 THEN 'true' ELSE 'false' END AS one_row FROM changed \\gset\n"
-        "\\if :one_row\n" + logout_sql + "COMMIT;\n\\echo sfab-updated\n"
+        "\\if :one_row\nCOMMIT;\n\\echo sfab-updated\n"
         "\\else\nROLLBACK;\n\\echo sfab-not-updated\n\\endif\n"
     )
     script = "set -e\n" + _containers(hs) + f"""
@@ -153,11 +190,10 @@ res=$({{ printf '\\\\set hash %s\\n' "'$hash'"; cat <<'SQL'
 {sql}SQL
 }} | {_psql(hs)})
 if [ "$res" != sfab-updated ]; then echo "the update did not change exactly one row; rolled back" >&2; exit 1; fi
-echo "$backup"
 """
     if logout:
-        # Synapse caches access tokens in memory: a restart makes the deletion bite.
-        script += '\ndocker restart "$syn" >/dev/null\n'
+        script += logout_script(hs, uid)
+    script += 'echo "$backup"\n'
     return remote.run(script, stdin=password.encode("utf-8"), what=f"reset the password of {uid}").out.strip()
 
 

@@ -13,7 +13,7 @@ import time
 import pytest
 from nio import LoginError, LoginResponse
 
-from tests.e2e.helpers import ctr, BIN, INVENTORY, REPO, on_host, run, variant
+from tests.e2e.helpers import ctr, BIN, INVENTORY, REPO, on_host, run, starts, variant
 from tests.sandbox.client import SandboxClient
 
 pytestmark = pytest.mark.e2e
@@ -108,15 +108,77 @@ def test_reset_password_new_works_old_fails(cafile):
     assert backups and all(line == "600 root" for line in backups.splitlines())
 
 
-def test_reset_with_logout_kills_old_sessions(cafile):
-    before = login(cafile, ALICE, "battery staple")
-    assert whoami(cafile, before.access_token) == 200
+def test_reset_with_logout_ends_sessions_through_synapse(cafile):
+    """--logout ends every session by Synapse's own code, without a restart: the old
+    tokens die at once, the pusher of a session is gone, and a server that shares a
+    room with the user learns that its devices are gone (device-list updates)."""
+    bob = f"bob-{RUN}"
+    assert cli(["inv", "register-user", "--homeserver", "two.test", "--user", bob], "bob pw").returncode == 0
+    roots = REPO / "tests/sandbox/state/acme-roots.pem"
+
+    async def before():
+        async with SandboxClient(URL, cafile) as a, SandboxClient("https://matrix.two.test", roots) as b:
+            first = await a.login(ALICE, "battery staple")
+            second = await a.login(ALICE, "battery staple")
+            assert isinstance(first, LoginResponse) and isinstance(second, LoginResponse)
+            status, _ = await a.post("/_matrix/client/v3/pushers/set", {
+                "kind": "http", "app_id": "org.example.test", "app_display_name": "t", "device_display_name": "d",
+                "pushkey": f"push-{RUN}", "lang": "en", "data": {"url": "https://push.example/_matrix/push/v1/notify"},
+            }, first.access_token)
+            assert status == 200
+            dev = first.device_id
+            status, _ = await a.post("/_matrix/client/v3/keys/upload", {"device_keys": {
+                "user_id": f"@{ALICE}:one.test", "device_id": dev,
+                "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+                "keys": {f"curve25519:{dev}": "c" * 43, f"ed25519:{dev}": "e" * 43}, "signatures": {}}},
+                first.access_token)
+            assert status == 200
+            # bob on two.test shares a room with alice, so two.test tracks her devices
+            assert isinstance(await b.login(bob, "bob pw"), LoginResponse)
+            status, room = await a.post("/_matrix/client/v3/createRoom", {"invite": [f"@{bob}:two.test"]},
+                                        first.access_token)
+            assert status == 200
+            for _ in range(60):
+                status, _ = await b.post(f"/_matrix/client/v3/join/{room['room_id']}", {})
+                if status == 200:
+                    break
+                await asyncio.sleep(1)
+            assert status == 200
+            return first, b.client.access_token, dev
+
+    async def remote_devices(bob_token) -> set:
+        async with SandboxClient("https://matrix.two.test", roots) as b:
+            status, body = await b.post("/_matrix/client/v3/keys/query",
+                                        {"device_keys": {f"@{ALICE}:one.test": []}}, bob_token)
+            assert status == 200, body
+            return set(body.get("device_keys", {}).get(f"@{ALICE}:one.test", {}))
+
+    first, bob_token, dev = asyncio.run(before())
+    assert dev in asyncio.run(remote_devices(bob_token))
+    started = starts("vps1")
     res = cli(["inv", "reset-password", "--homeserver", HS, "--user", ALICE, "--logout"], "fresh start")
     assert res.returncode == 0, res.stderr
-    on_host("vps1", "for i in $(seq 60); do docker ps --filter label=com.docker.compose.project=synapse-one-test --filter label=com.docker.compose.service=synapse --format '{{.Status}}' "
-                    "| grep -q '(healthy)' && exit 0; sleep 1; done; exit 1")
-    assert whoami(cafile, before.access_token) == 401
-    assert isinstance(login(cafile, ALICE, "fresh start"), LoginResponse)
+    assert "all its sessions ended" in res.stdout
+    assert starts("vps1") == started  # nothing restarted
+    assert whoami(cafile, first.access_token) == 401
+    fresh = login(cafile, ALICE, "fresh start")
+    assert isinstance(fresh, LoginResponse)
+    status, body = asyncio.run(_get(cafile, "/_matrix/client/v3/pushers", fresh.access_token))
+    assert status == 200 and body["pushers"] == [], body
+    # two.test hears that the device is gone
+    deadline = time.monotonic() + 60
+    while dev in asyncio.run(remote_devices(bob_token)):
+        assert time.monotonic() < deadline, "two.test still lists the logged-out device"
+        time.sleep(1)
+    # the token minted for the logout is gone too
+    left = on_host("vps1", f"docker exec {ctr('synapse-one-test', 'postgres')} psql -At -U synapse -d synapse "
+                           "-c \"SELECT count(*) FROM access_tokens WHERE token LIKE 'sfab_%'\"")
+    assert left.strip() == "0"
+
+
+async def _get(cafile, path, token):
+    async with SandboxClient(URL, cafile) as c:
+        return await c.get(path, token)
 
 
 HOSTILE = [

@@ -81,3 +81,14 @@ class SandboxClient:
             except ValueError:
                 body = {}
             return resp.status, body
+
+    async def post(self, path: str, body: dict, token: str | None = None) -> tuple[int, dict]:
+        """POST JSON to a client-API path with an access token; (status, json)."""
+        headers = {"Authorization": f"Bearer {token or self.client.access_token}"}
+        async with self.client.client_session.post(self.client.homeserver + path, json=body, headers=headers,
+                                                   ssl=self.ctx) as resp:
+            try:
+                data = await resp.json(content_type=None)
+            except ValueError:
+                data = {}
+            return resp.status, data
