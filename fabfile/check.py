@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import http.client
+import ipaddress
 import json
 import socket
 import ssl
@@ -58,6 +59,16 @@ class Prober:
         raw = socket.create_connection((ips[0], port), timeout=10)
         sock = self.ctx.wrap_socket(raw, server_hostname=name)
         return sock, sock.getpeercert()
+
+    def source_address(self, name: str) -> Optional[str]:
+        """This machine's address on the route to `name` (what the host sees,
+        unless a NAT lies between)."""
+        ips = self.resolve(name)
+        if not ips:
+            return None
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((ips[0], 443))  # UDP: picks the route, sends nothing
+            return s.getsockname()[0]
 
     def get(self, name: str, path: str, port: int = 443) -> tuple[int, dict, bytes]:
         sock, _ = self.tls(name, port)
@@ -153,11 +164,21 @@ def check_homeserver(inv: Inventory, hs: Homeserver) -> list[Row]:
                 return f"server keys at {target}: HTTP {status}, server_name={keys.get('server_name')!r}"
         row("federation (version, keys)", federation)
 
-    def admin_refused():
+    def admin_allowlist():
+        # nginx answers 403 to an address admin_api_allow does not list; Synapse
+        # answers server_version (200) to one it lets through. Which one this
+        # machine is depends on the address the host sees (NAT may change it).
         status, _, _ = p.get(hs.hostname, "/_synapse/admin/v1/server_version")
-        if status == 200 and not hs.admin_api_allow:
-            return "the admin API answers from outside"
-    row("admin API refused from outside", admin_refused)
+        me = p.source_address(hs.hostname)
+        listed = [n for n in hs.admin_api_allow if me and ipaddress.ip_address(me) in ipaddress.ip_network(n)]
+        if listed and status != 200:
+            return f"this machine ({me}) is in admin_api_allow ({listed[0]}) but the admin API answered HTTP {status}"
+        if not listed and status == 200:
+            return (f"the admin API answers this machine ({me}), which admin_api_allow does not list"
+                    + (f" ({', '.join(hs.admin_api_allow)})" if hs.admin_api_allow else " (it is empty)"))
+        if not listed and status != 403:
+            return f"expected nginx's 403 for an address outside admin_api_allow, got HTTP {status}"
+    row("admin API only from admin_api_allow", admin_allowlist)
 
     def ports_closed():
         open_ports = []

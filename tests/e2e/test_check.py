@@ -20,7 +20,7 @@ def test_check_passes_on_the_healthy_sandbox(deployed):
     assert res.returncode == 0, res.stdout
     assert "0 failed" in res.stdout and "FAIL" not in res.stdout
     for check in ("DNS matrix.two.test", "certificate element.one.test", "well-known client (+CORS)",
-                  "federation (version, keys)", "admin API refused from outside", "PostgreSQL/Synapse ports closed"):
+                  "federation (version, keys)", "admin API only from admin_api_allow", "PostgreSQL/Synapse ports closed"):
         assert check in res.stdout
 
 

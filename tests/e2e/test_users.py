@@ -93,6 +93,16 @@ def test_admin_flag_and_admin_api_allowlist(cafile):
         assert run(["inv", "deploy", "--host", "vps1"], inv).returncode == 0
         assert admin_status(cafile, admin.access_token) == 200
         assert admin_status(cafile, alice.access_token) == 403
+        # inv check tests a non-empty allowlist too: this machine is in it, Synapse answers
+        res = run(["inv", "check", "--homeserver", HS], inv)
+        assert res.returncode == 0 and "0 failed" in res.stdout and "admin API only from admin_api_allow" in res.stdout
+        # an inventory whose allowlist leaves this machine out, while the host lets it in: FAIL
+        def other(doc):
+            doc["homeservers"][HS]["admin_api_allow"] = ["198.51.100.0/24"]
+        res = run(["inv", "check", "--homeserver", HS], variant("admin-other", other))
+        failed = [line for line in res.stdout.splitlines() if line.startswith("FAIL")]
+        assert res.returncode == 1 and len(failed) == 1, res.stdout
+        assert "admin API answers this machine" in failed[0] and "198.51.100.0/24" in failed[0]
     finally:
         assert run(["inv", "deploy", "--host", "vps1"]).returncode == 0
     assert admin_status(cafile, admin.access_token) == 403
