@@ -7,8 +7,9 @@ The script prints one tab-separated record a line:
     B  docker                      the docker client is installed
     E  version                     the engine answers
     K  v2|v1                       compose flavour (plugin or docker-compose binary)
-    C  project service state status id image
-                                   every compose container (image: the reference it was created from)
+    C  project service state status id image workdir
+                                   every compose container (image: the reference it was created
+                                   from; workdir: the directory of its compose file)
     D  repo@digest id              every local image's registry digest
     I  repo:tag id                 every local image
     O  server_name path            a path under data/ not owned by 991:991
@@ -21,6 +22,8 @@ The script prints one tab-separated record a line:
     G  server_name                 a homeserver whose stack is on this host (synapse/<sn>/docker-compose.yml)
     X  server_name record          a homeserver this host handed over (inv migrate-host)
     R  server_name record          a migration of this homeserver in progress from this host
+    W  base_dir names              the base_dir this host was deployed with, and the homeserver
+                                   directories under it
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 
-from .render import SYSTEMD_DIR, DesiredState, SYNAPSE_UID
+from .render import BASE_RECORD, SYSTEMD_DIR, DesiredState, SYNAPSE_UID
 
 
 @dataclass
@@ -46,6 +49,7 @@ class Container:
     status: str  # "Up 3 minutes (healthy)"
     id: str
     image: str = ""  # the reference the container was created from
+    workdir: str = ""  # the directory of its compose file
 
 
 @dataclass
@@ -68,6 +72,7 @@ class Facts:
     hosted: set[str] = field(default_factory=set)  # homeservers whose stack is here
     handed_over: dict[str, dict[str, str]] = field(default_factory=dict)  # sn -> {to, address, at}
     migrating: dict[str, dict[str, str]] = field(default_factory=dict)  # sn -> {to, phase}
+    base_record: tuple[str, list[str]] | None = None  # (recorded base_dir, homeservers there)
 
     @property
     def systemd(self) -> bool:
@@ -207,6 +212,8 @@ def script(state: DesiredState) -> str:
         *(f"[ \"$(cat /proc/1/comm)\" = systemd ] && printf 'T\\t%s\\t%s\\t%s\\n' {t} "
           f"\"$(systemctl is-enabled {t} 2>/dev/null)\" \"$(systemctl is-active {t} 2>/dev/null)\""
           for t in timers(state)),
+        f"b=$(cat {BASE_RECORD} 2>/dev/null) && [ -n \"$b\" ] && "
+        "printf 'W\\t%s\\t%s\\n' \"$b\" \"$(ls -A \"$b/synapse\" 2>/dev/null | tr '\\n' ' ')\"",
         "command -v docker >/dev/null 2>&1 || exit 0",
         "printf 'B\\tdocker\\n'",
         "if docker compose version >/dev/null 2>&1; then printf 'K\\tv2\\n';"
@@ -215,7 +222,7 @@ def script(state: DesiredState) -> str:
         "printf 'E\\t%s\\n' \"$v\"",
         "docker ps -a --filter label=com.docker.compose.project --format "
         "'C\t{{.Label \"com.docker.compose.project\"}}\t{{.Label \"com.docker.compose.service\"}}"
-        "\t{{.State}}\t{{.Status}}\t{{.ID}}\t{{.Image}}'",
+        "\t{{.State}}\t{{.Status}}\t{{.ID}}\t{{.Image}}\t{{.Label \"com.docker.compose.project.working_dir\"}}'",
         "docker images --no-trunc --format 'I\t{{.Repository}}:{{.Tag}}\t{{.ID}}'",
         "docker images --digests --no-trunc --format 'D\t{{.Repository}}@{{.Digest}}\t{{.ID}}'",
     ]
@@ -245,7 +252,7 @@ def parse(output: str) -> Facts:
             facts.engine = parts[0]
         elif kind == "K":
             facts.compose = parts[0]
-        elif kind == "C" and len(parts) in (5, 6):
+        elif kind == "C" and len(parts) in (5, 6, 7):
             facts.containers.append(Container(*parts))
         elif kind == "I" and len(parts) == 2:
             facts.images[parts[0]] = parts[1]
@@ -257,6 +264,8 @@ def parse(output: str) -> Facts:
             facts.hosted.add(parts[0])
         elif kind == "X" and len(parts) == 2:
             facts.handed_over[parts[0]] = _fields(parts[1])
+        elif kind == "W" and len(parts) == 2:
+            facts.base_record = (parts[0], parts[1].split())
         elif kind == "R" and len(parts) == 2:
             facts.migrating[parts[0]] = _fields(parts[1])
         elif kind == "V" and len(parts) == 2 and parts[1].strip().isdigit():

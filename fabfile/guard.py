@@ -12,7 +12,7 @@ instead.
 from __future__ import annotations
 
 from .facts import Facts
-from .render import DesiredState
+from .render import PROXY_PROJECT, DesiredState
 from .schema import InventoryError
 
 
@@ -49,5 +49,27 @@ def check(state: DesiredState, facts: Facts, inventory_path, migrating: str = ""
             f"{host} runs {sn} (its stack is in {state.layout.synapse(sn)}), but {inventory_path} does not "
             f"place it on {host}: a deploy would leave it running unserved. If it moved, use the inventory "
             f"that says so; `inv migrate-host` moves a homeserver")
+    problems += _base_dir_moved(state, facts)
     if problems:
         raise StaleInventory(f"{host}: refusing to deploy: " + "\n  ".join(problems))
+
+
+def _base_dir_moved(state: DesiredState, facts: Facts) -> list[str]:
+    """A base_dir other than the one the host's homeservers live in would fork them
+    (new secrets, a new signing key, an empty database under the same compose
+    project): refused until the operator moves the directory."""
+    base = state.host.base_dir
+    inside = lambda path: path == base or path.startswith(base.rstrip("/") + "/")  # noqa: E731
+    how = (f"to move it: stop its stacks, move the directory to {base}, then deploy; or set "
+           f"hosts.{state.host.name}.base_dir back")
+    problems = []
+    if facts.base_record and not inside(facts.base_record[0]) and facts.base_record[1]:
+        old, names = facts.base_record
+        problems.append(f"{state.host.name} was deployed with base_dir {old}, which still holds "
+                        f"{', '.join(names)}; the inventory says {base}: {how}")
+    dirs = sorted({c.workdir for c in facts.containers
+                   if c.workdir and not inside(c.workdir)
+                   and (c.project == PROXY_PROJECT or c.project.startswith("synapse-"))})
+    if dirs and not problems:
+        problems.append(f"{state.host.name} runs stacks from {', '.join(dirs)}, outside base_dir {base}: {how}")
+    return problems

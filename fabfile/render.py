@@ -63,6 +63,9 @@ class RemoteFile:
 
 
 SYSTEMD_DIR = "/etc/systemd/system"
+# The base_dir a host was deployed with: a deploy with another one is refused while
+# the old one holds homeservers (fabfile/guard.py).
+BASE_RECORD = "/etc/synapse-fabric/base-dir"
 
 
 @dataclass(frozen=True)
@@ -217,7 +220,8 @@ def render_host(
         RemoteDir(f"{lay.proxy}/well-known"),
         RemoteDir(f"{lay.proxy}/element"),
     ]
-    files: list[RemoteFile] = []
+    files: list[RemoteFile] = [RemoteFile(BASE_RECORD, f"{lay.base}\n".encode())]
+    dirs.append(RemoteDir(BASE_RECORD.rsplit("/", 1)[0]))
 
     def add(path, template, trigger="", mode=0o644, **ctx):
         files.append(RemoteFile(path, _template(template, **common, **ctx), mode, ROOT, trigger))

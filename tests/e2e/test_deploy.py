@@ -303,3 +303,19 @@ def test_locks_live_in_a_root_only_directory(deployed):
     with sb.connection("vps2") as conn:
         res = conn.run("flock -n /run/synapse-fabric/deploy.lock true", hide=True, warn=True)
         assert res.exited != 0 and "Permission denied" in res.stderr
+
+
+def test_a_new_base_dir_is_refused_while_the_old_one_holds_homeservers(deployed):
+    """A changed base_dir would fork two.test (new secrets, new signing key, an empty
+    database under the same compose project): refused, nothing written."""
+    assert run(["inv", "deploy", "--host", "vps2"]).returncode == 0
+    assert on_host("vps2", "cat /etc/synapse-fabric/base-dir").strip() == "/opt/matrix"
+
+    def move(doc):
+        doc["hosts"]["vps2"]["base_dir"] = "/srv/matrix"
+
+    res = run(["inv", "deploy", "--host", "vps2"], variant("base-dir", move))
+    assert res.returncode == 1, res.stdout  # a failed host
+    assert "deployed with base_dir /opt/matrix, which still holds two.test" in res.stderr + res.stdout
+    assert on_host("vps2", "[ -e /srv/matrix ] && echo exists || echo absent").strip() == "absent"
+    assert "0 changed" in run(["inv", "deploy", "--host", "vps2"]).stdout

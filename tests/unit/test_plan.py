@@ -11,13 +11,14 @@ from fabfile.plan import applicable, make, sha256
 from fabfile.render import PROXY_PROJECT, render_host, synapse_project
 from fabfile.report import mask, masked_diff
 
-INV = parse(textwrap.dedent("""
+INV_TEXT = textwrap.dedent("""
     hosts:
       web: {address: 203.0.113.10, images: push}
     homeservers:
       one.example: {host: web}
       two.example: {host: web}
-"""))
+""")
+INV = parse(INV_TEXT)
 
 
 def converged(state, systemd: bool = False) -> Facts:
@@ -262,6 +263,32 @@ def test_guard_refuses_a_stale_inventory():
     # ...unless it is the stopped old copy of a finished hand-over
     facts.handed_over = {"three.example": {"to": "web2"}}
     guard.check(state, facts, "hosts.yaml")
+
+
+def test_guard_refuses_a_new_base_dir_while_the_old_one_holds_homeservers():
+    from fabfile import guard
+
+    state = render_host(INV, "web")
+    facts = converged(state)
+    facts.base_record = ("/opt/matrix", ["one.example", "two.example"])
+    guard.check(state, facts, "hosts.yaml")
+    moved = render_host(parse(INV_TEXT.replace("images: push", "images: push, base_dir: /srv/matrix")), "web")
+    with pytest.raises(guard.StaleInventory, match="deployed with base_dir /opt/matrix, which still holds "
+                                                   "one.example, two.example; the inventory says /srv/matrix"):
+        guard.check(moved, facts, "hosts.yaml")
+    # the operator moved the directory (the old one holds nothing), but a stack still runs from it
+    facts.base_record = ("/opt/matrix", [])
+    facts.containers = [Container("synapse-one-example", "synapse", "running", "Up", "b", "x",
+                                  "/opt/matrix/synapse/one.example")]
+    with pytest.raises(guard.StaleInventory, match="runs stacks from /opt/matrix/synapse/one.example"):
+        guard.check(moved, facts, "hosts.yaml")
+    facts.containers = [Container("synapse-one-example", "synapse", "running", "Up", "b", "x",
+                                  "/srv/matrix/synapse/one.example")]
+    guard.check(moved, facts, "hosts.yaml")
+    # /opt/matrix-old is not inside /opt/matrix
+    facts.base_record = ("/srv/matrix-old", ["one.example"])
+    with pytest.raises(guard.StaleInventory, match="/srv/matrix-old"):
+        guard.check(moved, facts, "hosts.yaml")
 
 
 def test_a_feature_turned_off_stops_running():
