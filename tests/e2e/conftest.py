@@ -101,22 +101,34 @@ def deployed(sandbox):
     (a no-op on a sandbox kept from an earlier run)."""
     import subprocess
 
-    from tests.e2e.helpers import BIN, INVENTORY, REPO
+    from tests.e2e.helpers import BIN, INVENTORY, REPO, ArgvSampler
 
     env = {**os.environ, "FABRIC_INVENTORY": str(INVENTORY)}
-    procs = {
-        name: subprocess.Popen([str(BIN / "fab"), "-H", name, "bootstrap"], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for name in ("vps1", "vps2")
-    }
-    outputs = {}
-    for name, proc in procs.items():
-        out, _ = proc.communicate(timeout=1200)
-        print(out[-3000:])
-        outputs[name] = (proc.returncode, out)
+    # every process's argv, here and on the hosts, while the first deploy makes secrets
+    with ArgvSampler() as sampler:
+        procs = {
+            name: subprocess.Popen([str(BIN / "fab"), "-H", name, "bootstrap"], cwd=REPO, env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for name in ("vps1", "vps2")
+        }
+        outputs = {}
+        for name, proc in procs.items():
+            out, _ = proc.communicate(timeout=1200)
+            print(out[-3000:])
+            outputs[name] = (proc.returncode, out)
+    _BOOTSTRAP_ARGV.append(sampler)
     yield outputs
     for p in REPO.glob(".e2e-*.yaml"):
         p.unlink()
+
+
+_BOOTSTRAP_ARGV: list = []
+
+
+@pytest.fixture(scope="session")
+def bootstrap_argv(deployed):
+    """The ArgvSampler that watched the bootstrap of vps1 and vps2."""
+    return _BOOTSTRAP_ARGV[0]
 
 
 @pytest.fixture(scope="session")

@@ -65,3 +65,56 @@ def variant(tmp_name: str, change) -> Path:
     path = REPO / f".e2e-{tmp_name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+class ArgvSampler:
+    """Reads every process's argv (/proc/*/cmdline) over and over while a task runs.
+
+    This machine's /proc shows the operator's processes (inv, fab, ssh) and, the
+    sandbox hosts being containers on this kernel, every process of every host too:
+    sshd and the shells it starts, `docker exec`, and the processes inside the
+    homeservers' containers. One sampler here therefore watches the operator's
+    machine and the hosts at once. Bounded: it stops after `limit` seconds."""
+
+    def __init__(self, limit: float = 1200, pause: float = 0.01):
+        import threading
+
+        self.seen: set[str] = set()
+        self.passes = 0
+        self._stop = threading.Event()
+        self._limit, self._pause = limit, pause
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        import time
+
+        deadline = time.monotonic() + self._limit
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            for pid in os.listdir("/proc"):
+                if pid.isdigit():
+                    try:
+                        with open(f"/proc/{pid}/cmdline", "rb") as f:
+                            raw = f.read()
+                    except OSError:
+                        continue
+                    if raw:
+                        self.seen.add(raw.replace(b"\0", b" ").decode(errors="replace"))
+            self.passes += 1
+            self._stop.wait(self._pause)
+
+    def __enter__(self) -> "ArgvSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def containing(self, needle: str) -> list[str]:
+        return sorted(line for line in self.seen if needle in line)
+
+    def matching(self, pattern: str) -> list[str]:
+        import re
+
+        rx = re.compile(pattern)
+        return sorted(line for line in self.seen if rx.search(line))

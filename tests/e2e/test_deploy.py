@@ -49,6 +49,31 @@ def test_databases_use_c_collation(deployed, host, server):
     assert out.strip() == "C|C|UTF8"
 
 
+def test_no_secret_in_any_argv_during_the_first_deploy(deployed, bootstrap_argv):
+    """While the bootstrap made the database passwords and Synapse generated its
+    secrets, no process here or on the hosts carried one in its argv."""
+    made = [out for _, out in deployed.values()]
+    assert all("new database password" in out for out in made), "the bootstrap made no secret in this session"
+    assert bootstrap_argv.passes > 100, bootstrap_argv.passes
+    # the sampler saw the hosts' side: the containers' commands ran under it
+    assert bootstrap_argv.containing("synapse.app.homeserver") and bootstrap_argv.containing("postgres")
+    secrets_of = {
+        "vps1": ["one.test", "three.test"], "vps2": ["two.test"],
+    }
+    found = []
+    for host, servers in secrets_of.items():
+        for sn in servers:
+            base = f"/opt/matrix/synapse/{sn}"
+            values = on_host(host, f"cat {base}/secrets/postgres_password; echo; "
+                                   f"sed -n 's/^\\(registration_shared_secret\\|macaroon_secret_key\\|form_secret\\): *//p' "
+                                   f"{base}/data/homeserver.yaml; "
+                                   f"awk '{{print $3}}' {base}/data/{sn}.signing.key")
+            for value in (v.strip().strip('"') for v in values.splitlines() if v.strip()):
+                assert len(value) >= 16, f"{sn}: a secret too short to look for: {value!r}"
+                found += bootstrap_argv.containing(value)
+    assert found == []
+
+
 def test_data_owned_by_synapse_and_secrets_private(deployed):
     out = on_host("vps1", "stat -c '%U:%G %u:%g %a %n' /opt/matrix/synapse/one.test/data "
                           "/opt/matrix/synapse/one.test/data/one.test.signing.key "

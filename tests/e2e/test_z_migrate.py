@@ -15,7 +15,7 @@ import time
 import pytest
 from nio import LoginResponse, RoomCreateResponse, SyncResponse
 
-from tests.e2e.helpers import ctr, BIN, INVENTORY, REPO, on_host, run, variant
+from tests.e2e.helpers import ArgvSampler, ctr, BIN, INVENTORY, REPO, on_host, run, variant
 from tests.sandbox import sandbox as sb
 from tests.sandbox.client import SandboxClient, resolve
 from tests.sandbox.probe import Prober
@@ -178,7 +178,7 @@ def test_migration_keeps_serving_through_the_old_host(world, sandbox):
 
     talker = threading.Thread(target=bob_keeps_talking, daemon=True)
     talker.start()
-    with Prober(ROOTS) as prober:
+    with Prober(ROOTS) as prober, ArgvSampler() as argv:
         time.sleep(2)
         # killed once in the middle (after the database moved), then completed by re-running
         env = {**os.environ, "INVOKE_INVENTORY": str(inventory)}
@@ -212,6 +212,17 @@ def test_migration_keeps_serving_through_the_old_host(world, sandbox):
     assert prober.downtime < 60, f"clients saw {prober.downtime:.1f}s of outage"
     # two.test federates through the forwarding
     assert delivered_to_alice(room, f"b-via-forward-{RUN}")
+
+    # no secret of one.test (its database password, Synapse's generated secrets, its
+    # signing key) was in any process's argv, here or on either host, while it moved
+    assert argv.containing("pg_dump") and argv.passes > 100  # the sampler saw the hosts' side
+    base = "/opt/matrix/synapse/one.test"
+    values = on_host("vps3", f"cat {base}/secrets/postgres_password; echo; "
+                             f"sed -n 's/^\\(registration_shared_secret\\|macaroon_secret_key\\|form_secret\\): *//p' "
+                             f"{base}/data/homeserver.yaml; awk '{{print $3}}' {base}/data/one.test.signing.key")
+    values = [v.strip().strip('"') for v in values.splitlines() if v.strip()]
+    assert len(values) == 5 and all(len(v) >= 16 for v in values), values
+    assert [line for v in values for line in argv.containing(v)] == []
 
     # the same keys, media and users as before
     after = on_host("vps3", FINGERPRINT).split()
