@@ -1,8 +1,10 @@
 """The host-side Element Web updater (templates/reverse_proxy/bin/element-update.j2).
 
 The template is rendered as the deploy renders it, then run under dash against a
-feed and tarballs served from 127.0.0.1 by a ThreadingHTTPServer in this process.
-Needs dash, curl, jq, gpg, gpgv, flock, openssl (no Docker, loopback only).
+feed and tarballs served over HTTPS from 127.0.0.1 by a ThreadingHTTPServer in this
+process (its self-signed certificate is the site's feed-ca.pem; a plain-HTTP feed
+serves the refusal tests). Needs dash, curl, jq, gpg, gpgv, flock, openssl (no
+Docker, loopback only).
 """
 
 from __future__ import annotations
@@ -42,10 +44,13 @@ for tool in ("dash", "curl", "jq", "gpg", "gpgv", "flock", "openssl"):
 
 
 class Feed:
-    """Serves `routes` (path -> bytes) on 127.0.0.1, over HTTP or HTTPS."""
+    """Serves `routes` (path -> bytes) on 127.0.0.1, over HTTP or HTTPS (then
+    `ca` is the certificate that verifies it); `redirects` (path -> URL) answer 302."""
 
-    def __init__(self, tls: ssl.SSLContext | None = None):
+    def __init__(self, tls: ssl.SSLContext | None = None, ca: Path | None = None):
         self.routes: dict[str, bytes] = {}
+        self.redirects: dict[str, str] = {}
+        self.ca = ca
         self.requests: list[str] = []
         self.gates: dict[str, threading.Event] = {}  # path -> wait for it before answering
         self.reached: dict[str, threading.Event] = {}  # path -> set when it is asked for
@@ -58,6 +63,12 @@ class Feed:
                     feed.reached[self.path].set()
                 if self.path in feed.gates:
                     feed.gates[self.path].wait(30)
+                if self.path in feed.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", feed.redirects[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 body = feed.routes.get(self.path)
                 if body is None:
                     self.send_error(404)
@@ -67,7 +78,7 @@ class Feed:
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
                     self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):  # the client was killed
+                except (BrokenPipeError, ConnectionResetError, ssl.SSLError):  # the client was killed
                     pass
 
             def log_message(self, *args):
@@ -86,6 +97,7 @@ class Feed:
 
     def reset(self):
         self.routes.clear()
+        self.redirects.clear()
         self.requests.clear()
         self.gates.clear()
         self.reached.clear()
@@ -95,19 +107,55 @@ class Feed:
         self.server.server_close()
 
 
+def make_cert(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (its own CA): cert.pem, key.pem."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    openssl = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+               "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+               "-keyout", str(key), "-out", str(cert)]
+    subprocess.run(openssl, check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def https_feed(directory: Path) -> Feed:
+    cert, key = make_cert(directory)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    return Feed(tls, ca=cert)
+
+
 @pytest.fixture(scope="module")
-def http_feed():
+def shared_https_feed(tmp_path_factory):
+    feed = https_feed(tmp_path_factory.mktemp("pki"))
+    yield feed
+    feed.close()
+
+
+@pytest.fixture(scope="module")
+def shared_http_feed():
     feed = Feed()
     yield feed
     feed.close()
 
 
-@pytest.fixture()
-def feed(http_feed):
-    http_feed.reset()
-    yield http_feed
-    for gate in http_feed.gates.values():
+def _fresh(feed):
+    feed.reset()
+    yield feed
+    for gate in feed.gates.values():
         gate.set()
+
+
+@pytest.fixture()
+def feed(shared_https_feed):
+    """The release feed (HTTPS; Updater trusts it through feed-ca.pem)."""
+    yield from _fresh(shared_https_feed)
+
+
+@pytest.fixture()
+def http_feed(shared_http_feed):
+    """A plain-HTTP server: what the updater must never fetch from."""
+    yield from _fresh(shared_http_feed)
 
 
 # -- throwaway OpenPGP keys ------------------------------------------------------------
@@ -219,25 +267,34 @@ def publish(feed: Feed, *releases):
 
 
 class Updater:
-    def __init__(self, root: Path, feed_url: str, version="latest", keep=3):
+    """A rendered updater for one site; `ca` becomes the site's feed-ca.pem,
+    `prefix` is a command the script runs under (e.g. setpriv), `template_vars`
+    go to the template as they are (e.g. unpacked_max_bytes)."""
+
+    def __init__(self, root: Path, feed_url: str, version="latest", keep=3, ca: Path | None = None,
+                 prefix=(), **template_vars):
         self.root = root
         self.proxy = root / "opt" / "matrix" / "reverse_proxy"
         self.site = self.proxy / "element" / HOST
         self.site.mkdir(parents=True)
         (self.site / "config.json").write_text('{"brand": "Element"}\n')
+        if ca is not None:
+            shutil.copy(ca, self.site / "feed-ca.pem")
         self.lock = root / "lock" / "synapse-fabric-element.lock"
         self.script = self.proxy / "bin" / "element-update"
+        self.prefix = list(prefix)
+        self.template_vars = template_vars
         self.render(feed_url, version, keep)
 
     def render(self, feed_url, version="latest", keep=3):
         sites = [SimpleNamespace(hostname=HOST, version=version, keep=keep, feed=feed_url)]
         self.script.parent.mkdir(parents=True, exist_ok=True)
         self.script.write_bytes(_template(TEMPLATE, proxy_dir=str(self.proxy), sites=sites,
-                                          lock_file=str(self.lock)))
+                                          lock_file=str(self.lock), **self.template_vars))
         self.script.chmod(0o755)
 
     def run(self, *args, timeout=60):
-        return subprocess.run(["dash", str(self.script), *args], capture_output=True, text=True,
+        return subprocess.run([*self.prefix, "dash", str(self.script), *args], capture_output=True, text=True,
                               timeout=timeout, env={**os.environ, "LC_ALL": "C"})
 
     def ok(self, *args):
@@ -277,7 +334,7 @@ class Updater:
 
 @pytest.fixture()
 def updater(tmp_path, feed):
-    return Updater(tmp_path, feed.url(FEED_PATH))
+    return Updater(tmp_path, feed.url(FEED_PATH), ca=feed.ca)
 
 
 def install(updater, feed, version, *args):
@@ -298,6 +355,7 @@ def test_renders_for_dash_with_quoted_values(tmp_path):
     text = _template(TEMPLATE, proxy_dir="/opt/matrix/reverse_proxy", sites=sites).decode()
     assert text.startswith("#!/bin/sh\n# Managed by synapse-fabric")
     assert "LOCK_FILE='/run/synapse-fabric/element.lock'" in text
+    assert "UNPACKED_MAX_BYTES='1000000000'" in text
     assert "PROXY_DIR='/opt/matrix/reverse_proxy'" in text
     assert "cfg_feed='https://example.test/it'\\''s $(reboot) `x`'" in text
     script = tmp_path / "element-update"
@@ -313,6 +371,59 @@ def test_renders_for_dash_with_quoted_values(tmp_path):
     assert subprocess.run(["dash", str(script), "--help"], capture_output=True).returncode == 0
 
 
+def unit_settings(text: str) -> dict[str, list[str]]:
+    """key -> its values, in order, of a rendered systemd unit."""
+    settings: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def test_the_service_runs_without_capabilities_in_a_sandbox():
+    text = _template("systemd/synapse-fabric-element.service.j2", proxy_dir="/opt/matrix/reverse_proxy").decode()
+    unit = unit_settings(text)
+    assert unit["ExecStart"] == ["/opt/matrix/reverse_proxy/bin/element-update --unattended"]
+    # root, but no capability can bypass file permissions, chown, mount...
+    assert "User" not in unit and unit["CapabilityBoundingSet"] == [""] and unit["AmbientCapabilities"] == [""]
+    for key, value in {
+        "NoNewPrivileges": "yes",
+        # writes the Element sites and the lock directory only
+        "ProtectSystem": "strict",
+        "ReadWritePaths": "/opt/matrix/reverse_proxy/element",
+        "RuntimeDirectory": "synapse-fabric",
+        "RuntimeDirectoryMode": "0700",
+        "RuntimeDirectoryPreserve": "yes",  # deploy's lock lives there too
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "PrivateIPC": "yes",
+        # the network over IPv4/IPv6 only: no AF_UNIX, so no Docker, D-Bus or systemd socket
+        "RestrictAddressFamilies": "AF_INET AF_INET6",
+        "ProtectKernelTunables": "yes",
+        "ProtectKernelModules": "yes",
+        "ProtectKernelLogs": "yes",
+        "ProtectControlGroups": "yes",
+        "ProtectClock": "yes",
+        "ProtectHostname": "yes",
+        "RestrictNamespaces": "yes",
+        "RestrictRealtime": "yes",
+        "RestrictSUIDSGID": "yes",
+        "LockPersonality": "yes",
+        "MemoryDenyWriteExecute": "yes",
+        "SystemCallArchitectures": "native",
+        "SystemCallFilter": "@system-service",
+    }.items():
+        assert unit.get(key) == [value], (key, unit.get(key))
+    hidden = {path.removeprefix("-") for path in unit["InaccessiblePaths"][0].split()}
+    assert {"/run/docker.sock", "/var/run/docker.sock", "/run/containerd"} <= hidden
+    # a base_dir under /home stays reachable (ProtectHome=yes would hide it)
+    home = _template("systemd/synapse-fabric-element.service.j2", proxy_dir="/home/matrix/reverse_proxy").decode()
+    assert unit_settings(home)["ProtectHome"] == ["read-only"]
+    assert unit_settings(home)["ReadWritePaths"] == ["/home/matrix/reverse_proxy/element"]
+
+
 def test_no_sites_is_fine(tmp_path):
     script = tmp_path / "element-update"
     script.write_bytes(_template(TEMPLATE, proxy_dir=str(tmp_path), sites=[], lock_file=str(tmp_path / "l")))
@@ -324,7 +435,7 @@ def test_no_sites_is_fine(tmp_path):
 
 
 def test_installs_the_pinned_version(tmp_path, feed):
-    up = Updater(tmp_path, feed.url(FEED_PATH), version="1.11.84")
+    up = Updater(tmp_path, feed.url(FEED_PATH), version="1.11.84", ca=feed.ca)
     publish(feed, release(feed, "1.11.85"), release(feed, "1.11.84"))
     res = up.ok()
     assert up.current() == "releases/1.11.84"  # relative: resolves in the nginx container too
@@ -366,6 +477,43 @@ def test_latest_moves_to_the_newest_and_a_second_run_is_a_no_op(updater, feed):
     assert "already at 1.11.85, nothing to do" in res.stdout
     assert feed.requests == [FEED_PATH]  # the feed only, no download
     assert updater.snapshot() == before
+
+
+def test_latest_never_moves_back(updater, feed):
+    install(updater, feed, "1.11.85")
+    publish(feed, release(feed, "1.11.84"))  # a rolled-back feed, or a downgrade attack
+    before = updater.snapshot()
+    feed.requests.clear()
+    for args in ((), ("--unattended",), ("--version", "latest")):
+        res = updater.ok(*args)
+        assert "the feed's newest release 1.11.84 is not newer than 1.11.85: skipped" in res.stdout
+    assert updater.snapshot() == before
+    assert not any(p.endswith(".tar.gz") for p in feed.requests)
+    res = updater.ok("--check")
+    assert "newest 1.11.84, wanted latest: would skip 1.11.84: not newer than 1.11.85" in res.stdout
+    # the operator may go back on purpose
+    updater.ok("--version", "1.11.84")
+    assert updater.current() == "releases/1.11.84"
+    assert updater.history() == ["1.11.85", "1.11.84"]
+
+
+@pytest.mark.parametrize("installed, newest, moves", [
+    ("1.11.9", "1.11.10", True),
+    ("1.11.10", "1.11.9", False),  # numbers, not text
+    ("1.11.99", "1.12", True),
+    ("1.12", "1.11.99", False),
+    ("1.12", "1.12.0", False),  # the same version
+    ("1.11.10-rc.2", "1.11.10", True),  # a release comes after its rc
+    ("1.11.10", "1.11.10-rc.2", False),
+    ("1.11.10-rc.9", "1.11.10-rc.10", True),
+    ("1.11.10-rc.10", "1.11.10-rc.9", False),
+    ("1.11.10-rc.1", "1.11.9", False),
+])
+def test_latest_compares_versions(updater, feed, installed, newest, moves):
+    install(updater, feed, installed)
+    publish(feed, release(feed, newest))  # an rc not marked prerelease counts as published
+    updater.ok("--unattended")
+    assert updater.current() == f"releases/{newest if moves else installed}"
 
 
 def test_pinned_version_beyond_the_feed_page_is_asked_by_tag(updater, feed):
@@ -512,7 +660,7 @@ def test_a_signing_key_requires_a_good_signature(updater, feed, keys, sign, reas
     publish(feed, rel, release(feed, "1.11.84"))
     assert_untouched(updater, updater.run(), reason)
     assert sorted(p.name for p in updater.site.iterdir()) == [
-        "config.json", "current", "history", "releases", "signing-key.gpg"]
+        "config.json", "current", "feed-ca.pem", "history", "releases", "signing-key.gpg"]
 
 
 def test_a_good_signature_installs(updater, feed, keys):
@@ -523,23 +671,58 @@ def test_a_good_signature_installs(updater, feed, keys):
     assert updater.current() == "releases/1.11.85" and updater.leftovers() == []
 
 
+@pytest.mark.parametrize("case, reason", [
+    ("http-feed", "feed 'http://127.0.0.1:"),
+    ("http-asset", "asset element-v1.11.85.tar.gz: its download URL is not an https:// URL"),
+    ("feed-redirected-to-http", "cannot read the release feed"),
+    ("asset-redirected-to-http", "download of element-v1.11.85.tar.gz failed"),
+])
+def test_only_https_is_used(updater, feed, http_feed, case, reason):
+    install(updater, feed, "1.11.84")
+    body = tarball("1.11.85")
+    tar = "/download/v1.11.85/element-v1.11.85.tar.gz"
+    http_feed.routes[tar] = body
+    releases = [release(feed, "1.11.85", body), release(feed, "1.11.84")]
+    if case == "http-feed":
+        publish(http_feed, release(http_feed, "1.11.85", body), release(http_feed, "1.11.84"))
+        updater.render(http_feed.url(FEED_PATH))
+    elif case == "http-asset":
+        releases[0]["assets"][0]["browser_download_url"] = http_feed.url(tar)
+        publish(feed, *releases)
+    elif case == "feed-redirected-to-http":
+        feed.redirects[FEED_PATH] = http_feed.url(FEED_PATH)
+        publish(http_feed, *releases)
+    else:
+        feed.redirects[tar] = http_feed.url(tar)
+        publish(feed, *releases)
+    res = updater.run()
+    assert_untouched(updater, res, reason)
+    if case == "http-feed":
+        assert "is not an https:// URL; refusing it" in res.stderr
+    if case.endswith("redirected-to-http"):
+        assert "refused a redirect of https://127.0.0.1:" in res.stderr and "to a URL that is not https" in res.stderr
+    assert http_feed.requests == []  # not even asked
+
+
+def test_an_archive_that_unpacks_too_big_is_refused_before_extraction(tmp_path, feed):
+    up = Updater(tmp_path, feed.url(FEED_PATH), ca=feed.ca, unpacked_max_bytes=100_000)
+    install(up, feed, "1.11.84")  # a few kB unpacked: fine
+    bomb = tarball("1.11.85", [("element-v1.11.85/zeros.js", bytes(300_000), {})])
+    assert len(bomb) < 5_000  # small to download, big once unpacked
+    publish(feed, release(feed, "1.11.85", bomb), release(feed, "1.11.84"))
+    res = up.run()
+    assert_untouched(up, res, "refusing element-v1.11.85.tar.gz: it unpacks to more than 100000 bytes")
+
+
 def test_feed_ca_is_trusted_for_the_feed_and_downloads(tmp_path):
-    ca = tmp_path / "pki"
-    ca.mkdir()
-    openssl = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-               "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-               "-keyout", str(ca / "key.pem"), "-out", str(ca / "cert.pem")]
-    subprocess.run(openssl, check=True, capture_output=True, timeout=60)
-    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    tls.load_cert_chain(ca / "cert.pem", ca / "key.pem")
-    feed = Feed(tls)
+    feed = https_feed(tmp_path / "pki")
     try:
         up = Updater(tmp_path / "host", feed.url(FEED_PATH))
         publish(feed, release(feed, "1.11.85"))
         res = up.run()  # the system CAs do not know this one
         assert res.returncode == 1 and "cannot read the release feed" in res.stderr
         assert up.current() is None and up.leftovers() == []
-        shutil.copy(ca / "cert.pem", up.site / "feed-ca.pem")
+        shutil.copy(feed.ca, up.site / "feed-ca.pem")
         up.ok()
         assert up.current() == "releases/1.11.85"
     finally:
@@ -592,7 +775,7 @@ def test_rollback_skips_versions_no_longer_on_disk(updater, feed):
 
 @pytest.mark.parametrize("keep", [1, 2, 3])
 def test_only_the_last_n_versions_stay(tmp_path, feed, keep):
-    up = Updater(tmp_path, feed.url(FEED_PATH), keep=keep)
+    up = Updater(tmp_path, feed.url(FEED_PATH), keep=keep, ca=feed.ca)
     versions = ["1.11.81", "1.11.82", "1.11.83", "1.11.84"]
     for version in versions:
         install(up, feed, version)
@@ -603,6 +786,57 @@ def test_only_the_last_n_versions_stay(tmp_path, feed, keep):
         assert up.current() == "releases/1.11.83"
     else:
         assert up.run("--rollback").returncode == 1
+
+
+def hashed_release(version: str, bundle: str) -> bytes:
+    """A release laid out as Element's: its scripts under bundles/<build hash>/."""
+    top = f"element-v{version}"
+    return tarball(version, [(f"{top}/bundles/{bundle}", b"", {"type": tarfile.DIRTYPE, "mode": 0o755}),
+                             (f"{top}/bundles/{bundle}/app.js", f"// app {version}\n".encode(), {}),
+                             (f"{top}/bundles/{bundle}/chunk-7.js", f"// lazy {version}\n".encode(), {})])
+
+
+def test_the_previous_release_bundles_stay_served_after_a_swap(tmp_path, feed):
+    up = Updater(tmp_path, feed.url(FEED_PATH), keep=2, ca=feed.ca)
+    hashes = {"1.11.84": "aaa111", "1.11.85": "bbb222", "1.11.86": "ccc333"}
+    rels = {v: release(feed, v, hashed_release(v, h)) for v, h in hashes.items()}
+    current = up.site / "current" / "bundles"
+
+    def bundle_files(version, where):
+        return {p.name: p.read_bytes() for p in (where / hashes[version]).iterdir()}
+
+    publish(feed, rels["1.11.84"])
+    up.ok()
+    old = bundle_files("1.11.84", current)  # what a page loaded now will ask for
+    assert set(old) == {"app.js", "chunk-7.js"}
+
+    publish(feed, rels["1.11.85"], rels["1.11.84"])
+    up.ok()
+    assert up.served() == "<html>Element 1.11.85</html>\n"
+    # the page loaded from 1.11.84 before the swap still gets its scripts, byte for byte,
+    # hard-linked (not copied) from releases/1.11.84
+    assert bundle_files("1.11.84", current) == old
+    for name in old:
+        assert ((current / "aaa111" / name).stat().st_ino
+                == (up.site / "releases" / "1.11.84" / "bundles" / "aaa111" / name).stat().st_ino)
+    # 1.11.85's own files are there, and 1.11.84's bundle directory is all that was added
+    assert bundle_files("1.11.85", current) == {"app.js": b"// app 1.11.85\n", "chunk-7.js": b"// lazy 1.11.85\n"}
+    assert (current / "app.js").read_text() == "console.log('1.11.85')\n"
+    assert sorted(p.name for p in current.iterdir()) == ["aaa111", "app.js", "bbb222"]
+    assert sorted(p.name for p in (up.site / "releases" / "1.11.84" / "bundles").iterdir()) == ["aaa111", "app.js"]
+
+    # the next swap carries 1.11.85's bundles only: not 1.11.84's, which 1.11.85 carried
+    publish(feed, rels["1.11.86"], rels["1.11.85"], rels["1.11.84"])
+    up.ok()
+    assert up.releases() == ["1.11.85", "1.11.86"]
+    assert sorted(p.name for p in current.iterdir()) == ["app.js", "bbb222", "ccc333"]
+    assert bundle_files("1.11.85", current) == {"app.js": b"// app 1.11.85\n", "chunk-7.js": b"// lazy 1.11.85\n"}
+
+    # a rollback carries too: pages loaded from 1.11.86 keep working on 1.11.85
+    newest = bundle_files("1.11.86", current)
+    up.ok("--rollback")
+    assert up.served() == "<html>Element 1.11.85</html>\n"
+    assert bundle_files("1.11.86", current) == newest
 
 
 def test_a_current_that_is_not_our_symlink_is_left_alone(updater, feed):
@@ -699,3 +933,26 @@ def test_an_interrupted_run_cleans_up_and_keeps_serving(updater, feed, signal_na
     with held_lock(updater):  # whatever the script started is gone: the lock is free
         assert updater.leftovers() == []
         assert updater.current() == "releases/1.11.84" and updater.releases() == ["1.11.84"]
+
+
+# -- as the systemd unit runs it -----------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv to drop every capability")
+def test_runs_as_root_without_any_capability(tmp_path, feed):
+    """CapabilityBoundingSet= (empty) and NoNewPrivileges=yes, as in the service
+    unit: every step works on root's own files without a capability."""
+    drop = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs"]
+    caps = subprocess.run([*drop, "grep", "^Cap[EPB]", "/proc/self/status"], capture_output=True, text=True,
+                          check=True).stdout.split()
+    assert caps[1::2] == ["0000000000000000"] * 3, caps  # CapPrm, CapEff, CapBnd
+    up = Updater(tmp_path, feed.url(FEED_PATH), keep=2, ca=feed.ca, prefix=drop)
+    hashes = {"1.11.84": "aaa111", "1.11.85": "bbb222", "1.11.86": "ccc333"}
+    for version in hashes:  # unpack, carry bundles, swap, prune
+        publish(feed, release(feed, version, hashed_release(version, hashes[version])))
+        up.ok()
+    assert up.releases() == ["1.11.85", "1.11.86"]
+    assert up.ok("--rollback") and up.current() == "releases/1.11.85"
+    assert (up.site / "current" / "bundles" / "ccc333" / "app.js").is_file()
+    assert up.leftovers() == []
