@@ -29,8 +29,8 @@ def deploy(c, host=None, homeserver=None, dry_run=False, pull=False):
     with expected_failures():
         names = converge.select_hosts(inv, host, homeserver)
         results = converge.deploy(inv, names, dry_run=dry_run, pull=pull)
-    if any(r.failed for r in results):
-        raise Exit(code=1)
+    if converge.exit_code(results):
+        raise Exit(code=converge.exit_code(results))
 
 
 @task(
@@ -124,41 +124,11 @@ def check(c, homeserver=None):
     inv = load_inventory(c)
     with expected_failures():
         servers = [inv.homeserver(homeserver)] if homeserver else list(inv.homeservers.values())
-    rows = [row for hs in servers for row in check_homeserver(inv, hs)]
+        rows = [row for hs in servers for row in check_homeserver(inv, hs)]
     print(format_rows(rows))
     if any(not r.ok for r in rows):
         raise Exit(code=1)
 
 
-@task
-def sandbox_up(c):
-    """Build the images and start the local sandbox (stand-in hosts, DNS, ACME CA)."""
-    from tests.sandbox import sandbox
-
-    sandbox.up()
-
-
-@task
-def sandbox_down(c):
-    """Remove everything the sandbox created (containers, networks, volumes)."""
-    from tests.sandbox import sandbox
-
-    sandbox.down()
-
-
-@task
-def sandbox_status(c):
-    """Show the sandbox's containers, addresses and state."""
-    from tests.sandbox import sandbox
-
-    for row in sandbox.status():
-        print(row)
-
-
-sandbox = Collection("sandbox")
-sandbox.add_task(sandbox_up, "up")
-sandbox.add_task(sandbox_down, "down")
-sandbox.add_task(sandbox_status, "status")
-
-ns = Collection(deploy, register_user, reset_password, migrate_host, element_update, check, sandbox)
+ns = Collection(deploy, register_user, reset_password, migrate_host, element_update, check)
 ns.configure(CONFIG_DEFAULTS)

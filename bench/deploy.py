@@ -2,7 +2,7 @@
 `ssh host true` for scale, on the sandbox. Writes bench/results/deploy.json and
 prints the figures. Not a test: nothing here asserts a time.
 
-    .venv/bin/python -m bench.deploy            # needs the sandbox up (inv sandbox.up)
+    .venv/bin/python -m bench.deploy            # needs the sandbox up (inv -c tasks_dev sandbox.up)
 
 The bootstrap figure needs a bare host: the sandbox's vps3 is recreated bare and
 given a copy of the example inventory's vps1 homeservers (one.test, three.test).

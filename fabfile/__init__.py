@@ -21,8 +21,8 @@ def bootstrap(c):
     with expected_failures():
         host = inv.host_by_name_or_address(c.host)
         results = deploy.deploy(inv, [host.name], install=True)
-    if any(r.failed for r in results):
-        raise Exit(code=1)
+    if deploy.exit_code(results):
+        raise Exit(code=deploy.exit_code(results))
 
 
 ns = Collection(bootstrap)

@@ -1,6 +1,7 @@
 """What the two fronts (tasks.py for `inv`, fabfile/__init__.py for `fab`) share:
-finding the inventory from invoke/fabric config and turning expected failures into
-one clear message and a non-zero exit, without a traceback."""
+finding the inventory from invoke/fabric config and turning the library's expected
+failures (fabfile/errors.py) into one clear message and their exit code, without a
+traceback. No library module imports this one."""
 
 from __future__ import annotations
 
@@ -9,15 +10,11 @@ from pathlib import Path
 
 from invoke.exceptions import Exit
 
-from .inventory import Inventory, InventoryError, load
-from .remote import RemoteError
+from .errors import SfabError, TaskError  # noqa: F401  (TaskError: for the fronts)
+from .inventory import Inventory, load
 
 DEFAULT_INVENTORY = "hosts.yaml"
 CONFIG_DEFAULTS = {"inventory": DEFAULT_INVENTORY}
-
-
-class TaskError(Exception):
-    """An expected failure of a task: its message is all the operator needs."""
 
 
 def inventory_path(c) -> Path:
@@ -33,9 +30,9 @@ def load_inventory(c) -> Inventory:
 
 @contextlib.contextmanager
 def expected_failures():
-    """Turn expected failures (bad inventory or arguments, a failed remote step)
-    into invoke's Exit: one message on stderr, exit 2, no traceback."""
+    """Turn expected failures into invoke's Exit: one message on stderr, no
+    traceback, the exit code of their kind (2 input, 1 a failed step, 75 a held lock)."""
     try:
         yield
-    except (InventoryError, TaskError, RemoteError) as exc:
-        raise Exit(f"error: {exc}", code=2) from None
+    except SfabError as exc:
+        raise Exit(f"error: {exc}", code=exc.exit_code) from None

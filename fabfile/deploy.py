@@ -1,4 +1,4 @@
-"""Converge hosts: render -> facts -> plan -> apply -> report (see shared design).
+"""Converge hosts: render -> facts -> plan -> apply -> report (README, "How a deploy works").
 
 Each host runs in its own thread with its own SSH connection and lock; a failing
 host does not stop the others. A converged host costs two remote commands: the
@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from . import docker, element, facts as facts_mod, guard, plan as plan_mod, postgres, proxy, synapse
-from .inventory import Inventory, InventoryError
+from .errors import InventoryError, LockHeld, SfabError
+from .inventory import Inventory
 from .plan import Plan
 from .remote import Remote, RemoteError, open_remote
 from .render import HIDDEN, PROXY_PROJECT, SYSTEMD_DIR, RemoteFile, cert_names, render_host, synapse_project
@@ -30,12 +31,20 @@ class HostResult:
     ok: int = 0
     restarted: list[str] = field(default_factory=list)
     error: Optional[str] = None
+    exit_code: int = 0  # of the failure (fabfile/errors.py)
     seconds: float = 0.0
     commands: int = 0
 
     @property
     def failed(self) -> bool:
         return self.error is not None
+
+
+def exit_code(results: list[HostResult]) -> int:
+    """0 when every host converged; 75 when the only failures were held locks
+    (try again later); else 1."""
+    codes = {r.exit_code for r in results if r.failed}
+    return 0 if not codes else 75 if codes == {75} else 1
 
 
 def select_hosts(inv: Inventory, hosts: list[str] | None, homeservers: list[str] | None) -> list[str]:
@@ -103,10 +112,12 @@ def _converge_host(inv, state, local_images, dry_run, install, report, pull=Fals
         remote = open_remote(inv, state.host)
         remote.lock(inv.ssh.lock_timeout)
         converge(remote, state, local_images, report, result, dry_run=dry_run, install=install, pull=pull)
-    except (RemoteError, InventoryError) as exc:
+    except SfabError as exc:
         result.error = str(exc)
+        result.exit_code = exc.exit_code if isinstance(exc, LockHeld) else 1
     except Exception as exc:  # an unexpected failure must not hide the other hosts
         result.error = f"{name}: unexpected {type(exc).__name__}: {exc}"
+        result.exit_code = 1
     finally:
         if remote is not None:
             result.commands = remote.commands

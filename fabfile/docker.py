@@ -9,7 +9,7 @@ import time
 from typing import Callable, Iterator
 
 from .facts import Facts
-from .inventory import InventoryError
+from .errors import InventoryError
 from .remote import Remote, RemoteError
 
 INSTALL_SCRIPT = r"""

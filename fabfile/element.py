@@ -7,7 +7,7 @@ from __future__ import annotations
 import shlex
 from typing import Callable
 
-from .cli import TaskError
+from .errors import TaskError
 from .inventory import Inventory
 from .remote import open_remote
 from .render import Layout

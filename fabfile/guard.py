@@ -13,11 +13,7 @@ from __future__ import annotations
 
 from .facts import Facts
 from .render import PROXY_PROJECT, DesiredState
-from .schema import InventoryError
-
-
-class StaleInventory(InventoryError):
-    """hosts.yaml disagrees with what a host says it holds."""
+from .errors import StaleInventory  # noqa: F401  (raised here; imported from here by callers)
 
 
 def check(state: DesiredState, facts: Facts, inventory_path, migrating: str = "") -> None:

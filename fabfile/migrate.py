@@ -39,7 +39,7 @@ from typing import Callable
 
 from ruamel.yaml import YAML
 
-from .cli import TaskError
+from .errors import TaskError
 from .deploy import HostResult, converge, local_images
 from .inventory import Homeserver, Inventory
 from .remote import Remote, RemoteError, locked, open_remote

@@ -8,7 +8,7 @@ import getpass
 import sys
 from pathlib import Path
 
-from .cli import TaskError
+from .errors import TaskError
 
 
 def _decode(data: bytes, where: str) -> str:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from .facts import Facts
 from .render import DesiredState, synapse_project
-from .schema import InventoryError, postgres_major
+from .errors import InventoryError
+from .schema import postgres_major
 
 
 def keep_majors(state: DesiredState, facts: Facts) -> tuple[dict[str, str], list[str]]:

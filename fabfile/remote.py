@@ -28,6 +28,7 @@ import paramiko
 from fabric import Connection
 from invoke import Config
 
+from .errors import HostKeyError, LockHeld, RemoteError  # noqa: F401  (RemoteError: re-exported)
 from .inventory import Host, Inventory
 
 # No remote call waits forever (a NAT that drops the connection silently must end
@@ -42,14 +43,6 @@ KEEPALIVE_SECONDS = 15
 LOCK_DIR = "/run/synapse-fabric"
 LOCK_FILE = f"{LOCK_DIR}/deploy.lock"
 LOCK_OWNER = f"{LOCK_DIR}/deploy.owner"
-
-
-class RemoteError(Exception):
-    """A remote step failed; the message names the host, the step and stderr's tail."""
-
-
-class HostKeyError(RemoteError):
-    pass
 
 
 @dataclass
@@ -145,7 +138,7 @@ class Remote:
             chan.close()
         result = Result(code, bytes(out), bytes(err))
         if check and code != 0:
-            raise RemoteError(self._failure(what or script.splitlines()[0], result))
+            raise RemoteError(self._failure(what or script.splitlines()[0], result), result.code)
         return result
 
     def stream(self, script: str, what: str, idle_timeout: float = STREAM_IDLE_TIMEOUT) -> Iterator[bytes]:
@@ -180,7 +173,7 @@ class Remote:
         finally:
             chan.close()
         if code != 0:
-            raise RemoteError(self._failure(what, Result(code, b"", bytes(err))))
+            raise RemoteError(self._failure(what, Result(code, b"", bytes(err))), code)
 
     @staticmethod
     def _drain(chan, out: bytearray, err: bytearray, on_stdout):
@@ -270,7 +263,7 @@ class Remote:
         rest = reply.decode(errors="replace").split("\n", 1)
         holder = rest[1].strip() if len(rest) > 1 and rest[1].strip() else "unknown"
         chan.close()
-        raise RemoteError(
+        raise LockHeld(
             f"{self.name}: another run holds the lock after waiting {int(wait)}s (held by {holder}); "
             "try again when it has finished"
         )

@@ -27,7 +27,8 @@ from typing import Callable
 import jinja2
 import yaml
 
-from .inventory import Homeserver, Host, Inventory, InventoryError
+from .errors import InventoryError
+from .inventory import Homeserver, Host, Inventory
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 

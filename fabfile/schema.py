@@ -13,6 +13,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .errors import InventoryError  # noqa: F401  (re-exported for fabfile.inventory)
+
 
 # base_dir may not be one of these (it holds secrets and is removed from in places)
 SYSTEM_DIRS = {"/opt", "/srv", "/var", "/home", "/root", "/mnt", "/media", "/var/lib", "/usr/local"}
@@ -34,10 +36,6 @@ def check_cidrs(values: list[str], key: str) -> list[str]:
             raise ValueError(f"{r!r} is not an IP network: {exc}") from None
         out.append(str(net))
     return out
-
-
-class InventoryError(Exception):
-    """A hosts.yaml problem an operator can fix; the message says where and what."""
 
 
 # One DNS label: letters, digits, hyphens; no leading/trailing hyphen; 63 chars max.

@@ -15,10 +15,10 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from .cli import TaskError
+from .errors import TaskError
 from .inventory import Homeserver, Inventory
 from .passwords import read_password
-from .remote import Remote, locked
+from .remote import Remote, RemoteError, locked
 from .render import Layout, synapse_project
 
 LOCALPART_RE = re.compile(r"^[a-z0-9._=/+-]+$")
@@ -194,7 +194,12 @@ if [ "$res" != sfab-updated ]; then echo "the update did not change exactly one 
     if logout:
         script += logout_script(hs, uid)
     script += 'echo "$backup"\n'
-    return remote.run(script, stdin=password.encode("utf-8"), what=f"reset the password of {uid}").out.strip()
+    try:
+        return remote.run(script, stdin=password.encode("utf-8"), what=f"reset the password of {uid}").out.strip()
+    except RemoteError as exc:
+        if exc.code == NOT_FOUND:  # the operator named a user that does not exist
+            raise TaskError(f"no user {uid} on {hs.server_name}; nothing was changed") from None
+        raise
 
 
 def register_user(inv: Inventory, homeserver: str, user: str, admin: bool, password_file: str | None) -> str:

@@ -553,8 +553,8 @@ def wait_ready(log=print) -> SandboxInfo:
 
 def _require_engine() -> None:
     if not engine_answers():
-        raise SandboxError("no Docker engine answers (`docker version` failed); start dockerd "
-                           "(see shared/ENVIRONMENT.md) and retry")
+        raise SandboxError("no Docker engine answers (`docker version` failed); start one "
+                           "(scripts/setup does) and retry")
 
 
 def prepare(log=print) -> dict[str, str]:

@@ -17,11 +17,27 @@ def run(*argv, env=None):
     )
 
 
-def test_inv_list_shows_every_task():
+PRODUCT = ("deploy", "register-user", "reset-password", "migrate-host", "element-update", "check")
+
+
+def test_inv_list_shows_every_task_and_no_development_one():
     out = run("inv", "--list").stdout
-    for name in ("deploy", "register-user", "reset-password", "migrate-host", "element-update", "check",
-                 "sandbox.up", "sandbox.down", "sandbox.status"):
+    for name in PRODUCT:
         assert f"  {name} " in out, name
+    assert "sandbox" not in out
+
+
+def test_the_development_collection_adds_the_sandbox():
+    out = run("inv", "-c", "tasks_dev", "--list").stdout
+    for name in (*PRODUCT, "sandbox.up", "sandbox.down", "sandbox.status"):
+        assert f"  {name} " in out, name
+
+
+def test_the_product_never_imports_the_tests():
+    code = ("import sys, tasks, fabfile, fabfile.deploy, fabfile.migrate, fabfile.users, fabfile.check; "
+            "print(sorted(m for m in sys.modules if m == 'tests' or m.startswith('tests.')))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr
 
 
 def test_fab_list_shows_bootstrap():
