@@ -123,7 +123,7 @@ class Outcome:
         return not self.divergences
 
 
-def run_sequence(seed: int, steps: int = 5, cut_chance: float = 0.35, workdir: Path = REPO) -> Outcome:
+def run_sequence(seed: int, steps: int = 6, cut_chance: float = 0.5, workdir: Path = REPO) -> Outcome:
     """One seeded sequence: `steps` edits, each deployed (some deploys killed), a final
     deploy, the check, one more deploy that must change nothing; then the
     repository's inventory is deployed and checked again (the suite goes on from it)."""
@@ -138,7 +138,7 @@ def run_sequence(seed: int, steps: int = 5, cut_chance: float = 0.35, workdir: P
             what = rng.choice(EDITS)(doc, rng)
             path.write_text(yaml.safe_dump(doc, sort_keys=False))
             if rng.random() < cut_chance:
-                delay = round(rng.uniform(0.3, 6.0), 1)
+                delay = round(rng.uniform(0.2, 3.0), 1)  # a no-op deploy takes ~0.5 s, one that restarts 2-10 s
                 res = deploy(path, kill_after=delay)
                 out.steps.append(f"{i}: {what}; deploy killed after {delay}s"
                                  + ("" if res == "killed" else " (it had finished)"))
