@@ -7,20 +7,17 @@ lock and the facts.
 
 from __future__ import annotations
 
-import io
-import shlex
-import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
-from . import docker, element, facts as facts_mod, guard, plan as plan_mod, postgres, proxy, synapse
+from . import docker, facts as facts_mod, guard, plan as plan_mod, postgres, steps
 from .errors import InventoryError, LockHeld, SfabError
 from .inventory import Inventory
 from .plan import Plan
 from .remote import Remote, RemoteError, open_remote
-from .render import HIDDEN, PROXY_PROJECT, SYSTEMD_DIR, RemoteFile, cert_names, render_host, synapse_project
+from .render import PROXY_PROJECT, render_host, synapse_project
 from .report import Reporter, masked_diff
 
 
@@ -180,158 +177,18 @@ def host_projects(state) -> list[str]:
 
 
 def _show_diffs(remote: Remote, plan: Plan, report: Reporter) -> None:
-    changed = [f for f in plan.files]
-    old = remote.read_files([f.path for f in changed])
-    for f in changed:
+    """--dry-run: the files as masked diffs, then every step with its reason."""
+    old = remote.read_files([f.path for f in plan.files])
+    for f in plan.files:
         report.diff(remote.name, masked_diff(f.path, old.get(f.path), f.content, f.secret))
-    for ref in plan.pulls:
-        report.line(remote.name, f"would pull: {ref}")
-    for unit in plan.timers:
-        report.line(remote.name, f"would enable and start: {unit}")
-    for action in plan.restarts:
-        report.line(remote.name, f"would restart: {action}")
-
-
-def _tar(files: list[RemoteFile], suffix: str) -> bytes:
-    buf = io.BytesIO()
-    now = time.time()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for f in files:
-            info = tarfile.TarInfo(f.path.lstrip("/") + suffix)
-            info.size = len(f.content)
-            info.mode = f.mode
-            uid, gid = f.owner.split(":")
-            info.uid, info.gid = int(uid), int(gid)
-            info.mtime = now
-            tar.addfile(info, io.BytesIO(f.content))
-    return buf.getvalue()
+    for action in plan.actions:
+        if action.why or action.only_if is None:
+            report.line(remote.name, action.line())
 
 
 def _apply(remote: Remote, plan: Plan, facts, log, result: HostResult, hold=()) -> None:
-    state = plan.state
-    lay = state.layout
-    compose = docker.compose_cmd(facts)
-    if plan.engine_start:
-        log("starting the Docker engine")
-        docker.start_engine(remote)
-    docker.push_images(remote, plan.images, log)
-    # pulled before anything stops; an image whose ID moved must reach its containers
-    for ref in docker.pull_images(remote, plan.pulls, log):
-        for trigger in plan_mod.image_triggers(state, ref):
-            if trigger == "proxy:stack":
-                plan.proxy_up = True
-            else:
-                sn = trigger.split(":")[1]
-                if sn not in plan.synapse_up:
-                    plan.synapse_up.append(sn)
-
-    # Files, directories, secrets, ownership: one command, files written atomically
-    # (extracted beside their target as *.sfab-new, then renamed over it).
-    files = list(plan.files)
-    for sn in plan.placeholder_certs:
-        hs = next(h for h in state.homeservers if h.server_name == sn)
-        chain, key = proxy.placeholder_cert(cert_names(hs))
-        files += [
-            RemoteFile(f"{lay.certs(sn)}/fullchain.pem", chain, 0o644),
-            RemoteFile(f"{lay.certs(sn)}/privkey.pem", key, 0o600, secret=HIDDEN),
-        ]
-    conf_d = f"{lay.proxy}/nginx/conf.d/"
-    reload_confs = (
-        [f.path for f in plan.files if f.trigger == "proxy:reload"] + [p for p in plan.remove if p.startswith(conf_d)]
-        if plan.nginx_reload else []
-    )
-    lines = ["set -e"]
-    journal = shlex.quote(facts_mod.pending_file(state))
-    owed = sorted(t for t in plan.triggers if t.split(":")[0] in ("proxy", "synapse"))
-    if owed:
-        lines.append(f"mkdir -p {shlex.quote(lay.base)} && printf '%s\\n' {' '.join(owed)} >> {journal}")
-    for d in plan.dirs:
-        p = shlex.quote(d.path)
-        lines.append(f"mkdir -p {p} && chmod {d.mode:o} {p} && chown {d.owner} {p}")
-    if files:
-        lines.append("tar -x -p --same-owner --numeric-owner -f - -C /")
-        for f in files:
-            p = shlex.quote(f.path)
-            if f.path in reload_confs:
-                lines.append(f"if [ -e {p} ]; then cp -p {p} {p}{proxy.BACKUP}; fi")
-            lines.append(f"mv -fT {p}.sfab-new {p}")
-    for path in plan.remove:
-        p = shlex.quote(path)
-        if path.startswith(f"{SYSTEMD_DIR}/synapse-fabric-") and path.endswith(".timer"):
-            lines.append(f"systemctl disable --now {shlex.quote(path.rsplit('/', 1)[1])} >/dev/null 2>&1 || true")
-        # an nginx file is kept aside until nginx accepts the config without it
-        lines.append(f"mv -f {p} {p}{proxy.BACKUP}" if path in reload_confs else f"rm -f {p}")
-    hs_by_name = {h.server_name: h for h in state.homeservers}
-    for sn in plan.secrets:
-        lines.append(synapse.secrets_script(lay, hs_by_name[sn]))
-    for sn in plan.chown_data:
-        lines.append(synapse.chown_data_script(lay, hs_by_name[sn]))
-    remote.run("\n".join(lines) + "\n", stdin=_tar(files, ".sfab-new") if files else None, what="write files")
-
-    touched: list[str] = []
-    nginx_error = None
-    if plan.proxy_up:
-        log("starting the reverse-proxy stack")
-        remote.run(f"cd {shlex.quote(lay.proxy)} && {compose} up -d --remove-orphans", what="proxy up")
-        result.restarted.append("reverse proxy (up)")
-        touched.append(PROXY_PROJECT)
-    if plan.nginx_reload:
-        try:
-            remote.run(proxy.reload_script(reload_confs), what="nginx reload")
-            result.restarted.append("nginx (reload)")
-        except RemoteError as exc:
-            nginx_error = str(exc)
-            log(nginx_error)
-    for sn in plan.generate:
-        log(f"{sn}: running Synapse generate (config, signing key)")
-        remote.run(synapse.generate_script(lay, hs_by_name[sn], compose), what=f"{sn}: generate", timeout=300)
-    for sn in plan.synapse_up:
-        hs = hs_by_name[sn]
-        only = " postgres" if sn in hold else ""
-        log(f"{sn}: starting its stack" + (" (PostgreSQL only)" if only else ""))
-        remote.run(f"cd {shlex.quote(lay.synapse(sn))} && {compose} up -d --remove-orphans{only}", what=f"{sn}: up")
-        result.restarted.append(f"{sn} (up)")
-        touched.append(synapse_project(hs))
-    for sn in plan.synapse_restart:
-        if sn in hold:
-            continue
-        # (after an `up`, too: `up` recreates Synapse only when its compose entry changed)
-        hs = hs_by_name[sn]
-        log(f"{sn}: restarting Synapse")
-        project = synapse_project(hs)
-        remote.run(
-            f"docker restart $(docker ps -q --filter label=com.docker.compose.project={project} "
-            "--filter label=com.docker.compose.service=synapse)",
-            what=f"{sn}: restart",
-        )
-        result.restarted.append(f"{sn} (restart)")
-        if project not in touched:
-            touched.append(project)
-    docker.wait_healthy(remote, touched, log)
-    issued = []
-    for sn in plan.install_cert:
-        log(f"{sn}: serving certbot's certificate again")
-        remote.run(proxy.install_cert_script(lay.proxy, sn), what=f"{sn}: install certificate")
-        issued.append(sn)
-    for sn in plan.issue:
-        hs = hs_by_name[sn]
-        log(f"{sn}: asking the ACME CA ({state.acme.directory}) for a certificate")
-        remote.run(proxy.issue_script(lay.proxy, hs, cert_names(hs), state.acme),
-                   what=f"{sn}: certificate", timeout=300)
-        issued.append(sn)
-    if issued:
-        remote.run(proxy.reload_script([]), what="nginx reload")
-        result.restarted.append("nginx (reload: new certificates)")
-    for site in plan.element_install:
-        log(f"{site}: installing Element Web")
-        remote.run(element.update_script(lay.proxy, "--site", site), what=f"{site}: Element install", timeout=900,
-                   on_stdout=log)
-    if plan.timers or any(p.startswith(SYSTEMD_DIR) for p in plan.remove):
-        units = " ".join(shlex.quote(u) for u in plan.timers)
-        log(f"systemd timers: {', '.join(plan.timers) or 'reloaded'}")
-        remote.run("systemctl daemon-reload" + (f" && systemctl enable --now {units}" if units else ""),
-                   what="enable timers")
-    if nginx_error:
-        raise RemoteError(nginx_error)
-    if owed or plan.pending_done:
-        remote.run(f"rm -f {journal}", what="clear the pending actions")
+    """Run the plan's steps in order (fabfile/steps.py)."""
+    run = steps.Run(remote, log, docker.compose_cmd(facts), hold, restarted=result.restarted)
+    for action in plan.actions:
+        if action.only_if is None or action.only_if(run):
+            action.how(run)

@@ -76,6 +76,19 @@ def compose_cmd(facts: Facts) -> str:
     return "docker compose" if facts.compose == "v2" else "docker-compose"
 
 
+# Shell, for commands that run without facts: defines `compose ARGS...`, the host's
+# compose (the v2 plugin, else the v1 binary), asked by the command itself.
+COMPOSE_FN = ('compose() { if docker compose version >/dev/null 2>&1; then docker compose "$@"; '
+              'else docker-compose "$@"; fi; }\n')
+
+
+def container(project: str, service: str) -> str:
+    """Shell: the ID of a compose service's container, found by compose's labels
+    (v1 and v2 name containers differently); empty when it does not exist."""
+    return (f"$(docker ps -q --filter label=com.docker.compose.project={shlex.quote(project)} "
+            f"--filter label=com.docker.compose.service={shlex.quote(service)})")
+
+
 def install(remote: Remote, log: Callable[[str], None]) -> None:
     """Install Docker and compose through apt (no-op when present)."""
     log("installing Docker and compose (apt)")

@@ -10,12 +10,12 @@ from typing import Callable
 from .errors import TaskError
 from .inventory import Inventory
 from .remote import open_remote
-from .render import Layout
+from .layout import Layout
 
 
-def update_script(proxy_dir: str, *flags: str) -> str:
+def update_script(lay: Layout, *flags: str) -> str:
     """Run the host's element-update (exit 75, another run holds its lock: wait)."""
-    cmd = " ".join(shlex.quote(a) for a in [f"{proxy_dir}/bin/element-update", *flags])
+    cmd = " ".join(shlex.quote(a) for a in [lay.bin("element-update"), *flags])
     return f"""
 for i in 1 2 3 4 5 6; do
   {cmd} && exit 0
@@ -39,7 +39,7 @@ def element_update(inv: Inventory, host: str | None, version: str | None, check:
         h = inv.hosts[name]
         remote = open_remote(inv, h)
         try:
-            remote.run(update_script(Layout(h.base_dir).proxy, *flags), what="element-update", timeout=900,
+            remote.run(update_script(Layout(h.base_dir), *flags), what="element-update", timeout=900,
                        on_stdout=lambda line, name=name: out(f"{name}: {line}"))
         finally:
             remote.close()

@@ -31,7 +31,8 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 
-from .render import BASE_RECORD, SYSTEMD_DIR, DesiredState, SYNAPSE_UID
+from .layout import BASE_RECORD, CRON_DIR, SYNAPSE_UID, SYSTEMD_DIR
+from .render import DesiredState
 
 
 @dataclass
@@ -104,52 +105,30 @@ class Facts:
         return path in self.stats
 
 
+# What facts stat beyond the rendered files (all paths from the host's Layout).
+
 def secret_paths(state: DesiredState) -> list[str]:
     lay = state.layout
-    return [
-        lay.secret(hs.server_name, name)
-        for hs in state.homeservers
-        for name in ("postgres_password", "pgpass")
-    ]
+    return [lay.secret(hs.server_name, name) for hs in state.homeservers for name in ("postgres_password", "pgpass")]
 
 
 def generated_paths(state: DesiredState) -> list[str]:
     """Files Synapse's `generate` writes (never overwritten once there)."""
-    lay = state.layout
-    out = []
-    for hs in state.homeservers:
-        data = f"{lay.synapse(hs.server_name)}/data"
-        out += [f"{data}/homeserver.yaml", f"{data}/{hs.server_name}.signing.key"]
-    return out
+    return [p for hs in state.homeservers for p in state.layout.generated(hs.server_name)]
 
 
 def cert_paths(state: DesiredState) -> list[str]:
     lay = state.layout
-    return [
-        f"{lay.certs(hs.server_name)}/{name}"
-        for hs in state.homeservers
-        for name in ("fullchain.pem", "privkey.pem")
-    ] + [acme_live(state, hs.server_name) for hs in state.homeservers]
-
-
-def acme_live(state: DesiredState, server_name: str) -> str:
-    """certbot's current certificate for a homeserver (absent: never issued)."""
-    return f"{state.layout.proxy}/acme/letsencrypt/live/{server_name}/fullchain.pem"
+    return [f"{lay.certs(hs.server_name)}/{name}" for hs in state.homeservers
+            for name in ("fullchain.pem", "privkey.pem")] + [lay.acme_live(hs.server_name) for hs in state.homeservers]
 
 
 MARKER = "Managed by synapse-fabric"
 
 
-def pending_file(state: DesiredState) -> str:
-    """Service actions owed by files already written: a run appends them before it
-    writes and removes the file when every action is done, so a run killed in
-    between leaves them for the next run to finish."""
-    return f"{state.layout.base}/.synapse-fabric-pending"
-
-
 def element_sites(state: DesiredState) -> dict[str, str]:
     """Element site directory -> the inventory's version for it."""
-    return {f"{state.layout.proxy}/element/{hs.element.hostname}": hs.element.version
+    return {state.layout.element_site(hs.element.hostname): hs.element.version
             for hs in state.homeservers if hs.element.enabled}
 
 
@@ -160,27 +139,23 @@ def optional_paths(state: DesiredState) -> list[str]:
     """Files that are ours only while the inventory (or the host's init) asks for
     them, removed after: an Element site's keys, and every periodic job's timer,
     service, cron file and script, so a feature turned off stops running."""
-    proxy_bin = f"{state.layout.proxy}/bin"
+    lay = state.layout
     return ([f"{d}/{name}" for d in element_sites(state) for name in ("signing-key.gpg", "feed-ca.pem")]
             + [p for job in PERIODIC_JOBS for p in (f"{SYSTEMD_DIR}/{job}.timer", f"{SYSTEMD_DIR}/{job}.service",
-                                                     f"/etc/cron.d/{job}")]
-            + [f"{proxy_bin}/renew-certificates", f"{proxy_bin}/element-update"])
+                                                     f"{CRON_DIR}/{job}")]
+            + [lay.bin("renew-certificates"), lay.bin("element-update")])
 
 
 def managed_dirs(state: DesiredState) -> list[str]:
     """Directories whose files carrying MARKER are ours: one no longer rendered
     is removed (e.g. the vhost of a homeserver that left this host)."""
     lay = state.layout
-    return [f"{lay.proxy}/nginx/conf.d"] + [f"{lay.synapse(hs.server_name)}/conf.d" for hs in state.homeservers]
+    return [lay.nginx_conf_d] + [lay.conf_d(hs.server_name) for hs in state.homeservers]
 
 
 def timers(state: DesiredState) -> list[str]:
     """The systemd timer units this host must run (on a systemd host)."""
     return [f.path.rsplit("/", 1)[1] for f in state.files if f.when == "systemd" and f.path.endswith(".timer")]
-
-
-def pg_version_file(state: DesiredState, hs) -> str:
-    return f"{state.layout.synapse(hs.server_name)}/postgres/PG_VERSION"
 
 
 def script(state: DesiredState) -> str:
@@ -194,13 +169,13 @@ def script(state: DesiredState) -> str:
         f"grep -l -s -m 1 {shlex.quote(MARKER)} -- "
         + " ".join(f"{shlex.quote(d)}/*" for d in managed_dirs(state))
         + " 2>/dev/null | sed 's/^/M\t/'",
-        f"sed 's/^/P\t/' {shlex.quote(pending_file(state))} 2>/dev/null",
+        f"sed 's/^/P\t/' {shlex.quote(state.layout.pending)} 2>/dev/null",
         *(f"printf 'L\t%s\t%s\n' {shlex.quote(d)} \"$(readlink {shlex.quote(d + '/current')})\""
           for d in element_sites(state)),
         f"stat -c 'S\t%n\t%F\t%a\t%u:%g' -- {q(stat_paths)} 2>/dev/null",
         f"sha256sum -- {q(files + certs)} 2>/dev/null | sed 's/^\\([0-9a-f]*\\)  /H\\t\\1\\t/'",
         "printf '1\\t%s\\n' \"$(cat /proc/1/comm 2>/dev/null)\"",
-        *(f"printf 'V\\t%s\\t%s\\n' {shlex.quote(hs.server_name)} \"$(cat {shlex.quote(pg_version_file(state, hs))} 2>/dev/null)\""
+        *(f"printf 'V\\t%s\\t%s\\n' {shlex.quote(hs.server_name)} \"$(cat {shlex.quote(state.layout.pg_version(hs.server_name))} 2>/dev/null)\""
           for hs in state.homeservers),
         f"for f in {shlex.quote(state.layout.base)}/synapse/*/docker-compose.yml; do [ -f \"$f\" ] && "
         "printf 'G\\t%s\\n' \"$(basename \"$(dirname \"$f\")\")\"; done",
@@ -227,7 +202,7 @@ def script(state: DesiredState) -> str:
         "docker images --digests --no-trunc --format 'D\t{{.Repository}}@{{.Digest}}\t{{.ID}}'",
     ]
     for hs in state.homeservers:
-        data = f"{state.layout.synapse(hs.server_name)}/data"
+        data = state.layout.data(hs.server_name)
         uid, gid = SYNAPSE_UID.split(":")
         lines.append(
             f"[ -d {shlex.quote(data)} ] && find {shlex.quote(data)} -maxdepth 2 \\( ! -uid {uid} -o ! -gid {gid} \\) "

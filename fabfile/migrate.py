@@ -43,7 +43,9 @@ from .errors import TaskError
 from .deploy import HostResult, converge, local_images
 from .inventory import Homeserver, Inventory
 from .remote import Remote, RemoteError, locked, open_remote
-from .render import Layout, render_host, synapse_project
+from .docker import COMPOSE_FN, container
+from .layout import Layout
+from .render import render_host, synapse_project
 from .report import Reporter
 
 PHASES = ["checked", "copied", "stopped", "restored", "started", "switching", "switched", "recorded"]
@@ -68,19 +70,6 @@ def _set_phase(remote: Remote, lay: Layout, sn: str, to: str, phase: str, undo: 
     extra = f" undo={undo}" if undo else ""
     remote.run(f"printf 'to=%s phase=%s%s\\n' {shlex.quote(to)} {phase} {shlex.quote(extra)} > {m}.new "
                f"&& mv -f {m}.new {m}", what="record migration state")
-
-
-def _compose(remote: Remote) -> str:
-    """The host's compose command, or "" when it has no Docker yet (one round trip)."""
-    res = remote.run("command -v docker >/dev/null || exit 0; "
-                     "docker compose version >/dev/null 2>&1 && echo v2 || echo v1", what="compose flavour")
-    return {"v2": "docker compose", "v1": "docker-compose"}.get(res.out.strip(), "")
-
-
-def _acme_paths(sn: str) -> list[str]:
-    le = "reverse_proxy/acme/letsencrypt"
-    return [f"reverse_proxy/certs/{sn}", f"{le}/live/{sn}", f"{le}/archive/{sn}",
-            f"{le}/renewal/{sn}.conf", f"{le}/accounts"]
 
 
 class Migration:
@@ -140,7 +129,7 @@ class Migration:
         if free_kb < size * 2 + 512 * 1024:
             raise TaskError(f"{self.to} has {free_kb // 1024} MiB free; {sn} needs about {size * 2 // 1024} MiB "
                             "(files plus the restored database)")
-        there = self.dst.run(f"test -e {shlex.quote(self.new_lay.synapse(sn))}/data/homeserver.yaml && echo yes || true",
+        there = self.dst.run(f"test -e {shlex.quote(self.new_lay.generated(sn)[0])} && echo yes || true",
                              what="existing copy").out.strip()
         to, phase = read_phase(self.src, self.old_lay, sn)
         if there == "yes" and not phase:
@@ -154,7 +143,7 @@ class Migration:
         sn = self.sn
         base = shlex.quote(self.old_lay.base)
         mark = f"synapse/{sn}/.migration-mark"
-        paths = " ".join(shlex.quote(p) for p in [f"synapse/{sn}"] + _acme_paths(sn))
+        paths = " ".join(shlex.quote(p) for p in [f"synapse/{sn}"] + Layout.acme_paths(sn))
         # Synapse keeps writing (media): a file that changes while read is copied again
         # after the stop (`-newer` the mark), so tar's "file changed" (exit 1) is fine here.
         script = (f"cd {base} && touch {mark} && for p in {paths}; do [ -e \"$p\" ] && echo \"$p\"; done | "
@@ -165,14 +154,13 @@ class Migration:
 
     def stop_old(self) -> None:
         root = shlex.quote(self.old_lay.synapse(self.sn))
-        self.src.run(f"cd {root} && {_compose(self.src)} stop synapse", what="stop Synapse on the old host")
+        self.src.run(f"{COMPOSE_FN}cd {root} && compose stop synapse", what="stop Synapse on the old host")
         self.log(f"Synapse of {self.sn} stopped on {self.old_host.name}")
 
     def restore(self) -> None:
         sn, pg = self.sn, self.hs.postgres
         project = synapse_project(self.hs)
-        find_pg = (f"pg=$(docker ps -q --filter label=com.docker.compose.project={project} "
-                   "--filter label=com.docker.compose.service=postgres); ")
+        find_pg = f"pg={container(project, 'postgres')}; "
         db, user = pg.database, pg.user  # validated identifiers
         recreate = (f'DROP DATABASE IF EXISTS "{db}";\n'
                     f"CREATE DATABASE \"{db}\" OWNER \"{user}\" ENCODING 'UTF8' LC_COLLATE 'C' "
@@ -192,7 +180,7 @@ class Migration:
                    f"cd {base} && find synapse/{sn}/data -newer {mark} \\( -type f -o -type l \\) | tar -c -f - -T -")
 
     def _signing_key(self, remote: Remote, lay: Layout) -> str:
-        key = shlex.quote(f"{lay.synapse(self.sn)}/data/{self.sn}.signing.key")
+        key = shlex.quote(lay.signing_key(self.sn))
         return remote.run(f"sha256sum {key} 2>/dev/null | cut -d' ' -f1", what="signing key").out.strip()
 
     def start_new(self) -> None:
@@ -216,7 +204,7 @@ class Migration:
         try:
             self._converge(self.src, self.forwarding)
         except RemoteError:
-            conf = shlex.quote(f"{self.old_lay.proxy}/nginx/conf.d/{self.sn}-forward.conf")
+            conf = shlex.quote(self.old_lay.vhost(f"{self.sn}-forward"))
             live = self.src.run(f"test -f {conf} && echo yes || true", what="forwarding in place?").out.strip()
             if not live:
                 self.src.run(f"rm -f {record}", what="withdraw the hand-over")
@@ -240,10 +228,9 @@ class Migration:
         may_run = PHASES.index(phase) >= PHASES.index("restored")
         if done < UNDO.index("new-stopped"):
             try:
-                compose = _compose(self.dst)
-                if compose:
-                    self.dst.run(f"if [ -f {new_root}/docker-compose.yml ]; then cd {new_root} && {compose} stop; fi",
-                                 what="stop the new copy", timeout=180)
+                self.dst.run(f"{COMPOSE_FN}command -v docker >/dev/null || exit 0\n"
+                             f"if [ -f {new_root}/docker-compose.yml ]; then cd {new_root} && compose stop; fi",
+                             what="stop the new copy", timeout=180)
             except RemoteError as exc:
                 if may_run:
                     raise TaskError(
@@ -254,16 +241,15 @@ class Migration:
             _set_phase(self.src, self.old_lay, sn, to, phase, "new-stopped")
         if done < UNDO.index("old-started"):
             root = shlex.quote(self.old_lay.synapse(sn))
-            self.src.run(f"cd {root} && {_compose(self.src)} up -d", what="restart Synapse on the old host", timeout=300)
+            self.src.run(f"{COMPOSE_FN}cd {root} && compose up -d", what="restart Synapse on the old host", timeout=300)
             _set_phase(self.src, self.old_lay, sn, to, phase, "old-started")
-        compose = _compose(self.dst)
-        if compose:
-            self.dst.run(f"if [ -f {new_root}/docker-compose.yml ]; then cd {new_root} && {compose} down; fi",
-                         what="remove the partial copy's containers", timeout=300)
         nb = self.new_lay.base
-        rm = " ".join(shlex.quote(f"{nb}/{p}") for p in [f"synapse/{sn}"] + _acme_paths(sn)[:-1])
-        self.dst.run(f"rm -rf {rm}", what="remove the partial copy")
-        if compose:
+        rm = " ".join(shlex.quote(f"{nb}/{p}") for p in [f"synapse/{sn}"] + Layout.acme_paths(sn)[:-1])
+        # one command: the partial copy's containers and files go; says whether the host has Docker
+        docker = self.dst.run(f"{COMPOSE_FN}if command -v docker >/dev/null; then echo docker; "
+                              f"if [ -f {new_root}/docker-compose.yml ]; then (cd {new_root} && compose down) >&2 || exit 1; "
+                              f"fi; fi\nrm -rf {rm}", what="remove the partial copy", timeout=300).out.strip()
+        if docker == "docker":
             self._converge(self.dst, self.inv)  # drops the vhosts it got
         root = shlex.quote(self.old_lay.synapse(sn))
         self.src.run(f"rm -f {shlex.quote(self.old_lay.migration_state(sn))} {root}/.migration-mark", what="clear state")
@@ -435,13 +421,13 @@ def finish(inv: Inventory, sn: str, yes: bool, keep_backup: bool, log, confirm) 
         converge(remote, state, local_images(after, [state]), Reporter(_LogWriter(log, old)), HostResult(old))
         base = shlex.quote(lay.base)
         root = f"synapse/{sn}"
-        paths = " ".join(shlex.quote(p) for p in [root] + _acme_paths(sn)[:-1])
+        paths = " ".join(shlex.quote(p) for p in [root] + Layout.acme_paths(sn)[:-1])
         archive = f"backups/{sn}-{time.strftime('%Y%m%dT%H%M%S')}.tar.gz"
         backup = (f"mkdir -p backups && chmod 700 backups && "
                   f"for p in {paths}; do [ -e \"$p\" ] && echo \"$p\"; done | tar -czf {archive} -T - && ") \
             if keep_backup else ""
-        remote.run(f"cd {base} && if [ -f {root}/docker-compose.yml ]; then (cd {root} && "
-                   f"{_compose(remote)} down); fi && {backup}rm -rf {paths}", what=f"remove {sn} from {old}")
+        remote.run(f"{COMPOSE_FN}cd {base} && if [ -f {root}/docker-compose.yml ]; then (cd {root} && "
+                   f"compose down); fi && {backup}rm -rf {paths}", what=f"remove {sn} from {old}")
     record_in_inventory(inv.path, sn, hs.host, None)
     log(f"{old} no longer serves or forwards {sn}"
         + (f"; its old copy is archived on {old} in {lay.base}/{archive}" if keep_backup else ""))

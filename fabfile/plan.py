@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from .facts import (Facts, acme_live, cert_paths, element_sites, generated_paths, optional_paths,
-                    secret_paths)
+from .facts import Facts, cert_paths, element_sites, generated_paths, optional_paths, secret_paths
 from .facts import timers as facts_timers
+from . import steps
 from .render import PROXY_PROJECT, DesiredState, RemoteDir, RemoteFile, synapse_project
 
 
@@ -49,8 +49,9 @@ class Plan:
     synapse_up: list[str] = field(default_factory=list)
     synapse_restart: list[str] = field(default_factory=list)
     engine_start: bool = False
-    triggers: set[str] = field(default_factory=set)
+    triggers: dict[str, list[str]] = field(default_factory=dict)  # trigger -> the changes behind it
     pending_done: bool = False  # an interrupted run's journal to clear
+    actions: list = field(default_factory=list)  # the steps, in order (fabfile/steps.py)
 
     @property
     def empty(self) -> bool:
@@ -63,11 +64,8 @@ class Plan:
 
     @property
     def restarts(self) -> list[str]:
-        out = ["reverse proxy (up)"] if self.proxy_up else []
-        out += ["nginx (reload)"] if self.nginx_reload else []
-        out += [f"{sn} (up)" for sn in self.synapse_up]
-        out += [f"{sn} (restart)" for sn in self.synapse_restart if sn not in self.synapse_up]
-        return out
+        """What the steps would restart (those decided while applying aside)."""
+        return [a.restart for a in self.actions if a.restart and a.only_if is None]
 
 
 def image_triggers(state: DesiredState, ref: str) -> set[str]:
@@ -121,7 +119,11 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
     references to IDs on the operator's machine (used when `push`); without push
     the host pulls what it lacks (`refresh_tags`: every tag again, see _pulls)."""
     plan = Plan(state)
-    triggers: set[str] = set(facts.pending)
+    triggers: dict[str, list[str]] = {t: ["an interrupted run left it owed"] for t in facts.pending}
+
+    def trigger(name: str, reason: str) -> None:
+        triggers.setdefault(name, []).append(reason)
+
     files = applicable(state, facts)
 
     for d in state.dirs:
@@ -152,18 +154,19 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
         plan.files.append(f)
         plan.changes.append(Change(kind, f.path))
         if f.trigger:
-            triggers.add(f.trigger)
+            trigger(f.trigger, f"{f.path.rsplit('/', 1)[1]} {'changed' if kind == 'update' else kind + 'd'}")
 
     desired = {f.path for f in files}
-    conf_d = f"{state.layout.proxy}/nginx/conf.d/"
+    lay = state.layout
     for path in sorted(facts.managed - desired):
         plan.remove.append(path)
         plan.changes.append(Change("remove", path, "no longer rendered"))
-        if path.startswith(conf_d):
-            triggers.add("proxy:reload")
+        gone = f"{path.rsplit('/', 1)[1]} removed"
+        if path.startswith(lay.nginx_conf_d + "/"):
+            trigger("proxy:reload", gone)
         for hs in state.homeservers:
-            if path.startswith(f"{state.layout.synapse(hs.server_name)}/conf.d/"):
-                triggers.add(f"synapse:{hs.server_name}:restart")
+            if path.startswith(lay.conf_d(hs.server_name) + "/"):
+                trigger(f"synapse:{hs.server_name}:restart", gone)
 
     for path in optional_paths(state):  # a feature turned off, or the other init's jobs
         if path in facts.stats and path not in desired:
@@ -179,35 +182,33 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
     existing_secrets = set(secret_paths(state)) & set(facts.stats)
     generated = set(generated_paths(state)) & set(facts.stats)
     certs = set(cert_paths(state)) & set(facts.stats)
-    lay = state.layout
     for hs in state.homeservers:
         sn = hs.server_name
         if {lay.secret(sn, "postgres_password"), lay.secret(sn, "pgpass")} - existing_secrets:
             plan.secrets.append(sn)
             plan.changes.append(Change("create", lay.secret(sn, "*"), "new database password"))
-            triggers.add(f"synapse:{sn}:stack")
-        data = f"{lay.synapse(sn)}/data"
-        if {f"{data}/homeserver.yaml", f"{data}/{sn}.signing.key"} - generated:
+            trigger(f"synapse:{sn}:stack", "a new database password")
+        if set(lay.generated(sn)) - generated:
             plan.generate.append(sn)
-            plan.changes.append(Change("create", f"{data}/homeserver.yaml", "Synapse generate"))
-            triggers.add(f"synapse:{sn}:stack")
+            plan.changes.append(Change("create", lay.generated(sn)[0], "Synapse generate"))
+            trigger(f"synapse:{sn}:stack", "a new homeserver.yaml")
         if sn in facts.wrong_owner:
             plan.chown_data.append(sn)
-            plan.changes.append(Change("chown", data, f"{facts.wrong_owner[sn]} not 991:991"))
+            plan.changes.append(Change("chown", lay.data(sn), f"{facts.wrong_owner[sn]} not 991:991"))
         if {f"{lay.certs(sn)}/fullchain.pem", f"{lay.certs(sn)}/privkey.pem"} - certs:
             plan.placeholder_certs.append(sn)
             plan.changes.append(Change("create", f"{lay.certs(sn)}/", "temporary self-signed certificate"))
-            triggers.add("proxy:reload")
+            trigger("proxy:reload", f"a temporary certificate for {sn}")
 
     if state.acme:
         for hs in state.homeservers:
             sn = hs.server_name
-            pending = acme_live(state, sn) not in facts.stats
+            pending = lay.acme_live(sn) not in facts.stats
             if pending or sn in plan.placeholder_certs or f"acme:{sn}" in triggers:
                 plan.issue.append(sn)
                 if not any(c.path == f"{lay.certs(sn)}/names" for c in plan.changes):
                     plan.changes.append(Change("update", f"{lay.certs(sn)}/", "certificate from the ACME CA"))
-            elif facts.hashes.get(f"{lay.certs(sn)}/fullchain.pem") != facts.hashes.get(acme_live(state, sn)):
+            elif facts.hashes.get(f"{lay.certs(sn)}/fullchain.pem") != facts.hashes.get(lay.acme_live(sn)):
                 # nginx serves something else than certbot's certificate: put it back
                 plan.install_cert.append(sn)
                 plan.changes.append(Change("update", f"{lay.certs(sn)}/fullchain.pem", "not the ACME certificate"))
@@ -220,7 +221,8 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
                 plan.changes.append(Change("update" if facts.images.get(ref) else "create", f"image {ref}", "ship over SSH"))
                 # a new image ID must reach the containers that use it
                 if facts.images.get(ref):
-                    triggers.update(image_triggers(state, ref))
+                    for t in image_triggers(state, ref):
+                        trigger(t, f"a new image {ref}")
 
     else:
         plan.pulls = _pulls(state, facts, refresh_tags)
@@ -237,6 +239,8 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
 
     plan.triggers = triggers
     plan.pending_done = bool(facts.pending)
+    if not facts.running(PROXY_PROJECT, "nginx"):
+        trigger("proxy:stack", "nginx is not running")
     plan.engine_start = facts.docker and not facts.engine
     proxy_running = facts.running(PROXY_PROJECT, "nginx")
     plan.proxy_up = "proxy:stack" in triggers or not proxy_running
@@ -246,8 +250,13 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
         sn = hs.server_name
         project = synapse_project(hs)
         running = facts.running(project, "synapse") and facts.running(project, "postgres")
-        if f"synapse:{sn}:stack" in triggers or not running or sn in plan.chown_data:
+        if not running:
+            trigger(f"synapse:{sn}:stack", "it is not running")
+        if sn in plan.chown_data:
+            trigger(f"synapse:{sn}:stack", "its data was not owned by 991:991")
+        if f"synapse:{sn}:stack" in triggers:
             plan.synapse_up.append(sn)
         if f"synapse:{sn}:restart" in triggers and running:
             plan.synapse_restart.append(sn)
+    plan.actions = steps.actions(plan)
     return plan

@@ -11,6 +11,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from .docker import container
+from .layout import Layout
 from .render import PROXY_PROJECT
 
 BACKUP = ".sfab-old"
@@ -39,30 +41,23 @@ def placeholder_cert(names: list[str]) -> tuple[bytes, bytes]:
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
-def nginx_container() -> str:
-    return (
-        f"$(docker ps -q --filter label=com.docker.compose.project={PROXY_PROJECT} "
-        "--filter label=com.docker.compose.service=nginx)"
-    )
-
-
-def certificates_program(proxy_dir: str) -> str:
+def certificates_program(lay: Layout) -> str:
     """The host-side program that renews, issues and installs certificates under one
     lock (templates/reverse_proxy/bin/renew-certificates.j2)."""
-    return shlex.quote(f"{proxy_dir}/bin/renew-certificates")
+    return shlex.quote(lay.bin("renew-certificates"))
 
 
-def issue_script(proxy_dir: str, hs, names: list[str], acme) -> str:
+def issue_script(lay: Layout, hs, names: list[str], acme) -> str:
     """Ask the ACME CA for one certificate covering `names` (HTTP-01 through the
     webroot nginx serves), once: a failure stops with the CA's own error and is
     never retried in a loop. On success the certificate replaces the temporary one."""
     args = [hs.server_name, acme.directory_url, acme.email or "", *names]
-    return f"{certificates_program(proxy_dir)} --issue {' '.join(shlex.quote(a) for a in args)}"
+    return f"{certificates_program(lay)} --issue {' '.join(shlex.quote(a) for a in args)}"
 
 
-def install_cert_script(proxy_dir: str, sn: str) -> str:
+def install_cert_script(lay: Layout, sn: str) -> str:
     """Copy certbot's current certificate to where nginx reads it (atomically)."""
-    return f"{certificates_program(proxy_dir)} --install {shlex.quote(sn)}"
+    return f"{certificates_program(lay)} --install {shlex.quote(sn)}"
 
 
 def reload_script(changed_confs: list[str]) -> str:
@@ -76,7 +71,7 @@ def reload_script(changed_confs: list[str]) -> str:
     )
     cleanup = " ".join(shlex.quote(p + BACKUP) for p in changed_confs) or "/dev/null/none"
     return f"""
-c={nginx_container()}
+c={container(PROXY_PROJECT, 'nginx')}
 if [ -z "$c" ]; then echo "nginx is not running" >&2; exit 1; fi
 if ! out=$(docker exec "$c" nginx -t 2>&1); then
 {restore}

@@ -29,14 +29,13 @@ import yaml
 
 from .errors import InventoryError
 from .inventory import Homeserver, Host, Inventory
+from .layout import (BASE_RECORD, CRON_DIR, POSTGRES_UID, ROOT, SYNAPSE_UID, SYSTEMD_DIR,  # noqa: F401
+                     Layout)
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
 NETWORK = "synapse-fabric"
 PROXY_PROJECT = "synapse-fabric-proxy"
-ROOT = "0:0"
-SYNAPSE_UID = "991:991"
-POSTGRES_UID = "999:999"
 
 
 @dataclass(frozen=True)
@@ -61,44 +60,6 @@ class RemoteFile:
     trigger: str = ""
     when: str = ""  # "systemd" / "no-systemd": only on hosts whose PID 1 is (not) systemd
     secret: str = SHOW
-
-
-SYSTEMD_DIR = "/etc/systemd/system"
-# The base_dir a host was deployed with: a deploy with another one is refused while
-# the old one holds homeservers (fabfile/guard.py).
-BASE_RECORD = "/etc/synapse-fabric/base-dir"
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where things live on a host (see README, "On a host")."""
-
-    base: str
-
-    @property
-    def proxy(self) -> str:
-        return f"{self.base}/reverse_proxy"
-
-    def synapse(self, server_name: str) -> str:
-        return f"{self.base}/synapse/{server_name}"
-
-    def secret(self, server_name: str, name: str) -> str:
-        return f"{self.synapse(server_name)}/secrets/{name}"
-
-    def certs(self, cert_name: str) -> str:
-        return f"{self.proxy}/certs/{cert_name}"
-
-    def migration_state(self, server_name: str) -> str:
-        """A migration in progress, on the host it leaves (fabfile/migrate.py)."""
-        return f"{self.synapse(server_name)}/.migration"
-
-    @property
-    def handed_over_dir(self) -> str:
-        """Records of the homeservers this host handed over (fabfile/guard.py)."""
-        return f"{self.base}/.synapse-fabric/handed-over"
-
-    def handed_over(self, server_name: str) -> str:
-        return f"{self.handed_over_dir}/{server_name}"
 
 
 @dataclass(frozen=True)
@@ -185,7 +146,7 @@ def _periodic(name: str, **ctx) -> list[RemoteFile]:
                    trigger=f"systemd:{timer}", when="systemd"),
         RemoteFile(f"{SYSTEMD_DIR}/{timer}", _template(f"systemd/{timer}.j2", **ctx),
                    trigger=f"systemd:{timer}", when="systemd"),
-        RemoteFile(f"/etc/cron.d/{name}", _template(f"cron.d/{name}.j2", **ctx), when="no-systemd"),
+        RemoteFile(f"{CRON_DIR}/{name}", _template(f"cron.d/{name}.j2", **ctx), when="no-systemd"),
     ]
 
 
@@ -210,14 +171,14 @@ def render_host(
         RemoteDir(f"{lay.base}/synapse"),
         RemoteDir(lay.proxy),
         RemoteDir(f"{lay.proxy}/nginx"),
-        RemoteDir(f"{lay.proxy}/nginx/conf.d"),
+        RemoteDir(lay.nginx_conf_d),
         RemoteDir(f"{lay.proxy}/nginx/upstream-ca"),
         RemoteDir(f"{lay.proxy}/bin"),
         RemoteDir(f"{lay.proxy}/certs", 0o700),
-        RemoteDir(f"{lay.proxy}/acme", 0o700),
-        RemoteDir(f"{lay.proxy}/acme/webroot"),
-        RemoteDir(f"{lay.proxy}/acme/letsencrypt", 0o700),
-        RemoteDir(f"{lay.proxy}/acme/lib", 0o700),
+        RemoteDir(lay.acme, 0o700),
+        RemoteDir(f"{lay.acme}/webroot"),
+        RemoteDir(f"{lay.acme}/letsencrypt", 0o700),
+        RemoteDir(f"{lay.acme}/lib", 0o700),
         RemoteDir(f"{lay.proxy}/well-known"),
         RemoteDir(f"{lay.proxy}/element"),
     ]
@@ -242,17 +203,16 @@ def render_host(
     if inv.acme.ca_bundle is not None:
         files.append(
             RemoteFile(
-                f"{lay.proxy}/acme/ca-bundle.pem",
+                f"{lay.acme}/ca-bundle.pem",
                 _read_local(inv.acme.ca_bundle, "acme.ca_bundle", read),
             )
         )
     if inv.acme.enabled and servers:
-        add(f"{lay.proxy}/bin/renew-certificates", "reverse_proxy/bin/renew-certificates.j2", mode=0o755,
+        add(lay.bin("renew-certificates"), "reverse_proxy/bin/renew-certificates.j2", mode=0o755,
             proxy_dir=lay.proxy, servers=servers)
         files += _periodic("synapse-fabric-certificates", proxy_dir=lay.proxy)
-    conf_d = f"{lay.proxy}/nginx/conf.d"
-    add(f"{conf_d}/00-default.conf", "reverse_proxy/nginx/conf.d/00-default.conf.j2", "proxy:reload")
-    add(f"{conf_d}/proxy-headers.inc", "reverse_proxy/nginx/conf.d/proxy-headers.inc.j2", "proxy:reload")
+    add(lay.vhost("00-default"), "reverse_proxy/nginx/conf.d/00-default.conf.j2", "proxy:reload")
+    add(f"{lay.nginx_conf_d}/proxy-headers.inc", "reverse_proxy/nginx/conf.d/proxy-headers.inc.j2", "proxy:reload")
 
     for hs in servers:
         sn = hs.server_name
@@ -261,30 +221,31 @@ def render_host(
         # the names one certificate must cover; a change means a new certificate
         files.append(RemoteFile(f"{lay.certs(sn)}/names", ("\n".join(cert_names(hs)) + "\n").encode(),
                                 0o644, ROOT, f"acme:{sn}"))
-        add(f"{conf_d}/{hs.hostname}.conf", "reverse_proxy/nginx/conf.d/homeserver.conf.j2", "proxy:reload", **ctx)
+        add(lay.vhost(hs.hostname), "reverse_proxy/nginx/conf.d/homeserver.conf.j2", "proxy:reload", **ctx)
         if hs.hostname != sn:
-            add(f"{conf_d}/{sn}.conf", "reverse_proxy/nginx/conf.d/delegation.conf.j2", "proxy:reload", **ctx)
-        wk = f"{lay.proxy}/well-known/{sn}"
+            add(lay.vhost(sn), "reverse_proxy/nginx/conf.d/delegation.conf.j2", "proxy:reload", **ctx)
+        wk = lay.well_known(sn)
         dirs += [RemoteDir(wk), RemoteDir(f"{wk}/matrix")]
         add(f"{wk}/matrix/server", "reverse_proxy/well-known/matrix/server.j2", **ctx)
         add(f"{wk}/matrix/client", "reverse_proxy/well-known/matrix/client.j2", **ctx)
         if hs.element.enabled:
             eh = hs.element.hostname
-            add(f"{conf_d}/{eh}.conf", "reverse_proxy/nginx/conf.d/element.conf.j2", "proxy:reload", **ctx)
-            dirs.append(RemoteDir(f"{lay.proxy}/element/{eh}"))
-            add(f"{lay.proxy}/element/{eh}/config.json", "reverse_proxy/element/config.json.j2", **ctx)
+            site = lay.element_site(eh)
+            add(lay.vhost(eh), "reverse_proxy/nginx/conf.d/element.conf.j2", "proxy:reload", **ctx)
+            dirs.append(RemoteDir(site))
+            add(f"{site}/config.json", "reverse_proxy/element/config.json.j2", **ctx)
             # the inventory's choice; when it changes, deploy installs it
-            files.append(RemoteFile(f"{lay.proxy}/element/{eh}/wanted-version",
+            files.append(RemoteFile(f"{site}/wanted-version",
                                     f"{hs.element.version}\n".encode(), trigger=f"element:{eh}"))
             for key, name in (("signing_key", "signing-key.gpg"), ("feed_ca", "feed-ca.pem")):
                 local = getattr(hs.element, key)
                 if local is not None:
-                    files.append(RemoteFile(f"{lay.proxy}/element/{eh}/{name}",
+                    files.append(RemoteFile(f"{site}/{name}",
                                             _read_local(local, f"homeservers.{sn}.element.{key}", read)))
     sites = [hs.element for hs in servers if hs.element.enabled]
     if sites:
         dirs.append(RemoteDir(f"{lay.proxy}/bin"))
-        add(f"{lay.proxy}/bin/element-update", "reverse_proxy/bin/element-update.j2", mode=0o755,
+        add(lay.bin("element-update"), "reverse_proxy/bin/element-update.j2", mode=0o755,
             proxy_dir=lay.proxy, sites=sites)
         files += _periodic("synapse-fabric-element", proxy_dir=lay.proxy)
 
@@ -297,10 +258,10 @@ def render_host(
         if hs.federation.trusted_ca:
             upstream_ca = f"/etc/nginx/upstream-ca/{sn}.pem"
             files.append(RemoteFile(
-                f"{lay.proxy}/nginx/upstream-ca/{sn}.pem",
+                lay.upstream_ca(sn),
                 _read_local(hs.federation.trusted_ca, f"homeservers.{sn}.federation.trusted_ca", read),
                 trigger="proxy:reload"))
-        add(f"{conf_d}/{sn}-forward.conf", "reverse_proxy/nginx/conf.d/forward.conf.j2", "proxy:reload",
+        add(lay.vhost(f"{sn}-forward"), "reverse_proxy/nginx/conf.d/forward.conf.j2", "proxy:reload",
             hs=hs, names=cert_names(hs), target=url_host(inv.hosts[hs.host].address), cert_name=sn,
             upstream_ca=upstream_ca)
 
@@ -312,21 +273,21 @@ def render_host(
                "postgres_image": postgres_images[sn], "hs_network": synapse_network(hs)}
         dirs += [
             RemoteDir(root),
-            RemoteDir(f"{root}/data", 0o750, SYNAPSE_UID),
-            RemoteDir(f"{root}/conf.d"),
-            RemoteDir(f"{root}/postgres", 0o700, POSTGRES_UID),
-            RemoteDir(f"{root}/secrets", 0o700),
+            RemoteDir(lay.data(sn), 0o750, SYNAPSE_UID),
+            RemoteDir(lay.conf_d(sn)),
+            RemoteDir(lay.postgres(sn), 0o700, POSTGRES_UID),
+            RemoteDir(lay.secrets(sn), 0o700),
         ]
         stack = f"synapse:{sn}:stack"
         restart = f"synapse:{sn}:restart"
         add(f"{root}/.env", "synapse/.env.j2", stack, **ctx)
         add(f"{root}/docker-compose.yml", "synapse/docker-compose.yml.j2", stack, **ctx)
-        add(f"{root}/conf.d/50-synapse-fabric.yaml", "synapse/conf.d/50-synapse-fabric.yaml.j2", restart, **ctx)
+        add(f"{lay.conf_d(sn)}/50-synapse-fabric.yaml", "synapse/conf.d/50-synapse-fabric.yaml.j2", restart, **ctx)
         if hs.synapse_settings:
             # The operator's extra settings are data, dumped as YAML, never templated.
             extra = "# Managed by synapse-fabric: synapse_settings from hosts.yaml.\n"
             extra += yaml.safe_dump(hs.synapse_settings, sort_keys=True, default_flow_style=False)
-            files.append(RemoteFile(f"{root}/conf.d/90-operator.yaml", extra.encode(), 0o644, ROOT, restart,
+            files.append(RemoteFile(f"{lay.conf_d(sn)}/90-operator.yaml", extra.encode(), 0o644, ROOT, restart,
                                     secret=SETTINGS))
         if hs.federation.trusted_ca:
             dirs.append(RemoteDir(f"{root}/ca"))

@@ -1,10 +1,10 @@
-"""Synapse on a host: per-homeserver secrets, `generate`, and (later) users."""
+"""Synapse on a host: per-homeserver secrets, `generate`, data ownership (users: users.py)."""
 
 from __future__ import annotations
 
 import shlex
 
-from .render import POSTGRES_UID, SYNAPSE_UID, Layout
+from .layout import POSTGRES_UID, SYNAPSE_UID, Layout
 from .inventory import Homeserver
 
 
@@ -12,9 +12,9 @@ def secrets_script(lay: Layout, hs: Homeserver) -> str:
     """Shell that creates the database password ONCE, on the host, from its own
     /dev/urandom, plus the libpq passfile Synapse reads. Never printed, never in
     argv; an existing secret is never replaced."""
-    d = shlex.quote(f"{lay.synapse(hs.server_name)}/secrets")
+    d = shlex.quote(lay.secrets(hs.server_name))
     db, user = hs.postgres.database, hs.postgres.user
-    pgdata = shlex.quote(f"{lay.synapse(hs.server_name)}/postgres")
+    pgdata = shlex.quote(lay.postgres(hs.server_name))
     return f"""
 umask 077
 mkdir -p {d}
@@ -36,7 +36,7 @@ chown {SYNAPSE_UID} {d}/pgpass && chmod 0400 {d}/pgpass
 
 
 def chown_data_script(lay: Layout, hs: Homeserver) -> str:
-    data = shlex.quote(f"{lay.synapse(hs.server_name)}/data")
+    data = shlex.quote(lay.data(hs.server_name))
     uid, gid = SYNAPSE_UID.split(":")
     # Only what is wrong is touched: a big media store is not rewritten.
     return f"find {data} \\( ! -uid {uid} -o ! -gid {gid} \\) -exec chown -h {SYNAPSE_UID} {{}} +\n"

@@ -15,11 +15,13 @@ import re
 import shlex
 from dataclasses import dataclass
 
+from .docker import container
 from .errors import TaskError
 from .inventory import Homeserver, Inventory
 from .passwords import read_password
 from .remote import Remote, RemoteError, locked
-from .render import Layout, synapse_project
+from .layout import Layout
+from .render import synapse_project
 
 LOCALPART_RE = re.compile(r"^[a-z0-9._=/+-]+$")
 ALLOWED = "lower-case letters a-z, digits 0-9 and . _ = - / +"
@@ -54,10 +56,8 @@ def parse_user(name: str, hs: Homeserver) -> UserId:
 def _containers(hs: Homeserver) -> str:
     project = synapse_project(hs)
     return (
-        f"syn=$(docker ps -q --filter label=com.docker.compose.project={project} "
-        "--filter label=com.docker.compose.service=synapse)\n"
-        f"pg=$(docker ps -q --filter label=com.docker.compose.project={project} "
-        "--filter label=com.docker.compose.service=postgres)\n"
+        f"syn={container(project, 'synapse')}\n"
+        f"pg={container(project, 'postgres')}\n"
         f'if [ -z "$syn" ] || [ -z "$pg" ]; then echo "{hs.server_name} is not running on this host '
         '(run inv deploy)" >&2; exit 4; fi\n'
     )
@@ -162,7 +162,7 @@ def reset_password(
     PostgreSQL that changes exactly one row. The old hash goes to a 0600 file on
     the host first. With `logout`, Synapse itself then ends every session.
     Returns the backup file's path."""
-    backups = shlex.quote(f"{lay.synapse(hs.server_name)}/secrets/password-backups")
+    backups = shlex.quote(lay.secret(hs.server_name, "password-backups"))
     # Values travel inside psql's stdin as psql variables (\set) and are used as
     # :'name', which psql quotes as SQL literals: never spliced into SQL text.
     sql = (

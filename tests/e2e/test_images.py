@@ -78,7 +78,7 @@ def test_a_moved_tag_is_pulled_only_with_pull(deployed):
         quiet = run(["inv", "deploy", "--host", "vps1"], inventory=inv)
         assert "vps1: 0 changed" in quiet.stdout and _label_on_vps1(ref) == first
         dry = run(["inv", "deploy", "--host", "vps1", "--pull", "--dry-run"], inventory=inv)
-        assert f"would pull: {ref}" in dry.stdout and _label_on_vps1(ref) == first
+        assert f"would pull {ref}" in dry.stdout and _label_on_vps1(ref) == first
         res = run(["inv", "deploy", "--host", "vps1", "--pull"], inventory=inv)
         assert res.returncode == 0 and _label_on_vps1(ref) == second
     finally:

@@ -66,6 +66,35 @@ def test_synapse_setting_restarts_only_its_homeserver():
     assert plan.synapse_up == [] and not plan.proxy_up and not plan.nginx_reload
 
 
+def test_each_step_says_what_and_why_and_they_run_in_order():
+    state = render_host(INV, "web")
+    facts = converged(state)
+    facts.hashes["/opt/matrix/synapse/two.example/conf.d/50-synapse-fabric.yaml"] = "old"
+    facts.hashes["/opt/matrix/reverse_proxy/nginx/conf.d/matrix.one.example.conf"] = "old"
+    plan = make(state, facts, LOCAL(state), push=True)
+    lines = [a.line() for a in plan.actions if a.only_if is None]
+    assert lines == [
+        "would write 2 file(s) and director(ies) (/opt/matrix/reverse_proxy/nginx/conf.d/matrix.one.example.conf, "
+        "/opt/matrix/synapse/two.example/conf.d/50-synapse-fabric.yaml)",
+        "would reload nginx (matrix.one.example.conf changed)",
+        "would restart Synapse of two.example (50-synapse-fabric.yaml changed)",
+    ]
+    assert plan.restarts == ["two.example (restart)"]
+    # health is waited for, and the journal cleared, only when something ran
+    assert [a.what for a in plan.actions if a.only_if is not None] == [
+        "wait until what was started is healthy", "clear the pending actions"]
+
+
+def test_a_pull_that_brings_a_new_image_recreates_its_users_while_applying():
+    state = render_host(PULL_INV, "web")
+    facts = converged(state)
+    facts.digests = {}
+    plan = make(state, facts, {}, push=False)
+    up = [a for a in plan.actions if a.what == "start the reverse-proxy stack (up)"]
+    assert len(up) == 1 and up[0].line() == "would start the reverse-proxy stack (up) if the pull brings a new nginx image"
+    assert plan.restarts == []  # decided while applying
+
+
 def test_vhost_change_reloads_nginx_only():
     state = render_host(INV, "web")
     facts = converged(state)
