@@ -11,65 +11,7 @@ from typing import Callable, Iterator
 from .facts import Facts
 from .errors import InventoryError
 from .remote import Remote, RemoteError
-
-INSTALL_SCRIPT = r"""
-set -e
-export DEBIAN_FRONTEND=noninteractive
-if ! command -v apt-get >/dev/null 2>&1; then
-  echo "only Debian/Ubuntu hosts (apt) are supported" >&2; exit 3
-fi
-if ! command -v docker >/dev/null 2>&1; then
-  apt-get -o DPkg::Lock::Timeout=300 update -qq
-  apt-get -o DPkg::Lock::Timeout=300 install -y -qq docker.io >/dev/null
-  # Debian 13 moved the client to docker-cli, only a Recommends of docker.io
-  command -v docker >/dev/null 2>&1 \
-    || apt-get -o DPkg::Lock::Timeout=300 install -y -qq docker-cli >/dev/null
-fi
-# what the host-side scripts use (Element updates, renewals); their timers are
-# systemd's where systemd runs, cron's elsewhere (a minimal Debian 13 has no cron)
-tools="curl:curl jq:jq gpgv:gpgv flock:util-linux"
-[ "$(cat /proc/1/comm 2>/dev/null)" = systemd ] || tools="$tools crontab:cron"
-missing=""
-for tool in $tools; do
-  command -v "${tool%%:*}" >/dev/null 2>&1 || missing="$missing ${tool#*:}"
-done
-if [ -n "$missing" ]; then
-  apt-get -o DPkg::Lock::Timeout=300 update -qq
-  apt-get -o DPkg::Lock::Timeout=300 install -y -qq $missing >/dev/null
-fi
-if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null 2>&1; then
-  apt-get -o DPkg::Lock::Timeout=300 update -qq
-  # Debian 13's docker-compose is v2 (the `docker compose` plugin); Debian 12's is
-  # v1; Ubuntu ships the v2 plugin as docker-compose-v2.
-  apt-get -o DPkg::Lock::Timeout=300 install -y -qq docker-compose-v2 >/dev/null 2>&1 \
-    || apt-get -o DPkg::Lock::Timeout=300 install -y -qq docker-compose >/dev/null
-fi
-# where systemd runs, the engine is a unit that comes back after a reboot
-if [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then
-  systemctl enable --now docker.service >/dev/null 2>&1
-fi
-"""
-
-# Starts the engine so that it outlives the SSH session: systemd where it is PID 1,
-# otherwise a detached dockerd (its own session, no controlling terminal).
-START_ENGINE = r"""
-# cron runs certificate renewals and Element updates; without systemd nobody starts it
-if [ "$(cat /proc/1/comm 2>/dev/null)" != systemd ] && command -v cron >/dev/null 2>&1 \
-   && ! pidof cron >/dev/null 2>&1; then
-  cron
-fi
-if docker info >/dev/null 2>&1; then exit 0; fi
-if [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then
-  systemctl enable --now docker >/dev/null
-else
-  mkdir -p /var/log
-  setsid nohup dockerd >>/var/log/dockerd.log 2>&1 </dev/null &
-fi
-for i in $(seq 1 60); do docker info >/dev/null 2>&1 && exit 0; sleep 1; done
-echo "the Docker engine did not start; last lines of its log:" >&2
-tail -n 20 /var/log/dockerd.log >&2 2>/dev/null || journalctl -u docker -n 20 --no-pager >&2
-exit 1
-"""
+from .shell import program
 
 
 def compose_cmd(facts: Facts) -> str:
@@ -92,11 +34,11 @@ def container(project: str, service: str) -> str:
 def install(remote: Remote, log: Callable[[str], None]) -> None:
     """Install Docker and compose through apt (no-op when present)."""
     log("installing Docker and compose (apt)")
-    remote.run(INSTALL_SCRIPT, what="install Docker", timeout=900)
+    remote.run(program("install-docker.sh"), what="install Docker", timeout=900)
 
 
 def start_engine(remote: Remote) -> None:
-    remote.run(START_ENGINE, what="start the Docker engine", timeout=120)
+    remote.run(program("start-engine.sh"), what="start the Docker engine", timeout=120)
 
 
 def local_image_ids(refs: list[str]) -> dict[str, str]:
@@ -150,62 +92,18 @@ def pull_images(remote: Remote, refs: list[str], log: Callable[[str], None]) -> 
         return []
     started = time.monotonic()
     log(f"pulling {len(refs)} image(s): {', '.join(refs)}")
-    script = "set -e\n" + "".join(
-        f"before=$(docker image inspect -f '{{{{.Id}}}}' {shlex.quote(r)} 2>/dev/null || true)\n"
-        f"if ! out=$(docker pull -q {shlex.quote(r)} 2>&1); then "
-        f"echo \"could not pull {r}: $out\" >&2; exit 1; fi\n"
-        f"after=$(docker image inspect -f '{{{{.Id}}}}' {shlex.quote(r)})\n"
-        f"if [ -n \"$before\" ] && [ \"$before\" != \"$after\" ]; then echo {shlex.quote(r)}; fi\n"
-        for r in refs)
+    script = program("pull-images.sh", refs=" ".join(refs))
     res = remote.run(script, what="pull images", timeout=1800)
     log(f"pulled in {time.monotonic() - started:.1f}s")
     return [line for line in res.out.splitlines() if line.strip()]
 
 
 def wait_healthy(remote: Remote, projects: list[str], log: Callable[[str], None], timeout: int = 180) -> None:
-    """Wait (on the host, in one command) until every container of `projects` is
-    healthy (or running, when it has no health check): a container still
-    `starting` counts as healthy as soon as its own health check command passes
-    when run now. On timeout, fail with the unhealthy containers' last log lines."""
+    """Wait (on the host, in one command: fabfile/scripts/wait-healthy.sh) until
+    every container of `projects` is healthy; on timeout, fail with the unhealthy
+    containers' last log lines."""
     if not projects:
         return
-    filters = " ".join(f"--filter label=com.docker.compose.project={shlex.quote(p)}" for p in projects)
-    script = f"""
-deadline=$(( $(date +%s) + {timeout} ))
-start=$(date +%s)
-last=""
-while :; do
-  bad=""
-  for p in {' '.join(shlex.quote(p) for p in projects)}; do
-    ids=$(docker ps -aq --filter label=com.docker.compose.project=$p --filter label=com.docker.compose.oneoff=False)
-    [ -n "$ids" ] || bad="$bad $p:no-containers"
-    for id in $ids; do
-      s=$(docker inspect -f '{{{{.Name}}}}={{{{if .State.Health}}}}{{{{.State.Health.Status}}}}{{{{else}}}}{{{{.State.Status}}}}{{{{end}}}}' $id)
-      case "$s" in
-        *=healthy|*=running) ;;
-        *=starting)
-          # Docker runs the first check only after its interval (10 s for Synapse):
-          # run the container's own check now instead of waiting for it
-          if probe=$(docker inspect $id | jq -r '.[0].Config.Healthcheck.Test | if .[0] == "CMD-SHELL" then .[1] else .[1:] | @sh end' 2>/dev/null) \
-             && [ -n "$probe" ] && docker exec $id sh -c "$probe" >/dev/null 2>&1; then :; else bad="$bad ${{s#/}}"; fi ;;
-        *) bad="$bad ${{s#/}}";;
-      esac
-    done
-  done
-  [ -z "$bad" ] && {{ echo "healthy after $(( $(date +%s) - start ))s"; exit 0; }}
-  if [ "$bad" != "$last" ]; then echo "waiting ($(( $(date +%s) - start ))s):$bad"; last="$bad"; fi
-  if [ $(date +%s) -ge $deadline ]; then
-    echo "not healthy after {timeout}s:$bad" >&2
-    for id in $(docker ps -aq {filters}); do
-      s=$(docker inspect -f '{{{{if .State.Health}}}}{{{{.State.Health.Status}}}}{{{{else}}}}{{{{.State.Status}}}}{{{{end}}}}' $id)
-      case "$s" in healthy|running) continue;; esac
-      echo "--- last log lines of $(docker inspect -f '{{{{.Name}}}}' $id) ($s):" >&2
-      docker logs --tail 25 $id 2>&1 | sed 's/^/    /' >&2
-    done
-    exit 1
-  fi
-  sleep 0.5
-done
-"""
+    script = program("wait-healthy.sh", timeout=timeout, projects=" ".join(projects))
     remote.run(script, what=f"wait for {', '.join(projects)}", timeout=timeout + 60,
                on_stdout=lambda line: log(line))

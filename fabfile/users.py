@@ -12,16 +12,15 @@ pipe, so they are called in-process with the exact password instead.
 from __future__ import annotations
 
 import re
-import shlex
 from dataclasses import dataclass
 
-from .docker import container
 from .errors import TaskError
 from .inventory import Homeserver, Inventory
 from .passwords import read_password
 from .remote import Remote, RemoteError, locked
 from .layout import Layout
 from .render import synapse_project
+from .shell import program
 
 LOCALPART_RE = re.compile(r"^[a-z0-9._=/+-]+$")
 ALLOWED = "lower-case letters a-z, digits 0-9 and . _ = - / +"
@@ -53,28 +52,14 @@ def parse_user(name: str, hs: Homeserver) -> UserId:
     return UserId(localpart, hs.server_name)
 
 
-def _containers(hs: Homeserver) -> str:
-    project = synapse_project(hs)
-    return (
-        f"syn={container(project, 'synapse')}\n"
-        f"pg={container(project, 'postgres')}\n"
-        f'if [ -z "$syn" ] || [ -z "$pg" ]; then echo "{hs.server_name} is not running on this host '
-        '(run inv deploy)" >&2; exit 4; fi\n'
-    )
-
-
-def _psql(hs: Homeserver) -> str:
-    user, db = shlex.quote(hs.postgres.user), shlex.quote(hs.postgres.database)
-    return f'docker exec -i "$pg" psql -X -q -At -v ON_ERROR_STOP=1 -U {user} -d {db} -f -'
+def _users(hs: Homeserver, uid: UserId, action: str, **inputs) -> str:
+    """fabfile/scripts/users.sh for one action on `uid` of `hs`."""
+    return program("users.sh", action=action, project=synapse_project(hs), server_name=hs.server_name, uid=uid,
+                   pg_user=hs.postgres.user, pg_db=hs.postgres.database, **inputs)
 
 
 def user_exists(remote: Remote, hs: Homeserver, uid: UserId) -> bool:
-    script = _containers(hs) + (
-        # the user ID reaches SQL as a psql variable, quoted by psql itself
-        f"printf '%s\\n' \"\\\\set uid '{uid}'\" \"SELECT count(*) FROM users WHERE name = :'uid';\" | {_psql(hs)}\n"
-    )
-    out = remote.run(script, what=f"look up {uid}").out.strip()
-    return out == "1"
+    return remote.run(_users(hs, uid, "exists"), what=f"look up {uid}").out.strip() == "1"
 
 
 _REGISTER_PY = """\
@@ -91,8 +76,7 @@ main()
 def register(remote: Remote, hs: Homeserver, uid: UserId, password: str, admin: bool) -> None:
     """Shared-secret registration, in the homeserver's own container."""
     code = _REGISTER_PY.format(localpart=uid.localpart, admin="--admin" if admin else "--no-admin")
-    script = _containers(hs) + f'docker exec -i "$syn" python -c {shlex.quote(code)} >/dev/null\n'
-    remote.run(script, stdin=password.encode("utf-8"), what=f"register {uid}")
+    remote.run(_users(hs, uid, "register", python=code), stdin=password.encode("utf-8"), what=f"register {uid}")
 
 
 _HASH_PY = """\
@@ -127,33 +111,6 @@ except Exception as exc:
     sys.exit(f"Synapse did not end the sessions: {exc}")
 """
 
-# A token for the user, valid for 5 minutes. Synapse numbers access tokens in its
-# own memory from the largest id it saw at start, so this row takes an id far above
-# it (1e9 more) that Synapse will not reach while the row lives.
-_MINT_SQL = (
-    "INSERT INTO access_tokens (id, user_id, token, valid_until_ms)\n"
-    "SELECT COALESCE(max(id), 0) + 1000000000, :'uid', :'tok',\n"
-    "       (extract(epoch FROM now()) * 1000)::bigint + 300000 FROM access_tokens;\n"
-)
-
-
-def logout_script(hs: Homeserver, uid: UserId) -> str:
-    """Shell (after _containers) that ends every session of `uid`; the token it
-    mints lives in a shell variable and on stdin only, and is gone afterwards
-    (logout/all deletes it; on failure it is deleted here)."""
-    return f"""
-tok=sfab_$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \\n')
-ended="the password of {uid} was changed, but its sessions were not ended; run again with --logout"
-if ! {{ printf '%s\\n' "\\\\set uid '{uid}'" "\\\\set tok '$tok'"; cat <<'SQL'
-{_MINT_SQL}SQL
-}} | {_psql(hs)}; then echo "$ended" >&2; exit 1; fi
-if ! printf '%s' "$tok" | docker exec -i "$syn" python -c {shlex.quote(_LOGOUT_ALL_PY)}; then
-  printf '%s\\n' "\\\\set tok '$tok'" "DELETE FROM access_tokens WHERE token = :'tok';" | {_psql(hs)}
-  echo "$ended" >&2
-  exit 1
-fi
-"""
-
 
 def reset_password(
     remote: Remote, lay: Layout, hs: Homeserver, uid: UserId, password: str, logout: bool
@@ -162,38 +119,8 @@ def reset_password(
     PostgreSQL that changes exactly one row. The old hash goes to a 0600 file on
     the host first. With `logout`, Synapse itself then ends every session.
     Returns the backup file's path."""
-    backups = shlex.quote(lay.secret(hs.server_name, "password-backups"))
-    # Values travel inside psql's stdin as psql variables (\set) and are used as
-    # :'name', which psql quotes as SQL literals: never spliced into SQL text.
-    sql = (
-        "\\set uid '" + str(uid) + "'\n"
-        "BEGIN;\n"
-        "WITH changed AS (UPDATE users SET password_hash = :'hash' WHERE name = :'uid' RETURNING 1)\n"
-        "SELECT CASE WHEN count(*) = 1 THEN 'true' ELSE 'false' END AS one_row FROM changed \\gset\n"
-        "\\if :one_row\nCOMMIT;\n\\echo sfab-updated\n"
-        "\\else\nROLLBACK;\n\\echo sfab-not-updated\n\\endif\n"
-    )
-    script = "set -e\n" + _containers(hs) + f"""
-umask 077
-mkdir -p {backups}
-old=$(printf '%s\\n' "\\\\set uid '{uid}'" "SELECT password_hash FROM users WHERE name = :'uid';" | {_psql(hs)})
-if [ -z "$old" ]; then echo "no user {uid} on {hs.server_name}; nothing was changed" >&2; exit {NOT_FOUND}; fi
-# hash_password may print a notice first (e.g. about bcrypt's 72-byte limit): the hash is the last line
-hash=$(docker exec -i "$syn" python -c {shlex.quote(_HASH_PY)} | tail -n 1)
-case "$hash" in '$2'*) ;; *) echo "hash_password did not return a bcrypt hash" >&2; exit 1;; esac
-backup={backups}/{shlex.quote(backup_name(uid))}.$(date -u +%Y%m%dT%H%M%SZ)
-# the old hash is kept before anything changes; no backup, no change
-if ! {{ printf '%s\\n' "$old" > "$backup.tmp" && mv -f "$backup.tmp" "$backup"; }}; then
-  echo "could not keep the old hash in $backup; nothing was changed" >&2; exit 1
-fi
-res=$({{ printf '\\\\set hash %s\\n' "'$hash'"; cat <<'SQL'
-{sql}SQL
-}} | {_psql(hs)})
-if [ "$res" != sfab-updated ]; then echo "the update did not change exactly one row; rolled back" >&2; exit 1; fi
-"""
-    if logout:
-        script += logout_script(hs, uid)
-    script += 'echo "$backup"\n'
+    script = _users(hs, uid, "reset", python=_HASH_PY, backups=lay.secret(hs.server_name, "password-backups"),
+                    backup_name=backup_name(uid), logout="yes" if logout else "no", logout_python=_LOGOUT_ALL_PY)
     try:
         return remote.run(script, stdin=password.encode("utf-8"), what=f"reset the password of {uid}").out.strip()
     except RemoteError as exc:

@@ -8,7 +8,6 @@ import json
 import re
 import socket
 import ssl
-import subprocess
 import tarfile
 import time
 

@@ -15,7 +15,7 @@ import pytest
 from nio import JoinResponse, LoginResponse, RoomCreateResponse, RoomSendResponse, SyncResponse
 
 from tests.e2e.helpers import BIN, INVENTORY, REPO, on_host, run
-from tests.sandbox.client import SandboxClient, resolve
+from tests.sandbox.client import SandboxClient
 
 pytestmark = pytest.mark.e2e
 

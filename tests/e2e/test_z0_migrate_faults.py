@@ -14,7 +14,6 @@ import asyncio
 import os
 import secrets
 import subprocess
-import time
 
 import pytest
 from nio import RoomCreateResponse

@@ -15,7 +15,7 @@ import time
 import pytest
 from nio import LoginResponse, RoomCreateResponse, SyncResponse
 
-from tests.e2e.helpers import ArgvSampler, ctr, BIN, INVENTORY, REPO, on_host, run, variant
+from tests.e2e.helpers import ArgvSampler, ctr, BIN, INVENTORY, REPO, on_host, run
 from tests.sandbox import sandbox as sb
 from tests.sandbox.client import SandboxClient, resolve
 from tests.sandbox.probe import Prober

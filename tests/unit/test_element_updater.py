@@ -656,7 +656,7 @@ def test_a_signing_key_requires_a_good_signature(updater, feed, keys, sign, reas
     body = tarball("1.11.85")
     rel = release(feed, "1.11.85", body, sign="good" if sign == "tampered" else sign, keys=keys)
     if sign == "tampered":  # a good signature, but of other bytes
-        feed.routes[f"/download/v1.11.85/element-v1.11.85.tar.gz.asc"] = keys.sign(b"other bytes", keys.good)
+        feed.routes["/download/v1.11.85/element-v1.11.85.tar.gz.asc"] = keys.sign(b"other bytes", keys.good)
     publish(feed, rel, release(feed, "1.11.84"))
     assert_untouched(updater, updater.run(), reason)
     assert sorted(p.name for p in updater.site.iterdir()) == [

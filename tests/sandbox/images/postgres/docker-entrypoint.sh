@@ -56,7 +56,9 @@ POSTGRES_HOST_AUTH_METHOD=trust to allow every connection without a password."
 	# The password goes to initdb through a private file, never on a command line.
 	pwfile="$(mktemp)"
 	printf '%s\n' "$POSTGRES_PASSWORD" > "$pwfile"
+	# shellcheck disable=SC2034 # used inside the eval below
 	local waldir=()
+	# shellcheck disable=SC2034
 	[ -z "${POSTGRES_INITDB_WALDIR:-}" ] || waldir=(--waldir "$POSTGRES_INITDB_WALDIR")
 	# POSTGRES_INITDB_ARGS is a shell-quoted argument string, as for the official image.
 	if ! eval 'initdb --username="$POSTGRES_USER" --pwfile="$pwfile" "${waldir[@]}" '"${POSTGRES_INITDB_ARGS:-}"; then
@@ -81,6 +83,7 @@ POSTGRES_HOST_AUTH_METHOD=trust to allow every connection without a password."
 		[ -e "$f" ] || continue
 		case "$f" in
 			*.sh)
+				# shellcheck disable=SC1090 # the image's init scripts, known only at run time
 				if [ -x "$f" ]; then echo "$0: running $f"; "$f"
 				else echo "$0: sourcing $f"; . "$f"; fi ;;
 			*.sql)     echo "$0: running $f"; psql_init --dbname "$POSTGRES_DB" -f "$f" ;;
