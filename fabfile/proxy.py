@@ -6,11 +6,6 @@ from __future__ import annotations
 import datetime
 import shlex
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from .docker import container
 from .layout import Layout
 from .render import PROXY_PROJECT
@@ -21,6 +16,12 @@ BACKUP = ".sfab-old"
 def placeholder_cert(names: list[str]) -> tuple[bytes, bytes]:
     """A short-lived self-signed certificate so nginx can start (and answer ACME
     HTTP-01 challenges) before the real certificate exists."""
+    # imported here: a deploy that needs no certificate does not pay for x509
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
     now = datetime.datetime.now(datetime.timezone.utc)

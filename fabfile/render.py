@@ -20,6 +20,7 @@ runs (a fact), so rendering stays a function of the inventory alone.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -115,11 +116,23 @@ def cert_names(hs: Homeserver) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _bytecode_cache() -> jinja2.BytecodeCache | None:
+    """Compiled templates kept between runs (keyed by each template's source), so a
+    no-op deploy does not compile them again; none when there is nowhere to keep them."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "synapse-fabric" / "templates"
+    try:
+        base.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError:
+        return None
+    return jinja2.FileSystemBytecodeCache(str(base))
+
+
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(TEMPLATES)),
     undefined=jinja2.StrictUndefined,
     keep_trailing_newline=True,
     autoescape=False,
+    bytecode_cache=_bytecode_cache(),
 )
 
 
