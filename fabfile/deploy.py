@@ -107,8 +107,10 @@ def _converge_host(inv, state, local_images, dry_run, install, report, pull=Fals
     remote: Optional[Remote] = None
     try:
         remote = open_remote(inv, state.host)
-        remote.lock(inv.ssh.lock_timeout)
-        converge(remote, state, local_images, report, result, dry_run=dry_run, install=install, pull=pull)
+        # the facts come with the lock, on its channel (bootstrap asks after installing Docker)
+        facts_out = remote.lock(inv.ssh.lock_timeout, then="" if install else facts_mod.script(state))
+        converge(remote, state, local_images, report, result, dry_run=dry_run, install=install, pull=pull,
+                 facts_out=facts_out or None)
     except SfabError as exc:
         result.error = str(exc)
         result.exit_code = exc.exit_code if isinstance(exc, LockHeld) else 1
@@ -125,17 +127,18 @@ def _converge_host(inv, state, local_images, dry_run, install, report, pull=Fals
 
 def converge(remote: Remote, state, local_images, report: Reporter, result: HostResult,
              dry_run: bool = False, install: bool = False, hold: tuple[str, ...] = (),
-             pull: bool = False, migrating: str = "") -> None:
+             pull: bool = False, migrating: str = "", facts_out: Optional[str] = None) -> None:
     """One host, already opened and locked. `hold`: homeservers whose Synapse must
     not start (a migration starts only their PostgreSQL, to restore into it);
-    `migrating`: the homeserver a migration moves (its records do not stop it)."""
+    `migrating`: the homeserver a migration moves (its records do not stop it);
+    `facts_out`: the facts script's output when the lock brought it."""
     name = state.host.name
     log = lambda msg: report.line(name, msg)  # noqa: E731
     if install:
         docker.install(remote, log)
         docker.start_engine(remote)
     script = facts_mod.script(state)
-    facts = facts_mod.parse(remote.run(script, what="gather facts").out)
+    facts = facts_mod.parse(facts_out if facts_out is not None else remote.run(script, what="gather facts").out)
     engine_started = False
     if facts.docker and not facts.engine and not dry_run:
         # e.g. after a reboot of a host without systemd: nothing started Docker

@@ -30,6 +30,7 @@ from invoke import Config
 
 from .errors import HostKeyError, LockHeld, RemoteError  # noqa: F401  (RemoteError: re-exported)
 from .inventory import Host, Inventory
+from .layout import LOCK_DIR
 
 # No remote call waits forever (a NAT that drops the connection silently must end
 # in an error, and during a migration in its rollback): a deadline for each command
@@ -40,7 +41,6 @@ KEEPALIVE_SECONDS = 15
 
 # In a root-only directory: /run/lock is writable by every local user, any of whom
 # could otherwise take (and hold) the deploy lock.
-LOCK_DIR = "/run/synapse-fabric"
 LOCK_FILE = f"{LOCK_DIR}/deploy.lock"
 LOCK_OWNER = f"{LOCK_DIR}/deploy.owner"
 
@@ -225,15 +225,19 @@ class Remote:
         return found
 
     # -- the run lock --------------------------------------------------------
-    def lock(self, wait: float = 60.0) -> None:
-        """Take the host's run lock, waiting at most `wait` seconds."""
+    def lock(self, wait: float = 60.0, then: str = "") -> str:
+        """Take the host's run lock, waiting at most `wait` seconds. `then`: a script
+        run right after, on the same channel (a deploy's facts: a no-op deploy is
+        then ONE remote command); its output is returned."""
         self.conn.open()
         self.commands += 1
         me = f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        end = f"sfab-end-{os.urandom(8).hex()}".encode()
+        after = f"( {then}\n) </dev/null 2>/dev/null; echo; echo {end.decode()}; " if then else ""
         script = (
             f"mkdir -p -m 0700 {LOCK_DIR} && exec 9>{LOCK_FILE} && "
             f"if flock -w {int(wait)} 9; then head -n 1 > {LOCK_OWNER}.new && mv {LOCK_OWNER}.new {LOCK_OWNER} "
-            f"&& echo locked && exec cat >/dev/null; "
+            f"&& echo locked && {after}exec cat >/dev/null; "
             f"else echo busy; cat {LOCK_OWNER} 2>/dev/null; exit 75; fi"
         )
         chan = self.conn.transport.open_session()
@@ -245,15 +249,26 @@ class Remote:
         deadline = time.monotonic() + wait + 15
         while b"\n" not in reply and time.monotonic() < deadline:
             if chan.recv_ready():
-                reply += chan.recv(4096)
+                reply += chan.recv(65536)
             elif chan.exit_status_ready():
-                reply += chan.recv(4096)
+                reply += chan.recv(65536)
                 break
             else:
-                time.sleep(0.01)
+                time.sleep(0.005)
         if reply.startswith(b"locked"):
             self._lock_channel = chan
-            return
+            if not then:
+                return ""
+            out = reply.split(b"\n", 1)[1]
+            deadline = time.monotonic() + DEFAULT_TIMEOUT
+            while b"\n" + end + b"\n" not in out:
+                if chan.recv_ready():
+                    out += chan.recv(65536)
+                elif chan.exit_status_ready() or time.monotonic() > deadline:
+                    raise RemoteError(f"{self.name}: the lock's channel ended before its script did")
+                else:
+                    time.sleep(0.002)
+            return out[: out.index(b"\n" + end + b"\n")].decode(errors="replace")
         # busy: the holder's line follows, then the command exits
         while not (chan.exit_status_ready() and not chan.recv_ready()) and time.monotonic() < deadline:
             if chan.recv_ready():

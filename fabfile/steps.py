@@ -262,8 +262,8 @@ def finish(lay, clear_journal: bool) -> Action:
 
 def actions(plan: "Plan") -> list[Action]:
     """Every step `plan` needs, in the order they must run: images before anything
-    stops, files, the proxy (it owns the networks), generate, the homeservers,
-    health, certificates, Element, timers."""
+    stops, files, nginx's reload, the proxy stack (it owns the networks), generate,
+    the homeservers, health, certificates, Element, timers."""
     from .plan import image_triggers
 
     state, lay = plan.state, plan.state.layout
@@ -292,12 +292,15 @@ def actions(plan: "Plan") -> list[Action]:
     owed = sorted(t for t in plan.triggers if t.split(":")[0] in ("proxy", "synapse"))
     if plan.dirs or plan.files or plan.remove or plan.secrets or plan.chown_data or plan.placeholder_certs or owed:
         out.append(write(plan, owed, reload_confs))
+    # the running nginx tests and loads new files BEFORE an `up` may recreate it: a
+    # refused config is put back while the old one serves, and a container `up`
+    # just made is never asked to reload while it starts
+    if plan.nginx_reload:
+        out.append(nginx_reload(reload_confs, why("proxy:reload")))
     if plan.proxy_up:
         out.append(proxy_up(lay, why("proxy:stack", "nginx is not running")))
     elif if_pulled("proxy:stack"):
         out.append(proxy_up(lay, "when the pull brings a new nginx image", if_pulled("proxy:stack")))
-    if plan.nginx_reload:
-        out.append(nginx_reload(reload_confs, why("proxy:reload")))
     out += [generate(lay, by_name[sn]) for sn in plan.generate]
     for sn, hs in by_name.items():
         if sn in plan.synapse_up:
