@@ -1,5 +1,6 @@
 """Element Web: the work is done on each host by reverse_proxy/bin/element-update
-(templates/reverse_proxy/bin/element-update.j2), for cron and for this module alike:
+(fabfile/scripts/element-update.sh, reading element/sites.json), for the timer or
+cron and for this module alike:
 feed, checksum, signature, archive vetting, atomic swap, keep N, rollback, lock."""
 
 from __future__ import annotations

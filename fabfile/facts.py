@@ -138,12 +138,13 @@ PERIODIC_JOBS = ("synapse-fabric-certificates", "synapse-fabric-element")
 def optional_paths(state: DesiredState) -> list[str]:
     """Files that are ours only while the inventory (or the host's init) asks for
     them, removed after: an Element site's keys, and every periodic job's timer,
-    service, cron file and script, so a feature turned off stops running."""
+    service, cron file and script (and element-update's settings), so a feature
+    turned off stops running."""
     lay = state.layout
     return ([f"{d}/{name}" for d in element_sites(state) for name in ("signing-key.gpg", "feed-ca.pem")]
             + [p for job in PERIODIC_JOBS for p in (f"{SYSTEMD_DIR}/{job}.timer", f"{SYSTEMD_DIR}/{job}.service",
                                                      f"{CRON_DIR}/{job}")]
-            + [lay.bin("renew-certificates"), lay.bin("element-update")])
+            + [lay.bin("renew-certificates"), lay.bin("element-update"), lay.element_settings])
 
 
 def managed_dirs(state: DesiredState) -> list[str]:

@@ -71,6 +71,11 @@ class Layout:
     def element_site(self, hostname: str) -> str:
         return f"{self.proxy}/element/{hostname}"
 
+    @property
+    def element_settings(self) -> str:
+        """What element-update (fabfile/scripts/element-update.sh) knows of hosts.yaml."""
+        return f"{self.proxy}/element/sites.json"
+
     # -- one homeserver ----------------------------------------------------------
     def synapse(self, server_name: str) -> str:
         return f"{self.base}/synapse/{server_name}"

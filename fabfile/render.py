@@ -20,6 +20,7 @@ runs (a fact), so rendering stays a function of the inventory alone.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Callable
 import jinja2
 import yaml
 
+from . import shell
 from .errors import InventoryError
 from .inventory import Homeserver, Host, Inventory
 from .layout import (BASE_RECORD, CRON_DIR, POSTGRES_UID, ROOT, SYNAPSE_UID, SYSTEMD_DIR,  # noqa: F401
@@ -163,6 +165,24 @@ def _periodic(name: str, **ctx) -> list[RemoteFile]:
     ]
 
 
+ELEMENT_LOCK = "/run/synapse-fabric/element.lock"  # a root-only directory: /run/lock is everyone's
+ELEMENT_UNPACKED_MAX_BYTES = 1_000_000_000  # a release's tar stream (a gzip bomb is refused unread)
+
+
+def element_settings(sites, lock_file: str = ELEMENT_LOCK,
+                     unpacked_max_bytes: int = ELEMENT_UNPACKED_MAX_BYTES) -> bytes:
+    """sites.json: what element-update needs of hosts.yaml for each Element site
+    (objects with .hostname .version .keep .feed), and its host-wide limits (the
+    tests lower them). Data only: the program reads it with jq and checks every value."""
+    doc = {
+        "lock_file": lock_file,
+        "unpacked_max_bytes": int(unpacked_max_bytes),
+        "sites": [{"hostname": s.hostname, "version": s.version, "keep": int(s.keep), "feed": s.feed}
+                  for s in sites],
+    }
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+
 def render_host(
     inv: Inventory, host_name: str, read: Callable[[Path], bytes] = Path.read_bytes,
     keep_postgres: dict[str, str] | None = None,
@@ -257,9 +277,10 @@ def render_host(
                                             _read_local(local, f"homeservers.{sn}.element.{key}", read)))
     sites = [hs.element for hs in servers if hs.element.enabled]
     if sites:
+        # the updater is a static program; its settings are data beside the sites
         dirs.append(RemoteDir(f"{lay.proxy}/bin"))
-        add(lay.bin("element-update"), "reverse_proxy/bin/element-update.j2", mode=0o755,
-            proxy_dir=lay.proxy, sites=sites)
+        files.append(RemoteFile(lay.bin("element-update"), shell.script("element-update.sh"), 0o755))
+        files.append(RemoteFile(lay.element_settings, element_settings(sites)))
         files += _periodic("synapse-fabric-element", proxy_dir=lay.proxy)
 
     # -- homeservers that moved away: their names are forwarded to the new host

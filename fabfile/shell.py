@@ -26,3 +26,9 @@ def program(name: str, **inputs: object) -> str:
     """The text of fabfile/scripts/`name` with its inputs set in front."""
     head = "".join(f"{key}={shlex.quote(str(value))}\n" for key, value in inputs.items())
     return head + _text(name)
+
+
+def script(name: str) -> bytes:
+    """fabfile/scripts/`name` as it is: a program installed on hosts unchanged
+    (element-update, whose settings are a data file beside it)."""
+    return _text(name).encode()

@@ -1,10 +1,11 @@
-"""The host-side Element Web updater (templates/reverse_proxy/bin/element-update.j2).
+"""The host-side Element Web updater (fabfile/scripts/element-update.sh).
 
-The template is rendered as the deploy renders it, then run under dash against a
-feed and tarballs served over HTTPS from 127.0.0.1 by a ThreadingHTTPServer in this
-process (its self-signed certificate is the site's feed-ca.pem; a plain-HTTP feed
-serves the refusal tests). Needs dash, curl, jq, gpg, gpgv, flock, openssl (no
-Docker, loopback only).
+The static program is run as it ships, under dash, with a sites.json written as the
+deploy writes it (fabfile.render.element_settings; ELEMENT_UPDATE_CONFIG points at
+it), against a feed and tarballs served over HTTPS from 127.0.0.1 by a
+ThreadingHTTPServer in this process (its self-signed certificate is the site's
+feed-ca.pem; a plain-HTTP feed serves the refusal tests). Needs dash, curl, jq, gpg,
+gpgv, flock, openssl (no Docker, loopback only).
 """
 
 from __future__ import annotations
@@ -21,16 +22,20 @@ import ssl
 import subprocess
 import tarfile
 import tempfile
+import textwrap
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from fabfile.render import _template
+from fabfile.inventory import parse
+from fabfile.render import _template, element_settings, render_host
+from fabfile.shell import SCRIPTS
 
-TEMPLATE = "reverse_proxy/bin/element-update.j2"
+SCRIPT = SCRIPTS / "element-update.sh"
 HOST = "chat.test"
 FEED_PATH = "/repos/element-hq/element-web/releases"
 STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ chat\.test: ", re.M)
@@ -263,16 +268,25 @@ def publish(feed: Feed, *releases):
     feed.routes[FEED_PATH] = json.dumps(list(releases)).encode()
 
 
-# -- the rendered updater ------------------------------------------------------------------
+# -- the updater and its sites.json ------------------------------------------------------------
+
+
+def run_script(*args, config: Path | None = None, script: Path = SCRIPT, prefix=(), timeout=30, cwd=None):
+    """The updater under dash; `config` is its ELEMENT_UPDATE_CONFIG (none: its default)."""
+    env = {k: v for k, v in os.environ.items() if k != "ELEMENT_UPDATE_CONFIG"}
+    if config is not None:
+        env["ELEMENT_UPDATE_CONFIG"] = str(config)
+    return subprocess.run([*prefix, "dash", str(script), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**env, "LC_ALL": "C"}, cwd=cwd)
 
 
 class Updater:
-    """A rendered updater for one site; `ca` becomes the site's feed-ca.pem,
-    `prefix` is a command the script runs under (e.g. setpriv), `template_vars`
-    go to the template as they are (e.g. unpacked_max_bytes)."""
+    """The shipped updater for one site, with a sites.json beside the site as the
+    deploy writes it; `ca` becomes the site's feed-ca.pem, `prefix` is a command the
+    script runs under (e.g. setpriv), `limits` go to sites.json (e.g. unpacked_max_bytes)."""
 
     def __init__(self, root: Path, feed_url: str, version="latest", keep=3, ca: Path | None = None,
-                 prefix=(), **template_vars):
+                 prefix=(), **limits):
         self.root = root
         self.proxy = root / "opt" / "matrix" / "reverse_proxy"
         self.site = self.proxy / "element" / HOST
@@ -281,21 +295,24 @@ class Updater:
         if ca is not None:
             shutil.copy(ca, self.site / "feed-ca.pem")
         self.lock = root / "lock" / "synapse-fabric-element.lock"
-        self.script = self.proxy / "bin" / "element-update"
+        self.config = self.proxy / "element" / "sites.json"
+        self.script = SCRIPT
         self.prefix = list(prefix)
-        self.template_vars = template_vars
-        self.render(feed_url, version, keep)
+        self.limits = limits
+        self.configure(feed_url, version, keep)
 
-    def render(self, feed_url, version="latest", keep=3):
+    def configure(self, feed_url, version="latest", keep=3):
         sites = [SimpleNamespace(hostname=HOST, version=version, keep=keep, feed=feed_url)]
-        self.script.parent.mkdir(parents=True, exist_ok=True)
-        self.script.write_bytes(_template(TEMPLATE, proxy_dir=str(self.proxy), sites=sites,
-                                          lock_file=str(self.lock), **self.template_vars))
-        self.script.chmod(0o755)
+        self.config.write_bytes(element_settings(sites, lock_file=str(self.lock), **self.limits))
 
     def run(self, *args, timeout=60):
-        return subprocess.run([*self.prefix, "dash", str(self.script), *args], capture_output=True, text=True,
-                              timeout=timeout, env={**os.environ, "LC_ALL": "C"})
+        return run_script(*args, config=self.config, prefix=self.prefix, timeout=timeout)
+
+    def start(self, **options) -> subprocess.Popen:
+        """A run in the background (no arguments)."""
+        return subprocess.Popen(["dash", str(self.script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env={**os.environ, "LC_ALL": "C", "ELEMENT_UPDATE_CONFIG": str(self.config)},
+                                **options)
 
     def ok(self, *args):
         res = self.run(*args)
@@ -344,31 +361,173 @@ def install(updater, feed, version, *args):
     assert updater.current() == f"releases/{version}"
 
 
-# -- rendering -------------------------------------------------------------------------------
+# -- what the deploy ships -------------------------------------------------------------------
+
+INV = textwrap.dedent("""
+    hosts:
+      web: {address: 203.0.113.10}
+    homeservers:
+      one.example:
+        host: web
+        element: {enabled: true, hostname: chat.one.example, version: "1.11.85", keep: 2}
+      two.example:
+        host: web
+        element: {enabled: true, hostname: chat.two.example}
+      three.example:
+        host: web
+""")
 
 
-def test_renders_for_dash_with_quoted_values(tmp_path):
-    sites = [SimpleNamespace(hostname="chat.one.test", version="1.11.85", keep=3,
-                             feed="https://example.test/it's $(reboot) `x`"),
-             SimpleNamespace(hostname="chat.two.test", version="latest", keep=1,
-                             feed="https://api.github.com/repos/element-hq/element-web/releases")]
-    text = _template(TEMPLATE, proxy_dir="/opt/matrix/reverse_proxy", sites=sites).decode()
-    assert text.startswith("#!/bin/sh\n# Managed by synapse-fabric")
-    assert "LOCK_FILE='/run/synapse-fabric/element.lock'" in text
-    assert "UNPACKED_MAX_BYTES='1000000000'" in text
-    assert "PROXY_DIR='/opt/matrix/reverse_proxy'" in text
-    assert "cfg_feed='https://example.test/it'\\''s $(reboot) `x`'" in text
-    script = tmp_path / "element-update"
-    script.write_text(text)
-    assert subprocess.run(["dash", "-n", str(script)], capture_output=True).returncode == 0
-    # an unknown site and contradicting flags are usage errors; --help works
-    res = subprocess.run(["dash", str(script), "--site", "nope.test"], capture_output=True, text=True)
-    assert res.returncode == 64 and "no Element site 'nope.test'" in res.stderr
-    res = subprocess.run(["dash", str(script), "--check", "--rollback"], capture_output=True, text=True)
+def test_the_deploy_ships_the_static_program_and_its_settings_as_data():
+    state = render_host(parse(INV), "web")
+    files = {f.path: f for f in state.files}
+    program = files["/opt/matrix/reverse_proxy/bin/element-update"]
+    assert program.content == SCRIPT.read_bytes() and program.mode == 0o755 and program.owner == "0:0"
+    assert program.content.startswith(b"#!/bin/sh\n# Managed by synapse-fabric") and b"{{" not in program.content
+    settings = files["/opt/matrix/reverse_proxy/element/sites.json"]
+    assert settings.mode == 0o644 and settings.trigger == "" and settings.content.endswith(b"}\n")
+    feed = "https://api.github.com/repos/element-hq/element-web/releases"
+    assert json.loads(settings.content) == {
+        "lock_file": "/run/synapse-fabric/element.lock",
+        "unpacked_max_bytes": 1_000_000_000,
+        "sites": [{"feed": feed, "hostname": "chat.one.example", "keep": 2, "version": "1.11.85"},
+                  {"feed": feed, "hostname": "chat.two.example", "keep": 3, "version": "latest"}],
+    }
+    assert settings.content == (json.dumps(json.loads(settings.content), indent=2, sort_keys=True) + "\n").encode()
+    # the periodic job runs the installed program, as before
+    for path in ("/etc/systemd/system/synapse-fabric-element.service",
+                 "/etc/systemd/system/synapse-fabric-element.timer", "/etc/cron.d/synapse-fabric-element"):
+        assert path in files
+    assert b"/opt/matrix/reverse_proxy/bin/element-update --unattended" in files[
+        "/etc/systemd/system/synapse-fabric-element.service"].content
+    # no Element site on a host: neither the program nor its settings
+    off = render_host(parse(INV.replace("enabled: true", "enabled: false")), "web")
+    assert not any("element-update" in f.path or f.path.endswith("sites.json") for f in off.files)
+
+
+def settings(tmp_path: Path, sites=(), **top) -> Path:
+    """A sites.json under tmp_path/element: `sites` are dicts, `top` replaces top-level values."""
+    doc = {"lock_file": str(tmp_path / "lock" / "element.lock"), "unpacked_max_bytes": 1000, "sites": list(sites),
+           **top}
+    path = tmp_path / "element" / "sites.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def site(**values):
+    return {"hostname": HOST, "version": "1.11.85", "keep": 3, "feed": "https://127.0.0.1:1/releases", **values}
+
+
+def test_usage_errors_and_help(tmp_path):
+    config = settings(tmp_path, [site(), site(hostname="chat.two.test")])
+    res = run_script("--site", "nope.test", config=config)
     assert res.returncode == 64
-    res = subprocess.run(["dash", str(script), "--version", "1.2; rm -rf /"], capture_output=True, text=True)
+    assert "no Element site 'nope.test' on this host (sites: chat.test chat.two.test)" in res.stderr
+    for name in ("chat.*", "chat.test chat.two.test", "chat"):  # one name, not a pattern nor a list
+        res = run_script("--site", name, config=config)
+        assert res.returncode == 64 and f"no Element site '{name}'" in res.stderr
+    assert run_script("--check", "--rollback", config=config).returncode == 64
+    res = run_script("--version", "1.2; rm -rf /", config=config)
     assert res.returncode == 64 and "is not a version" in res.stderr
-    assert subprocess.run(["dash", str(script), "--help"], capture_output=True).returncode == 0
+    assert run_script("--help").returncode == 0  # no sites.json needed
+    assert not (tmp_path / "element" / HOST).exists() and not (tmp_path / "lock").exists()
+
+
+def test_no_sites_is_fine(tmp_path):
+    config = tmp_path / "sites.json"
+    config.write_bytes(element_settings([], lock_file=str(tmp_path / "l")))
+    res = run_script(config=config)
+    assert res.returncode == 0 and "no Element site" in res.stdout
+
+
+def test_finds_its_sites_json_beside_its_install(tmp_path):
+    """<proxy_dir>/bin/element-update reads <proxy_dir>/element/sites.json, also when
+    started through a symlink (and under sh, as systemd and cron start it)."""
+    proxy = tmp_path / "opt" / "matrix" / "reverse_proxy"
+    (proxy / "bin").mkdir(parents=True)
+    program = proxy / "bin" / "element-update"
+    shutil.copy(SCRIPT, program)
+    program.chmod(0o755)
+    (tmp_path / "usr").mkdir()
+    (tmp_path / "usr" / "element-update").symlink_to(program)
+    res = run_script(script=program)
+    assert res.returncode == 78 and f"{proxy}/element/sites.json: missing" in res.stderr
+    settings(proxy, [])
+    for path in (program, tmp_path / "usr" / "element-update"):
+        res = subprocess.run([str(path)], capture_output=True, text=True, timeout=30,
+                             env={k: v for k, v in os.environ.items() if k != "ELEMENT_UPDATE_CONFIG"})
+        assert res.returncode == 0 and "no Element site on this host" in res.stdout, res.stderr
+
+
+MARK = "eu-pwned"
+HOSTILE = {
+    # each value is refused by the program's own checks, before any work
+    "hostname": (dict(hostname=f"chat.test;touch {MARK}"), "hostname 'chat.test;touch eu-pwned' is not a DNS name"),
+    "hostname-up": (dict(hostname="../../etc"), "hostname '../../etc' is not a DNS name"),
+    "version": (dict(version=f"$(touch {MARK})"), "chat.test: version '$(touch eu-pwned)' is not like 1.11.85"),
+    "keep": (dict(keep=f"3; touch {MARK}"), "chat.test: keep '3; touch eu-pwned' is not a whole number above 0"),
+    "keep-zero": (dict(keep=0), "chat.test: keep '0' is not a whole number above 0"),
+    "keep-null": (dict(keep=None), "chat.test: keep 'null' is not a whole number above 0"),
+    "feed-http": (dict(feed="http://127.0.0.1:1/releases"),
+                  "chat.test: feed 'http://127.0.0.1:1/releases' is not an https:// URL"),
+    "feed-space": (dict(feed=f"https://x.test/ `touch {MARK}`"), "is not an https:// URL; refusing it"),
+    "feed-missing": (dict(feed=None), "chat.test: feed 'null' is not an https:// URL"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_settings_are_checked_data_never_code(tmp_path, case):
+    values, reason = HOSTILE[case]
+    config = settings(tmp_path, [site(**values)])
+    res = run_script(config=config, cwd=tmp_path)
+    assert res.returncode == 78, res.stdout + res.stderr
+    assert f"ERROR: {config}: " in res.stderr and reason in res.stderr, res.stderr
+    assert res.stderr.count("ERROR") == 1 and res.stdout == ""
+    assert not (tmp_path / MARK).exists() and sorted(p.name for p in (tmp_path / "element").iterdir()) == ["sites.json"]
+    assert not (tmp_path / "lock").exists()
+
+
+def test_a_feed_url_is_only_ever_an_argument(tmp_path):
+    """A feed that passes the checks but holds shell syntax reaches curl as it is."""
+    config = settings(tmp_path, [site(feed=f"https://127.0.0.1:1/$(touch%20{MARK})`touch%20{MARK}`;touch%20{MARK}")])
+    res = run_script("--check", config=config, cwd=tmp_path)
+    assert res.returncode == 1 and "cannot read the release feed https://127.0.0.1:1/$(touch" in res.stderr
+    assert not (tmp_path / MARK).exists()
+
+
+BROKEN = {
+    "missing": (None, "missing (the deploy writes it: run inv deploy)"),
+    "not-json": ("{sites: nope", "not a JSON object with a list of sites"),
+    "a-list": ("[]", "not a JSON object with a list of sites"),
+    "no-sites": ('{"lock_file": "/run/x.lock", "unpacked_max_bytes": 1}', "not a JSON object with a list of sites"),
+    "site-not-object": ('{"lock_file": "/run/x.lock", "unpacked_max_bytes": 1, "sites": ["chat.test"]}',
+                        "not a JSON object with a list of sites"),
+    "twice": (dict(sites=[site(), site()]), "each hostname once"),
+    "newline": (dict(sites=[site(version="1.11.85\n")]), "no control characters"),
+    "newline-hostname": (dict(sites=[site(hostname="a.test\nb.test")]), "no control characters"),
+    "lock-relative": (dict(lock_file="element.lock"), "lock_file 'element.lock' is not an absolute path"),
+    "lock-missing": (dict(lock_file=None), "lock_file 'null' is not an absolute path"),
+    "cap-float": (dict(unpacked_max_bytes=1.5), "unpacked_max_bytes '1.5' is not a whole number above 0"),
+    "cap-string": (dict(unpacked_max_bytes="1e9"), "unpacked_max_bytes '1e9' is not a whole number above 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_a_broken_or_missing_sites_json_is_one_clear_error(tmp_path, case):
+    doc, reason = BROKEN[case]
+    config = tmp_path / "element" / "sites.json"
+    if isinstance(doc, dict):
+        settings(tmp_path, **{"sites": [site()], **doc})
+    elif isinstance(doc, str):
+        config.parent.mkdir(parents=True)
+        config.write_text(doc)
+    for args in ((), ("--check",), ("--rollback",), ("--site", HOST)):
+        res = run_script(*args, config=config)
+        assert res.returncode == 78, res.stdout + res.stderr
+        assert f"ERROR: {config}: " in res.stderr and reason in res.stderr, res.stderr
+        assert res.stderr.count("ERROR") == 1 and res.stdout == ""
+    assert not (tmp_path / "element" / HOST).exists() and not (tmp_path / "lock").exists()
 
 
 def unit_settings(text: str) -> dict[str, list[str]]:
@@ -422,13 +581,6 @@ def test_the_service_runs_without_capabilities_in_a_sandbox():
     home = _template("systemd/synapse-fabric-element.service.j2", proxy_dir="/home/matrix/reverse_proxy").decode()
     assert unit_settings(home)["ProtectHome"] == ["read-only"]
     assert unit_settings(home)["ReadWritePaths"] == ["/home/matrix/reverse_proxy/element"]
-
-
-def test_no_sites_is_fine(tmp_path):
-    script = tmp_path / "element-update"
-    script.write_bytes(_template(TEMPLATE, proxy_dir=str(tmp_path), sites=[], lock_file=str(tmp_path / "l")))
-    res = subprocess.run(["dash", str(script)], capture_output=True, text=True, timeout=30)
-    assert res.returncode == 0 and "no Element site" in res.stdout
 
 
 # -- installing and updating -------------------------------------------------------------
@@ -495,6 +647,25 @@ def test_latest_never_moves_back(updater, feed):
     updater.ok("--version", "1.11.84")
     assert updater.current() == "releases/1.11.84"
     assert updater.history() == ["1.11.85", "1.11.84"]
+
+
+def test_each_site_on_its_own(updater, feed):
+    """Sites run one after the other: one that fails does not stop the next;
+    --site runs only that one."""
+    other = updater.proxy / "element" / "chat.two.test"
+    other.mkdir()
+    shutil.copy(feed.ca, other / "feed-ca.pem")
+    sites = [SimpleNamespace(hostname="chat.two.test", version="latest", keep=3, feed=feed.url("/missing")),
+             SimpleNamespace(hostname=HOST, version="latest", keep=3, feed=feed.url(FEED_PATH))]
+    updater.config.write_bytes(element_settings(sites, lock_file=str(updater.lock)))
+    publish(feed, release(feed, "1.11.84"))
+    res = updater.run()
+    assert res.returncode == 1 and "chat.two.test: ERROR: cannot read the release feed" in res.stderr
+    assert updater.current() == "releases/1.11.84" and not (other / "current").exists()
+    publish(feed, release(feed, "1.11.85"), release(feed, "1.11.84"))
+    res = updater.ok("--site", HOST)
+    assert "chat.two.test" not in res.stdout + res.stderr and updater.current() == "releases/1.11.85"
+    assert updater.run("--site", "chat.two.test").returncode == 1 and updater.current() == "releases/1.11.85"
 
 
 @pytest.mark.parametrize("installed, newest, moves", [
@@ -574,33 +745,54 @@ def _hard(target):
 
 
 TOP = "element-v1.11.85"
+REFUSED = "refusing element-v1.11.85.tar.gz: "
+TAR = REFUSED + "tar failed or warned (above): not a clean, readable .tar.gz"
+LEAVES = REFUSED + "symlink leaving the release: "
+# case -> (members added to a good release, what stderr must say: each string, or one of a tuple)
 BAD_ARCHIVES = {
-    "dotdot": ([(f"{TOP}/../escape", b"x", {})], "has a .. component"),
-    "dotdot-top": ([("../escape", b"x", {})], "has a .. component"),
-    "absolute": ([("/tmp/eu-absolute-escape", b"x", {})], "has an absolute name"),
-    "outside-top": ([("other/file", b"x", {})], "is outside element-v1.11.85/"),
-    "dot-prefix": ([(f"./{TOP}/x", b"x", {})], "empty or . component"),
-    "symlink-up": ([(f"{TOP}/bundles/up", b"", _sym("../../../../etc"))], "points outside the release"),
-    "symlink-absolute": ([(f"{TOP}/passwd", b"", _sym("/etc/passwd"))], "has an absolute target"),
+    # names: GNU tar skips a ".." member and fails, strips a leading "/" and warns
+    "dotdot": ([(f"{TOP}/../escape", b"x", {})], ["Member name contains '..'", TAR]),
+    "dotdot-top": ([("../escape", b"x", {})], ["Member name contains '..'", TAR]),
+    "absolute": ([("/tmp/eu-absolute-escape", b"x", {})], ["Removing leading `/' from member names", TAR]),
+    "outside-top": ([("other/file", b"x", {})], [REFUSED + "members outside element-v1.11.85/: other"]),
+    # symlinks: resolved where they landed, they must stay inside the release
+    "symlink-up": ([(f"{TOP}/bundles/up", b"", _sym("../../../../etc"))], [LEAVES + "bundles/up -> ../../../../etc"]),
+    "symlink-absolute": ([(f"{TOP}/passwd", b"", _sym("/etc/passwd"))], [LEAVES + "passwd -> /etc/passwd"]),
     "symlink-via-symlink": ([(f"{TOP}/here", b"", _sym(".")), (f"{TOP}/up", b"", _sym("here/.."))],
-                            "goes up through symlink"),
-    "write-through-symlink": ([(f"{TOP}/here", b"", _sym(".")), (f"{TOP}/here/x", b"x", {})],
-                              "member below a symlink"),
-    "hardlink-absolute": ([(f"{TOP}/shadow", b"", _hard("/etc/shadow"))], "has an absolute name"),
-    "hardlink-up": ([(f"{TOP}/shadow", b"", _hard(f"{TOP}/../../shadow"))], "has a .. component"),
-    "fifo": ([(f"{TOP}/fifo", b"", {"type": tarfile.FIFOTYPE})], "special member (type p)"),
+                            [LEAVES + "up -> here/.."]),
+    "symlink-chain": ([(f"{TOP}/a", b"", _sym("b")), (f"{TOP}/b", b"", _sym("c/..")), (f"{TOP}/c", b"", _sym("."))],
+                      [LEAVES]),
+    # tar creates such a link last: the member below it fails, nothing is written outside
+    "write-through-escaping-symlink": ([], ["Cannot open: Not a directory", TAR]),  # built below
+    # hard links: tar resolves their targets inside the extraction directory only
+    "hardlink-absolute": ([(f"{TOP}/shadow", b"", _hard("/etc/shadow"))],
+                          ["Removing leading `/' from hard link targets", "Cannot hard link to", TAR]),
+    "hardlink-up": ([(f"{TOP}/shadow", b"", _hard(f"{TOP}/../../shadow"))], ["Cannot hard link to", TAR]),
+    "hardlink-through-symlink": ([(f"{TOP}/etc", b"", _sym("/etc")),
+                                  (f"{TOP}/passwd", b"", _hard(f"{TOP}/etc/passwd"))], ["Cannot hard link to", TAR]),
+    "hardlink-to-escaping-symlink": ([(f"{TOP}/esc", b"", _sym("/etc/passwd")), (f"{TOP}/h", b"", _hard(f"{TOP}/esc"))],
+                                     [LEAVES]),
+    # nothing but files, directories and symlinks
+    "fifo": ([(f"{TOP}/fifo", b"", {"type": tarfile.FIFOTYPE})],
+             [REFUSED + "special file (device, fifo, socket): fifo"]),
+    # made by root with CAP_MKNOD, else tar fails to make it
     "device": ([(f"{TOP}/null", b"", {"type": tarfile.CHRTYPE, "devmajor": 1, "devminor": 3})],
-               "special member (type c)"),
-    "top-is-symlink": ([], None),  # built below
+               [(REFUSED + "special file (device, fifo, socket): null", "Cannot mknod")]),
+    "top-is-symlink": ([], [REFUSED + "element-v1.11.85/ is missing or not a directory"]),  # built below
+    "empty": ([], [REFUSED + "element-v1.11.85/ is missing or not a directory"]),  # built below
 }
 
 
-def _bad_tarball(case):
-    if case == "top-is-symlink":
+def _bad_tarball(case, outside: Path):
+    if case in ("top-is-symlink", "empty"):
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-            _add(tar, TOP, type=tarfile.SYMTYPE, linkname="/")
-        return buf.getvalue(), "is not a directory"
+            if case == "top-is-symlink":
+                _add(tar, TOP, type=tarfile.SYMTYPE, linkname="/")
+        return buf.getvalue(), BAD_ARCHIVES[case][1]
+    if case == "write-through-escaping-symlink":
+        return tarball("1.11.85", [(f"{TOP}/out", b"", _sym(str(outside))),
+                                   (f"{TOP}/out/x", b"x", {})]), BAD_ARCHIVES[case][1]
     extra, reason = BAD_ARCHIVES[case]
     return tarball("1.11.85", extra), reason
 
@@ -608,15 +800,24 @@ def _bad_tarball(case):
 FAILURES = {
     "bad-checksum": (dict(checksum="wrong"), "checksum mismatch"),
     "corrupted-download": (dict(served=b"\x1f\x8b truncated"), "checksum mismatch"),
-    "corrupted-tarball": (dict(body=b"\x1f\x8b\x08\x00 this is not gzip at all"), "is not a readable .tar.gz"),
+    "corrupted-tarball": (dict(body=b"\x1f\x8b\x08\x00 this is not gzip at all"), ["gzip: stdin: ", TAR]),
     "missing-checksum": (dict(checksum="none"), "has no checksum"),
     "no-index": (dict(body=tarball("1.11.85", index=False)), "has no index.html"),
+    "index-is-a-symlink": (dict(body=tarball("1.11.85", [(f"{TOP}/index.html", b"", _sym("bundles/app.js"))],
+                                             index=False)), "has no index.html"),
 }
+
+
+def said(text: str, reason) -> bool:
+    """`reason`: a string `text` holds, or a list of them (each a string, or a tuple: one of it)."""
+    if isinstance(reason, str):
+        return reason in text
+    return all(any(r in text for r in (each if isinstance(each, tuple) else (each,))) for each in reason)
 
 
 def assert_untouched(updater, res, reason, before_history=("1.11.84",)):
     assert res.returncode != 0, res.stdout
-    assert reason in res.stderr, res.stderr
+    assert said(res.stderr, reason), res.stderr
     assert updater.current() == "releases/1.11.84"
     assert updater.served() == "<html>Element 1.11.84</html>\n"
     assert updater.history() == list(before_history)
@@ -633,16 +834,58 @@ def test_broken_downloads_are_refused(updater, feed, case):
 
 
 @pytest.mark.parametrize("case", sorted(BAD_ARCHIVES))
-def test_unsafe_archives_are_refused_before_extraction(updater, feed, case):
+def test_unsafe_archives_are_refused_nothing_served_changes_nothing_left_behind(updater, feed, tmp_path, case):
     install(updater, feed, "1.11.84")
-    body, reason = _bad_tarball(case)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    body, reason = _bad_tarball(case, outside)
     publish(feed, release(feed, "1.11.85", body), release(feed, "1.11.84"))
     res = updater.run()
     assert_untouched(updater, res, reason)
-    assert "refusing element-v1.11.85.tar.gz" in res.stderr
+    assert REFUSED in res.stderr
+    # the quarantine is gone with the rest of the run's temporary directory
+    assert sorted(p.name for p in updater.site.iterdir()) == ["config.json", "current", "feed-ca.pem", "history",
+                                                               "releases"]
     # nothing landed outside either
+    assert list(outside.iterdir()) == []
     assert not (updater.site / "escape").exists() and not (updater.proxy / "element" / "escape").exists()
     assert not Path("/tmp/eu-absolute-escape").exists()
+
+
+def test_oddities_that_stay_inside_the_release_are_unpacked_there(updater, feed):
+    """What the listing check of earlier versions refused, but GNU tar keeps inside the
+    quarantine: a ./ prefix (the same directory), and members written through a symlink
+    tar made at once (relative, no ".."): such a link can only point further in."""
+    extra = [(f"./{TOP}/dot.js", b"dot\n", {}),
+             (f"{TOP}/here", b"", _sym(".")), (f"{TOP}/here/through.js", b"through\n", {}),
+             (f"{TOP}/sub", b"", {"type": tarfile.DIRTYPE, "mode": 0o755}), (f"{TOP}/down", b"", _sym("sub")),
+             (f"{TOP}/down/deep.js", b"deep\n", {})]
+    publish(feed, release(feed, "1.11.85", tarball("1.11.85", extra)))
+    updater.ok()
+    rel = updater.site / "releases" / "1.11.85"
+    assert (rel / "dot.js").read_bytes() == b"dot\n"
+    assert os.readlink(rel / "here") == "." and (rel / "through.js").read_bytes() == b"through\n"
+    assert os.readlink(rel / "down") == "sub" and (rel / "sub" / "deep.js").read_bytes() == b"deep\n"
+    assert sorted(p.name for p in updater.site.iterdir()) == ["config.json", "current", "feed-ca.pem", "history",
+                                                               "releases"]
+    assert updater.releases() == ["1.11.85"]
+
+
+def test_unpacked_files_are_ours_readable_and_never_setuid(updater, feed):
+    extra = [(f"{TOP}/setuid", b"x", {"mode": 0o6755, "uid": 4242, "gid": 4242}),
+             (f"{TOP}/private.js", b"x", {"mode": 0o600}),
+             (f"{TOP}/locked", b"", {"type": tarfile.DIRTYPE, "mode": 0o500}),
+             (f"{TOP}/locked/f.js", b"x", {"mode": 0o400}),
+             # built by a clock ahead of ours: tar's warning about it refuses nothing
+             (f"{TOP}/future.js", b"x", {"mtime": int(time.time()) + 30 * 86400})]
+    publish(feed, release(feed, "1.11.85", tarball("1.11.85", extra)))
+    updater.ok()
+    rel = updater.site / "releases" / "1.11.85"
+    modes = {name: oct((rel / name).lstat().st_mode & 0o7777) for name in ("setuid", "private.js", "locked",
+                                                                            "locked/f.js", "future.js")}
+    assert modes == {"setuid": "0o755", "private.js": "0o644", "locked": "0o755", "locked/f.js": "0o644",
+                     "future.js": "0o644"}
+    assert (rel / "setuid").stat().st_uid == os.getuid()
 
 
 @pytest.mark.parametrize("sign, reason", [
@@ -685,7 +928,7 @@ def test_only_https_is_used(updater, feed, http_feed, case, reason):
     releases = [release(feed, "1.11.85", body), release(feed, "1.11.84")]
     if case == "http-feed":
         publish(http_feed, release(http_feed, "1.11.85", body), release(http_feed, "1.11.84"))
-        updater.render(http_feed.url(FEED_PATH))
+        updater.configure(http_feed.url(FEED_PATH))
     elif case == "http-asset":
         releases[0]["assets"][0]["browser_download_url"] = http_feed.url(tar)
         publish(feed, *releases)
@@ -705,6 +948,7 @@ def test_only_https_is_used(updater, feed, http_feed, case, reason):
 
 
 def test_an_archive_that_unpacks_too_big_is_refused_before_extraction(tmp_path, feed):
+    """The cap counts the real tar stream, before a byte is written."""
     up = Updater(tmp_path, feed.url(FEED_PATH), ca=feed.ca, unpacked_max_bytes=100_000)
     install(up, feed, "1.11.84")  # a few kB unpacked: fine
     bomb = tarball("1.11.85", [("element-v1.11.85/zeros.js", bytes(300_000), {})])
@@ -899,8 +1143,7 @@ def test_two_runs_at_once_only_one_swaps(updater, feed):
     publish(feed, release(feed, "1.11.85"))
     path = "/download/v1.11.85/element-v1.11.85.tar.gz"
     feed.gates[path], feed.reached[path] = threading.Event(), threading.Event()
-    first = subprocess.Popen(["dash", str(updater.script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+    first = updater.start()
     try:
         assert feed.reached[path].wait(30), "the first run never asked for the tarball"
         second = updater.run()  # while the first holds the lock, mid-download
@@ -920,8 +1163,7 @@ def test_an_interrupted_run_cleans_up_and_keeps_serving(updater, feed, signal_na
     publish(feed, release(feed, "1.11.85"))
     path = "/download/v1.11.85/element-v1.11.85.tar.gz"
     feed.gates[path], feed.reached[path] = threading.Event(), threading.Event()
-    run = subprocess.Popen(["dash", str(updater.script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, start_new_session=True)
+    run = updater.start(start_new_session=True)
     try:
         assert feed.reached[path].wait(30), "the run never asked for the tarball"
         assert len(updater.leftovers()) == 1  # its .tmp-XXXXXX
@@ -949,10 +1191,24 @@ def test_runs_as_root_without_any_capability(tmp_path, feed):
     assert caps[1::2] == ["0000000000000000"] * 3, caps  # CapPrm, CapEff, CapBnd
     up = Updater(tmp_path, feed.url(FEED_PATH), keep=2, ca=feed.ca, prefix=drop)
     hashes = {"1.11.84": "aaa111", "1.11.85": "bbb222", "1.11.86": "ccc333"}
+    # a directory root may not write to (without CAP_DAC_OVERRIDE, only its modes let root
+    # write there), in a release installed by `inv element-update` (root with every capability)
+    locked = [("locked", b"", {"type": tarfile.DIRTYPE, "mode": 0o500}), ("locked/f.js", b"x", {"mode": 0o400})]
     for version in hashes:  # unpack, carry bundles, swap, prune
-        publish(feed, release(feed, version, hashed_release(version, hashes[version])))
+        body = hashed_release(version, hashes[version])
+        if version == "1.11.84":
+            body = tarball(version, [(f"element-v{version}/{name}", data, attrs) for name, data, attrs in locked])
+        publish(feed, release(feed, version, body))
+        up.prefix = [] if version == "1.11.84" else drop
         up.ok()
     assert up.releases() == ["1.11.85", "1.11.86"]
     assert up.ok("--rollback") and up.current() == "releases/1.11.85"
     assert (up.site / "current" / "bundles" / "ccc333" / "app.js").is_file()
     assert up.leftovers() == []
+    # a refused archive leaves nothing behind either, locked directories and all
+    bad = tarball("1.11.87", [(f"element-v1.11.87/{name}", data, attrs) for name, data, attrs in locked]
+                  + [("element-v1.11.87/../escape", b"x", {})])
+    publish(feed, release(feed, "1.11.87", bad))
+    res = up.run("--version", "1.11.87")
+    assert res.returncode == 1 and "Member name contains '..'" in res.stderr
+    assert up.current() == "releases/1.11.85" and up.leftovers() == []

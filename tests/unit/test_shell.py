@@ -1,6 +1,6 @@
 """Every shell program the project ships passes shellcheck: the host programs
-(fabfile/scripts/), the rendered host-side tools (renew-certificates,
-element-update), the repository's scripts and the sandbox images' entry points."""
+(fabfile/scripts/, element-update among them), the rendered host-side tool
+(renew-certificates), the repository's scripts and the sandbox images' entry points."""
 
 from __future__ import annotations
 
@@ -61,10 +61,19 @@ INV = parse(textwrap.dedent("""
 """))
 
 
-@pytest.mark.parametrize("program", ["renew-certificates", "element-update"])
-def test_rendered_host_tools_pass_shellcheck(tmp_path, program):
+def test_rendered_renew_certificates_passes_shellcheck(tmp_path):
     state = render_host(INV, "web")
-    path = tmp_path / program
-    path.write_bytes(state.file(f"/opt/matrix/reverse_proxy/bin/{program}").content)
+    path = tmp_path / "renew-certificates"
+    path.write_bytes(state.file("/opt/matrix/reverse_proxy/bin/renew-certificates").content)
     res = subprocess.run([SHELLCHECK, "-s", "sh", str(path)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout
+
+
+def test_element_update_is_shipped_as_it_is_and_passes_shellcheck():
+    """A static program (its settings are sites.json): what the deploy installs is the
+    file itself, checked as POSIX sh whether or not git tracks it yet."""
+    static = REPO / "fabfile" / "scripts" / "element-update.sh"
+    state = render_host(INV, "web")
+    assert state.file("/opt/matrix/reverse_proxy/bin/element-update").content == static.read_bytes()
+    res = subprocess.run([SHELLCHECK, "-s", "sh", str(static)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout

@@ -1,15 +1,18 @@
-{#- Rendered by fabfile/render.py (StrictUndefined). Variables:
-      proxy_dir  the reverse proxy's directory, e.g. /opt/matrix/reverse_proxy
-      sites      objects with .hostname .version .keep .feed (hosts.yaml element:)
-      lock_file  optional; the tests point it elsewhere
-      unpacked_max_bytes  optional cap on an archive's unpacked size; the tests lower it
-    Every value reaches the shell single-quoted through q(). -#}
-{%- macro q(value) %}'{{ value | string | replace("'", "'\\''") }}'{% endmacro -%}
 #!/bin/sh
 # Managed by synapse-fabric: install, switch and roll back Element Web releases.
 # Run by cron and by `inv element-update`; safe to run by hand.
 #
-#   element-update [--site HOSTNAME] [--version V] [--check] [--rollback]
+#   element-update [--site HOSTNAME] [--version V] [--check] [--rollback] [--unattended]
+#
+# Installed unchanged as <proxy_dir>/bin/element-update (fabfile/render.py). Its
+# settings are data the deploy writes beside the sites, <proxy_dir>/element/sites.json
+# (ELEMENT_UPDATE_CONFIG=/path/sites.json: another one, and the sites beside it):
+#
+#   {"lock_file": "/run/synapse-fabric/element.lock", "unpacked_max_bytes": 1000000000,
+#    "sites": [{"hostname": "chat.example.org", "version": "latest", "keep": 3,
+#               "feed": "https://api.github.com/repos/element-hq/element-web/releases"}]}
+#
+# One jq run reads it; every value is checked before use, always quoted, never eval'd.
 #
 # Layout of one site, <proxy_dir>/element/<hostname>/ (served read-only by nginx
 # as /srv/element/<hostname>/):
@@ -24,7 +27,7 @@
 #   feed-ca.pem        optional CA bundle for the feed and the downloads
 #
 # Exit status: 0 done (or nothing to do), 1 a site failed, 64 bad usage,
-# 75 another element-update holds the lock.
+# 75 another element-update holds the lock, 78 sites.json is missing or wrong.
 
 set -u
 umask 022
@@ -32,33 +35,11 @@ LC_ALL=C
 export LC_ALL
 PATH=${PATH:-/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin}
 
-PROXY_DIR={{ q(proxy_dir) }}
-# a root-only directory: /run/lock is writable by every user (who could hold the lock)
-LOCK_FILE={{ q(lock_file | default("/run/synapse-fabric/element.lock")) }}
-# hostnames (checked by the inventory): no spaces, no glob characters
-ALL_SITES={{ q(sites | map(attribute="hostname") | join(" ")) }}
-
-# Upper bounds for what the network may hand us.
+# Upper bounds for what the network may hand us (sites.json caps the unpacked size).
 FEED_MAX_BYTES=20000000
 ASSET_MAX_BYTES=500000000
-# the uncompressed tar stream of a release (a gzip bomb is refused before unpacking)
-UNPACKED_MAX_BYTES={{ q(unpacked_max_bytes | default(1000000000) | int) }}
 NL='
 '
-
-# site_settings HOSTNAME: sets $cfg_version, $cfg_keep, $cfg_feed; 1 if unknown.
-site_settings() {
-  case $1 in
-{%- for site in sites %}
-    {{ q(site.hostname) }})
-      cfg_version={{ q(site.version) }}
-      cfg_keep={{ q(site.keep | int) }}
-      cfg_feed={{ q(site.feed) }}
-      ;;
-{%- endfor %}
-    *) return 1 ;;
-  esac
-}
 
 # -- output -------------------------------------------------------------------
 
@@ -69,7 +50,7 @@ log() {
 }
 
 err() {
-  printf '%s %s: ERROR: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$SITE" "$*" >&2
+  log "ERROR: $*" >&2
 }
 
 # die MESSAGE: fail the current site (each site runs in its own subshell).
@@ -98,10 +79,21 @@ valid_version() {
   printf '%s\n' "$1" | grep -Eqx '[0-9]+(\.[0-9]+){1,3}(-rc\.?[0-9]+)?'
 }
 
+# valid_hostname NAME: a DNS name in lower case (as hosts.yaml accepts it).
+valid_hostname() {
+  case $1 in '' | *[!a-z0-9.-]*) return 1 ;; esac
+  printf '%s\n' "$1" | grep -Eqx '([a-z0-9]([a-z0-9-]*[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]*[a-z0-9])?'
+}
+
+# valid_count N: a whole number above 0.
+valid_count() {
+  case $1 in '' | 0* | *[!0-9]*) return 1 ;; esac
+}
+
 # valid_sha256 HEX: 64 lower-case hexadecimal digits.
 valid_sha256() {
-  case $1 in '' | *[!0-9a-f]*) return 1 ;; esac
-  printf '%s\n' "$1" | grep -Eqx '[0-9a-f]{64}'
+  case $1 in *[!0-9a-f]*) return 1 ;; esac
+  [ "${#1}" -eq 64 ]
 }
 
 # valid_url URL: https only, one line, no spaces.
@@ -138,6 +130,50 @@ need() {
   done
 }
 
+# -- settings: sites.json ------------------------------------------------------------
+
+# bad_config MESSAGE: sites.json cannot be used; nothing is done.
+bad_config() {
+  err "$CONFIG: $*"
+  exit 78
+}
+
+# load_config: read sites.json (one jq run) and check every value; sets LOCK_FILE,
+# UNPACKED_MAX_BYTES, NAMES (the hostnames) and SITES: a line
+# "hostname version keep feed" a site (checked values hold no space nor newline).
+load_config() {
+  [ -f "$CONFIG" ] || bad_config "missing (the deploy writes it: run inv deploy)"
+  # one value a line: strings without a control character, anything else as JSON
+  _values=$(jq -r 'def line: if type == "string" then . else tojson end;
+    if type == "object" and (.sites | type == "array") and ([.sites[].hostname] | length == (unique | length))
+      and all(.. | strings | explode[]; . >= 32 and . != 127)
+    then (.sites | length), (.lock_file, .unpacked_max_bytes, (.sites[] | .hostname, .version, .keep, .feed) | line)
+    else error("bad") end' "$CONFIG" 2>/dev/null) ||
+    bad_config "not a JSON object with a list of sites (each hostname once, no control characters)"
+  NAMES='' SITES=''
+  {
+    IFS= read -r _n
+    IFS= read -r LOCK_FILE
+    IFS= read -r UNPACKED_MAX_BYTES
+    while [ "$_n" -gt 0 ]; do
+      IFS= read -r _host; IFS= read -r _version; IFS= read -r _keep; IFS= read -r _feed
+      valid_hostname "$_host" || bad_config "hostname '$_host' is not a DNS name"
+      [ "$_version" = latest ] || valid_version "$_version" ||
+        bad_config "$_host: version '$_version' is not like 1.11.85 or latest"
+      valid_count "$_keep" || bad_config "$_host: keep '$_keep' is not a whole number above 0"
+      valid_url "$_feed" || bad_config "$_host: feed '$_feed' is not an https:// URL; refusing it"
+      NAMES=${NAMES:+$NAMES }$_host
+      SITES=${SITES:+$SITES$NL}"$_host $_version $_keep $_feed"
+      _n=$((_n - 1))
+    done
+  } <<EOF
+$_values
+EOF
+  case $LOCK_FILE in /?*) ;; *) bad_config "lock_file '$LOCK_FILE' is not an absolute path" ;; esac
+  valid_count "$UNPACKED_MAX_BYTES" ||
+    bad_config "unpacked_max_bytes '$UNPACKED_MAX_BYTES' is not a whole number above 0"
+}
+
 # -- site state ----------------------------------------------------------------
 
 # installed_version: the version "current" points at; empty when none.
@@ -168,11 +204,7 @@ complete_release() {
 
 # write_file PATH: stdin -> PATH, atomically (rename beside it).
 write_file() {
-  if cat >"$1.new" && mv -f "$1.new" "$1"; then
-    return 0
-  fi
-  rm -f "$1.new"
-  return 1
+  { cat >"$1.new" && mv -f "$1.new" "$1"; } || { rm -f "$1.new"; return 1; }
 }
 
 # swap_to V: point "current" at releases/V in one rename (nginx needs no reload;
@@ -233,9 +265,8 @@ http_get() {
 
 # fetch_release WANT: sets $REL (the release's JSON) and $VER (its version).
 # WANT is "latest" (the feed's first release that is neither a draft nor a
-# prerelease) or a version (the release tagged v<version>).
+# prerelease) or a version (the release tagged v<version>). $FEED is valid_url.
 fetch_release() {
-  valid_url "$FEED" || die "feed '$FEED' is not an https:// URL; refusing it"
   _feed=$(http_get "$FEED" - "$FEED_MAX_BYTES" 60) || die "cannot read the release feed $FEED"
   printf '%s\n' "$_feed" | jq -e 'type == "array"' >/dev/null 2>&1 ||
     die "the feed $FEED is not a JSON list of releases"
@@ -283,122 +314,49 @@ download() {
 
 # -- the archive ------------------------------------------------------------------
 
-# vet_archive FILE TOP: refuse, before anything is extracted, members outside
-# TOP/, absolute names, ".." components, links leaving TOP (or going up through
-# another link), hard links to anything but an earlier file, and devices, fifos
-# and other special members. GNU tar lists names C-quoted (-P: as stored), so a
-# name is the text between the first two unescaped double quotes.
-vet_archive() {
+# unpack ARCHIVE TOP: extract ARCHIVE into $TMP/unpacked (private, on the site's
+# file system), then look at what landed; refused (nothing served changes, the
+# trap deletes $TMP) unless it is the directory TOP alone, with an index.html,
+# holding nothing but files, directories and symlinks that stay inside it.
+# The unpacked size is checked before anything is written. GNU tar keeps the
+# extraction itself inside $TMP/unpacked: it strips a leading "/" (and warns),
+# skips members with ".." (and fails), resolves hard links there, and creates a
+# symlink that is absolute or holds ".." only at its end, so nothing is written
+# through one that leaves; files are ours, with our umask (no setuid). Any error
+# or warning of tar refuses the archive (time stamps in the future aside).
+unpack() {
+  _q=$TMP/unpacked _top=$TMP/unpacked/$2 _refuse="refusing ${1##*/}:"
   tar --version 2>/dev/null | grep -q 'GNU tar' || die "GNU tar is required"
   # the real size of the tar stream (headers may lie), read no further than the cap
   _size=$(gzip -dc -- "$1" 2>/dev/null | head -c "$((UNPACKED_MAX_BYTES + 1))" | wc -c | tr -d ' ')
-  [ "$_size" -le "$UNPACKED_MAX_BYTES" ] ||
-    die "refusing $(basename "$1"): it unpacks to more than $UNPACKED_MAX_BYTES bytes"
-  tar --numeric-owner --quoting-style=c -tvPzf "$1" >"$TMP/listing" 2>"$TMP/listing.err" || {
-    sed 's/^/  /' "$TMP/listing.err" >&2
-    die "$(basename "$1") is not a readable .tar.gz"
-  }
-  awk -v top="$2" '
-    function fail(msg) { print msg; bad = 1; exit 1 }
-    # quoted(s): the C-quoted string opening at the first double quote of s,
-    # escapes kept as they are; sets REST to what follows it.
-    function quoted(s,    start, i, c) {
-      start = index(s, "\"")
-      if (start == 0) fail("unexpected listing line: " s)
-      for (i = start + 1; i <= length(s); i++) {
-        c = substr(s, i, 1)
-        if (c == "\\") { i++; continue }
-        if (c == "\"") { REST = substr(s, i + 1); return substr(s, start + 1, i - start - 1) }
-      }
-      fail("unterminated name in listing: " s)
-    }
-    # member(name): a member name must be TOP or TOP/<relative path> made of
-    # plain components; returns it without a trailing slash.
-    function member(name, what,    n, c, i) {
-      sub(/\/$/, "", name)
-      if (substr(name, 1, 1) == "/") fail(what " has an absolute name: " name)
-      n = split(name, c, "/")
-      for (i = 1; i <= n; i++) {
-        if (c[i] == "..") fail(what " has a .. component: " name)
-        if (c[i] == "" || c[i] == ".") fail(what " has an empty or . component: " name)
-      }
-      if (c[1] != top) fail(what " is outside " top "/: " name)
-      return name
-    }
-    # through_link(path): 1 when path or one of its parents is a symlink member.
-    function through_link(path,    n, c, i, p) {
-      n = split(path, c, "/")
-      p = c[1]
-      for (i = 2; i <= n; i++) {
-        p = p "/" c[i]
-        if (p in symlink) return 1
-      }
-      return 0
-    }
-    {
-      type = substr($0, 1, 1)
-      name = quoted($0)
-      if (type !~ /^[-dlh]$/) fail("special member (type " type "): " name)
-      name = member(name, "member")
-      if (name == top && type != "d") fail(top " is not a directory")
-      count++
-      names[count] = name
-      kind[name] = type
-      if (type == "l") { symlink[name] = quoted(REST); if (symlink[name] == "") fail("empty symlink: " name) }
-      if (type == "h") hardlink[name] = quoted(REST)
-      if (type == "-") regular[name] = count
-      order[name] = count
-    }
-    END {
-      if (bad) exit 1
-      if (count == 0) fail("the archive is empty")
-      for (i = 1; i <= count; i++) {
-        name = names[i]
-        # writing through a symlink would land wherever it points
-        if (through_link(substr(name, 1, length(name) - length(last(name)) - 1)))
-          fail("member below a symlink: " name)
-        if (name in symlink) check_symlink(name, symlink[name])
-        if (name in hardlink) {
-          target = member(hardlink[name], "hard link target of " name)
-          if (through_link(target) || !(target in regular) || regular[target] >= i)
-            fail("hard link " name " does not point at an earlier file: " hardlink[name])
-        }
-      }
-    }
-    function last(path,    n, c) { n = split(path, c, "/"); return c[n] }
-    # check_symlink(name, target): resolve target from the link directory,
-    # component by component; it must never leave TOP, and ".." must not go
-    # up through a symlink (the real parent would be the link target one).
-    function check_symlink(name, target,    n, c, i, depth, stack, p, j) {
-      if (substr(target, 1, 1) == "/") fail("symlink " name " has an absolute target: " target)
-      depth = split(name, stack, "/") - 1
-      n = split(target, c, "/")
-      for (i = 1; i <= n; i++) {
-        if (c[i] == "" || c[i] == ".") continue
-        if (c[i] == "..") {
-          if (depth <= 1) fail("symlink " name " points outside the release: " target)
-          p = stack[1]
-          for (j = 2; j <= depth; j++) { p = p "/" stack[j]; if (p in symlink) fail("symlink " name " goes up through symlink " p ": " target) }
-          depth--
-        } else {
-          stack[++depth] = c[i]
-        }
-      }
-    }
-  ' "$TMP/listing" >"$TMP/vet" || die "refusing $(basename "$1"): $(cat "$TMP/vet")"
-}
-
-# check_tree DIR: after extraction, once more on the real files: nothing but
-# files, directories and symlinks that resolve inside DIR.
-check_tree() {
-  _odd=$(find "$1" ! -type f ! -type d ! -type l -print | head -n 1)
-  [ -z "$_odd" ] || die "unexpected special file after extraction: $_odd"
-  _real=$(realpath -e "$1") || die "cannot resolve $1"
-  find "$1" -type l -exec sh -c '
-    root=$1; shift
-    for link; do
-      case $(realpath -m -- "$link") in "$root" | "$root"/*) ;; *) echo "symlink leaves the release: $link" >&2; exit 1 ;; esac
-    done' check "$_real" {} + || die "refusing the unpacked release"
+  [ "$_size" -le "$UNPACKED_MAX_BYTES" ] || die "$_refuse it unpacks to more than $UNPACKED_MAX_BYTES bytes"
+  mkdir "$_q" || die "cannot create $_q"
+  tar -xzf "$1" -C "$_q" --no-same-owner --no-same-permissions --warning=no-timestamp 2>"$TMP/tar.err"
+  _rc=$?
+  # ours to look into and remove (root may lack CAP_DAC_OVERRIDE), nginx's to read
+  chmod -R u+rwX,go+rX -- "$_q" || die "cannot set the modes in $_q"
+  if [ "$_rc" -ne 0 ] || [ -s "$TMP/tar.err" ]; then
+    sed 's/^/  /' "$TMP/tar.err" >&2
+    die "$_refuse tar failed or warned (above): not a clean, readable .tar.gz"
+  fi
+  _extra=$(find "$_q" -mindepth 1 -maxdepth 1 ! -name "$2" -printf '%f ')
+  [ -z "$_extra" ] || die "$_refuse members outside $2/: $_extra"
+  if [ -L "$_top" ] || [ ! -d "$_top" ]; then die "$_refuse $2/ is missing or not a directory"; fi
+  _odd=$(find "$_top" ! -type f ! -type d ! -type l -print -quit) || die "cannot look into $_top"
+  [ -z "$_odd" ] || die "$_refuse special file (device, fifo, socket): ${_odd#"$_top"/}"
+  _root=$(realpath -e -- "$_top") || die "cannot resolve $_top"
+  # shellcheck disable=SC2016 # the inner script's own variables
+  find "$_top" -type l -exec sh -c 'top=$1 root=$2; shift 2
+    for l; do
+      t=$(readlink -- "$l")
+      case $t in /*) ;; *) case $(realpath -m -- "$l") in "$root" | "$root"/*) continue ;; esac ;; esac
+      printf "%s -> %s\n" "${l#"$top"/}" "$t"
+      exit 1
+    done' sh "$_top" "$_root" {} + >"$TMP/links" ||
+    die "$_refuse symlink leaving the release: $(head -n 1 "$TMP/links")"
+  if [ ! -f "$_top/index.html" ] || [ -L "$_top/index.html" ]; then
+    die "${1##*/} has no index.html at its top"
+  fi
 }
 
 # -- per-site actions -----------------------------------------------------------------
@@ -407,11 +365,10 @@ check_tree() {
 # shellcheck disable=SC2317 # called by the EXIT trap
 cleanup() {
   if [ -n "$CLEAN_LINK" ]; then rm -f "$CLEAN_LINK"; fi
-  if [ -n "$CLEAN_PARTIAL" ]; then rm -rf "$CLEAN_PARTIAL"; fi
   if [ -n "$TMP" ]; then rm -rf "$TMP"; fi
 }
 
-# install VER: download, verify, vet, unpack into releases/VER (not yet served).
+# install_release: download, verify, unpack v$VER into releases/$VER (not yet served).
 install_release() {
   _name=element-v$VER.tar.gz
   TMP=$(mktemp -d "$SDIR/.tmp-XXXXXX") || die "cannot create a temporary directory in $SDIR"
@@ -448,23 +405,10 @@ install_release() {
     fi
   fi
 
-  vet_archive "$TMP/$_name" "element-v$VER"
-
-  _partial=$SDIR/releases/.$VER.partial
-  rm -rf "$_partial"
-  CLEAN_PARTIAL=$_partial
-  mkdir -p "$_partial" || die "cannot create $_partial"
-  tar -xzf "$TMP/$_name" -C "$_partial" --strip-components=1 \
-    --no-same-owner --no-same-permissions "element-v$VER" ||
-    die "cannot unpack $_name"
-  check_tree "$_partial"
-  if [ ! -f "$_partial/index.html" ] || [ -L "$_partial/index.html" ]; then
-    die "$_name has no index.html at its top"
-  fi
+  unpack "$TMP/$_name" "element-v$VER"
   rm -rf "$SDIR/releases/$VER"
   rm -f "$SDIR/carried/$VER" # a fresh release carries nothing yet
-  mv -T "$_partial" "$SDIR/releases/$VER" || die "cannot move the release into releases/$VER"
-  CLEAN_PARTIAL=
+  mv -T "$TMP/unpacked/element-v$VER" "$SDIR/releases/$VER" || die "cannot move the release into releases/$VER"
   log "unpacked $VER into releases/$VER"
 }
 
@@ -529,8 +473,8 @@ carry_bundles() {
 
 do_update() {
   _cur=$(installed_version) || exit 1
-  if [ -n "$UNATTENDED" ] && [ "$cfg_version" != latest ] && [ -n "$_cur" ]; then
-    log "pinned to $cfg_version in hosts.yaml: unattended runs leave it (serving $_cur)"
+  if [ -n "$UNATTENDED" ] && [ "$PINNED" != latest ] && [ -n "$_cur" ]; then
+    log "pinned to $PINNED in hosts.yaml: unattended runs leave it (serving $_cur)"
     return 0
   fi
   if [ "$WANT" != latest ] && [ "$_cur" = "$WANT" ]; then
@@ -568,25 +512,22 @@ do_update() {
   prune
 }
 
-# run_site HOSTNAME: one site, in a subshell, so that die ends only this site
-# and the trap cleans up after it.
+# run_site HOSTNAME VERSION KEEP FEED: one site (its checked settings), in a subshell,
+# so that die ends only this site and the trap cleans up after it.
 run_site() (
-  SITE=$1
-  TMP='' CLEAN_PARTIAL='' CLEAN_LINK=''
+  SITE=$1 PINNED=$2 KEEP=$3 FEED=$4
+  TMP='' CLEAN_LINK=''
   trap cleanup EXIT
   trap 'exit 130' INT
   trap 'exit 143' TERM
   trap 'exit 129' HUP
 
-  site_settings "$SITE" || die "unknown site"
-  SDIR=$PROXY_DIR/element/$SITE
-  WANT=${OVERRIDE:-$cfg_version}
-  KEEP=$cfg_keep
-  FEED=$cfg_feed
+  SDIR=$ELEMENT_DIR/$SITE
+  WANT=${OVERRIDE:-$PINNED}
   SIGNING_KEY='' FEED_CA=''
   [ -f "$SDIR/signing-key.gpg" ] && SIGNING_KEY=$SDIR/signing-key.gpg
   [ -f "$SDIR/feed-ca.pem" ] && FEED_CA=$SDIR/feed-ca.pem
-  need curl jq sha256sum tar gzip awk realpath mktemp
+  need curl sha256sum tar gzip awk find realpath mktemp
   [ -n "$SIGNING_KEY" ] && need gpgv
 
   if [ "$MODE" = check ]; then
@@ -595,7 +536,8 @@ run_site() (
   fi
 
   mkdir -p "$SDIR/releases" || die "cannot create $SDIR/releases"
-  # leftovers of a run that was killed (we hold the lock: nobody else is working)
+  # leftovers of a run that was killed (we hold the lock: nobody else is working);
+  # releases/.<v>.partial: of an earlier element-update
   for _stale in "$SDIR"/.tmp-* "$SDIR"/releases/.*.partial "$SDIR/current.new"; do
     if [ -e "$_stale" ] || [ -L "$_stale" ]; then
       log "removing leftover $_stale"
@@ -630,15 +572,24 @@ if [ -n "$OVERRIDE" ]; then
   [ "$MODE" = rollback ] && { err "--version and --rollback exclude each other"; exit 64; }
   [ "$OVERRIDE" = latest ] || valid_version "$OVERRIDE" || { err "'$OVERRIDE' is not a version like 1.11.85 or latest"; exit 64; }
 fi
+
+# <proxy_dir>/element/sites.json, where this program is <proxy_dir>/bin/element-update
+CONFIG=${ELEMENT_UPDATE_CONFIG:-}
+if [ -z "$CONFIG" ]; then
+  _self=$(readlink -f -- "$0") || { err "cannot tell where $0 is installed"; exit 78; }
+  CONFIG=${_self%/*/*}/element/sites.json
+fi
+ELEMENT_DIR=$(dirname -- "$CONFIG")
+need jq
+load_config
 if [ -n "$ONLY" ]; then
-  site_settings "$ONLY" || { err "no Element site '$ONLY' on this host (sites: $ALL_SITES)"; exit 64; }
-  set -- "$ONLY"
-else
-  set -f
-  # shellcheck disable=SC2086 # split into one argument per hostname
-  set -- $ALL_SITES
-  set +f
-  [ $# -gt 0 ] || { log "no Element site on this host"; exit 0; }
+  case " $NAMES " in
+    *" $ONLY "*) valid_hostname "$ONLY" ;; # one of them, not two
+    *) false ;;
+  esac || { err "no Element site '$ONLY' on this host (sites: $NAMES)"; exit 64; }
+elif [ -z "$SITES" ]; then
+  log "no Element site on this host"
+  exit 0
 fi
 
 # One run at a time, host-wide; --check only reads, so it does not wait for it.
@@ -649,7 +600,11 @@ if [ "$MODE" != check ]; then
 fi
 
 status=0
-for site in "$@"; do
-  run_site "$site" || status=1
-done
+while read -r _host _version _keep _feed; do
+  if [ -z "$ONLY" ] || [ "$ONLY" = "$_host" ]; then
+    run_site "$_host" "$_version" "$_keep" "$_feed" </dev/null || status=1
+  fi
+done <<EOF
+$SITES
+EOF
 exit "$status"
