@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from .layout import BASE_RECORD, CRON_DIR, SYNAPSE_UID, SYSTEMD_DIR
 from .render import DesiredState
+from .shell import program
 
 
 @dataclass
@@ -185,22 +186,15 @@ def script(state: DesiredState) -> str:
         *(f"[ -f {shlex.quote(state.layout.migration_state(hs.server_name))} ] && printf 'R\\t%s\\t%s\\n' "
           f"{shlex.quote(hs.server_name)} \"$(tr '\\n\\t' '  ' < {shlex.quote(state.layout.migration_state(hs.server_name))})\""
           for hs in state.homeservers),
-        *(f"[ \"$(cat /proc/1/comm)\" = systemd ] && printf 'T\\t%s\\t%s\\t%s\\n' {t} "
-          f"\"$(systemctl is-enabled {t} 2>/dev/null)\" \"$(systemctl is-active {t} 2>/dev/null)\""
-          for t in timers(state)),
+        # one systemctl for every timer: its enabled and active states, a T record each
+        *([f"[ \"$(cat /proc/1/comm)\" = systemd ] && systemctl show -p Id -p UnitFileState -p ActiveState "
+           f"{' '.join(timers(state))} 2>/dev/null | awk -F= 'NF == 0 {{ t() }} $1 == \"Id\" {{ id = $2 }} "
+           "$1 == \"UnitFileState\" { en = $2 } $1 == \"ActiveState\" { ac = $2 } END { t() } "
+           "function t() { if (id != \"\") printf \"T\\t%s\\t%s\\t%s\\n\", id, en, ac; id = en = ac = \"\" }'"]
+          if timers(state) else []),
         f"b=$(cat {BASE_RECORD} 2>/dev/null) && [ -n \"$b\" ] && "
         "printf 'W\\t%s\\t%s\\n' \"$b\" \"$(ls -A \"$b/synapse\" 2>/dev/null | tr '\\n' ' ')\"",
-        "command -v docker >/dev/null 2>&1 || exit 0",
-        "printf 'B\\tdocker\\n'",
-        "if docker compose version >/dev/null 2>&1; then printf 'K\\tv2\\n';"
-        " elif command -v docker-compose >/dev/null 2>&1; then printf 'K\\tv1\\n'; fi",
-        "v=$(docker version --format '{{.Server.Version}}' 2>/dev/null) || exit 0",
-        "printf 'E\\t%s\\n' \"$v\"",
-        "docker ps -a --filter label=com.docker.compose.project --format "
-        "'C\t{{.Label \"com.docker.compose.project\"}}\t{{.Label \"com.docker.compose.service\"}}"
-        "\t{{.State}}\t{{.Status}}\t{{.ID}}\t{{.Image}}\t{{.Label \"com.docker.compose.project.working_dir\"}}'",
-        "docker images --no-trunc --format 'I\t{{.Repository}}:{{.Tag}}\t{{.ID}}'",
-        "docker images --digests --no-trunc --format 'D\t{{.Repository}}@{{.Digest}}\t{{.ID}}'",
+        program("docker-facts.sh"),
     ]
     for hs in state.homeservers:
         data = state.layout.data(hs.server_name)

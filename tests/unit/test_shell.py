@@ -31,7 +31,8 @@ def shipped_shell_files() -> list[Path]:
             continue
         with path.open("rb") as f:
             first = f.readline()
-        if first.startswith(b"#!") and (b"sh" in first.split(b"/")[-1] or b"bash" in first):
+        if (first.startswith(b"#!") and (b"sh" in first.split(b"/")[-1] or b"bash" in first)) \
+                or (name.startswith("fabfile/scripts/") and name.endswith(".sh")):  # parts of other scripts too
             out.append(path)
     return out
 
