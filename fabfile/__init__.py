@@ -4,8 +4,10 @@ HOST is an inventory host's name or address; the inventory gives the SSH user,
 port and key (fabric's own -H user@host:port parts are not used).
 """
 
-from fabric import task
-from invoke import Collection
+# invoke's own @task: fabric's executor gives it a Connection per -H host all the
+# same, and `inv` (which imports this package for fabfile.cli) does not pay for
+# importing fabric and paramiko before it needs SSH
+from invoke import Collection, task
 
 from .cli import CONFIG_DEFAULTS, expected_failures, load_inventory
 

@@ -1,8 +1,9 @@
-"""Converge hosts: render -> facts -> plan -> apply -> report (README, "How a deploy works").
+"""`inv deploy` over hosts: render -> lock and facts -> plan -> steps -> report
+(README, "How a deploy works"; one host's part is fabfile/converge.py).
 
 Each host runs in its own thread with its own SSH connection and lock; a failing
-host does not stop the others. A converged host costs two remote commands: the
-lock and the facts.
+host does not stop the others. A converged host costs ONE remote command: the
+lock, whose channel also runs the facts script.
 """
 
 from __future__ import annotations
@@ -10,15 +11,14 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from . import docker, facts as facts_mod, guard, plan as plan_mod, postgres, steps
 from .errors import InventoryError, LockHeld, SfabError
 from .inventory import Inventory
-from .plan import Plan
-from .remote import Remote, RemoteError, open_remote
-from .render import PROXY_PROJECT, render_host, synapse_project
-from .report import Reporter, masked_diff
+from .remote import Remote, open_remote
+
+if TYPE_CHECKING:
+    from .report import Reporter
 
 
 @dataclass
@@ -67,19 +67,20 @@ def deploy(
     host_names: list[str],
     dry_run: bool = False,
     install: bool = False,
-    report: Optional[Reporter] = None,
+    report: Optional["Reporter"] = None,
     pull: bool = False,
 ) -> list[HostResult]:
     """Converge `host_names` in parallel. `install` (bootstrap) installs Docker first;
     `pull`: hosts that pull images ask their registry again for every tag."""
+    from .render import render_host
+    from .report import Reporter
+
     report = report or Reporter()
     states = {name: render_host(inv, name) for name in host_names}  # render errors stop all
     local = local_images(inv, list(states.values()))
     with ThreadPoolExecutor(max_workers=max(1, len(host_names))) as pool:
-        futures = [
-            pool.submit(_converge_host, inv, states[n], local, dry_run, install, report, pull)
-            for n in host_names
-        ]
+        futures = [pool.submit(_converge_host, inv, states[n], local, dry_run, install, report, pull)
+                   for n in host_names]
         results = [f.result() for f in futures]
     report.summary(results, dry_run)
     return results
@@ -93,7 +94,9 @@ def local_images(inv: Inventory, states) -> dict[str, str]:
         raise InventoryError(
             f"{inv.path}: {', '.join(pinned)}: a digest pin needs a registry; hosts with "
             "`images: push` receive images by ID over SSH (use a tag for them, or `images: pull`)")
-    local = docker.local_image_ids(wanted) if wanted else {}
+    from .docker import local_image_ids
+
+    local = local_image_ids(wanted) if wanted else {}
     missing = [ref for ref in wanted if ref not in local]
     if missing:
         raise InventoryError(f"image source 'push' needs these images on this machine first: {', '.join(missing)}")
@@ -101,6 +104,9 @@ def local_images(inv: Inventory, states) -> dict[str, str]:
 
 
 def _converge_host(inv, state, local_images, dry_run, install, report, pull=False) -> HostResult:
+    from .converge import converge
+    from .facts import script
+
     name = state.host.name
     result = HostResult(name)
     started = time.monotonic()
@@ -108,7 +114,7 @@ def _converge_host(inv, state, local_images, dry_run, install, report, pull=Fals
     try:
         remote = open_remote(inv, state.host)
         # the facts come with the lock, on its channel (bootstrap asks after installing Docker)
-        facts_out = remote.lock(inv.ssh.lock_timeout, then="" if install else facts_mod.script(state))
+        facts_out = remote.lock(inv.ssh.lock_timeout, then="" if install else script(state))
         converge(remote, state, local_images, report, result, dry_run=dry_run, install=install, pull=pull,
                  facts_out=facts_out or None)
     except SfabError as exc:
@@ -123,75 +129,3 @@ def _converge_host(inv, state, local_images, dry_run, install, report, pull=Fals
             remote.close()
         result.seconds = time.monotonic() - started
     return result
-
-
-def converge(remote: Remote, state, local_images, report: Reporter, result: HostResult,
-             dry_run: bool = False, install: bool = False, hold: tuple[str, ...] = (),
-             pull: bool = False, migrating: str = "", facts_out: Optional[str] = None) -> None:
-    """One host, already opened and locked. `hold`: homeservers whose Synapse must
-    not start (a migration starts only their PostgreSQL, to restore into it);
-    `migrating`: the homeserver a migration moves (its records do not stop it);
-    `facts_out`: the facts script's output when the lock brought it."""
-    name = state.host.name
-    log = lambda msg: report.line(name, msg)  # noqa: E731
-    if install:
-        docker.install(remote, log)
-        docker.start_engine(remote)
-    script = facts_mod.script(state)
-    facts = facts_mod.parse(facts_out if facts_out is not None else remote.run(script, what="gather facts").out)
-    engine_started = False
-    if facts.docker and not facts.engine and not dry_run:
-        # e.g. after a reboot of a host without systemd: nothing started Docker
-        log("the Docker engine is not running: starting it")
-        docker.start_engine(remote)
-        engine_started = True
-        result.restarted.append("Docker engine (start)")
-        facts = facts_mod.parse(remote.run(script, what="gather facts").out)
-    if not facts.docker:
-        raise RemoteError(f"{name}: Docker is not installed; run `fab -H {name} bootstrap` first")
-    if not facts.compose:
-        raise RemoteError(f"{name}: neither `docker compose` nor `docker-compose` is installed; run bootstrap")
-    guard.check(state, facts, remote.inv.path, migrating)
-    keep, notes = postgres.keep_majors(state, facts)
-    for note in notes:
-        log(note)
-    if keep:  # same paths, another image in those homeservers' compose files
-        state = render_host(remote.inv, name, keep_postgres=keep)
-    push = state.host.images == "push"
-    plan = plan_mod.make(state, facts, local_images, push, refresh_tags=pull)
-    result.ok = plan.ok
-    result.changed = len(plan.changes)
-    for change in plan.changes:
-        log(change.line())
-    if dry_run:
-        _show_diffs(remote, plan, report)
-        result.restarted = plan.restarts
-    elif not plan.empty:
-        _apply(remote, plan, facts, log, result, hold)
-    if engine_started:
-        # the engine brings back its containers (restart: unless-stopped): "deployed"
-        # means they are healthy again, not merely started
-        docker.wait_healthy(remote, host_projects(state), log)
-
-
-def host_projects(state) -> list[str]:
-    """Every compose project this host runs."""
-    return [PROXY_PROJECT] + [synapse_project(hs) for hs in state.homeservers]
-
-
-def _show_diffs(remote: Remote, plan: Plan, report: Reporter) -> None:
-    """--dry-run: the files as masked diffs, then every step with its reason."""
-    old = remote.read_files([f.path for f in plan.files])
-    for f in plan.files:
-        report.diff(remote.name, masked_diff(f.path, old.get(f.path), f.content, f.secret))
-    for action in plan.actions:
-        if action.why or action.only_if is None:
-            report.line(remote.name, action.line())
-
-
-def _apply(remote: Remote, plan: Plan, facts, log, result: HostResult, hold=()) -> None:
-    """Run the plan's steps in order (fabfile/steps.py)."""
-    run = steps.Run(remote, log, docker.compose_cmd(facts), hold, restarted=result.restarted)
-    for action in plan.actions:
-        if action.only_if is None or action.only_if(run):
-            action.how(run)

@@ -1,0 +1,87 @@
+"""One host, opened and locked: facts -> guard -> plan -> steps (or, with --dry-run,
+the diffs and the steps that would run). fabfile/deploy.py runs it for every host."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+from . import docker, facts as facts_mod, guard, plan as plan_mod, postgres, steps
+from .plan import Plan
+from .remote import Remote, RemoteError
+from .render import PROXY_PROJECT, render_host, synapse_project
+from .report import Reporter, masked_diff
+
+if TYPE_CHECKING:
+    from .deploy import HostResult
+
+
+def converge(remote: Remote, state, local_images, report: Reporter, result: "HostResult",
+             dry_run: bool = False, install: bool = False, hold: tuple[str, ...] = (),
+             pull: bool = False, migrating: str = "", facts_out: Optional[str] = None) -> None:
+    """One host, already opened and locked. `hold`: homeservers whose Synapse must
+    not start (a migration starts only their PostgreSQL, to restore into it);
+    `migrating`: the homeserver a migration moves (its records do not stop it);
+    `facts_out`: the facts script's output when the lock brought it."""
+    name = state.host.name
+    log = lambda msg: report.line(name, msg)  # noqa: E731
+    if install:
+        docker.install(remote, log)
+        docker.start_engine(remote)
+    script = facts_mod.script(state)
+    facts = facts_mod.parse(facts_out if facts_out is not None else remote.run(script, what="gather facts").out)
+    engine_started = False
+    if facts.docker and not facts.engine and not dry_run:
+        # e.g. after a reboot of a host without systemd: nothing started Docker
+        log("the Docker engine is not running: starting it")
+        docker.start_engine(remote)
+        engine_started = True
+        result.restarted.append("Docker engine (start)")
+        facts = facts_mod.parse(remote.run(script, what="gather facts").out)
+    if not facts.docker:
+        raise RemoteError(f"{name}: Docker is not installed; run `fab -H {name} bootstrap` first")
+    if not facts.compose:
+        raise RemoteError(f"{name}: neither `docker compose` nor `docker-compose` is installed; run bootstrap")
+    guard.check(state, facts, remote.inv.path, migrating)
+    keep, notes = postgres.keep_majors(state, facts)
+    for note in notes:
+        log(note)
+    if keep:  # same paths, another image in those homeservers' compose files
+        state = render_host(remote.inv, name, keep_postgres=keep)
+    push = state.host.images == "push"
+    plan = plan_mod.make(state, facts, local_images, push, refresh_tags=pull)
+    result.ok = plan.ok
+    result.changed = len(plan.changes)
+    for change in plan.changes:
+        log(change.line())
+    if dry_run:
+        _show_diffs(remote, plan, report)
+        result.restarted = plan.restarts
+    elif not plan.empty:
+        _apply(remote, plan, facts, log, result, hold)
+    if engine_started:
+        # the engine brings back its containers (restart: unless-stopped): "deployed"
+        # means they are healthy again, not merely started
+        docker.wait_healthy(remote, host_projects(state), log)
+
+
+def host_projects(state) -> list[str]:
+    """Every compose project this host runs."""
+    return [PROXY_PROJECT] + [synapse_project(hs) for hs in state.homeservers]
+
+
+def _show_diffs(remote: Remote, plan: Plan, report: Reporter) -> None:
+    """--dry-run: the files as masked diffs, then every step with its reason."""
+    old = remote.read_files([f.path for f in plan.files])
+    for f in plan.files:
+        report.diff(remote.name, masked_diff(f.path, old.get(f.path), f.content, f.secret))
+    for action in plan.actions:
+        if action.why or action.only_if is None:
+            report.line(remote.name, action.line())
+
+
+def _apply(remote: Remote, plan: Plan, facts, log, result: "HostResult", hold=()) -> None:
+    """Run the plan's steps in order (fabfile/steps.py)."""
+    run = steps.Run(remote, log, docker.compose_cmd(facts), hold, restarted=result.restarted)
+    for action in plan.actions:
+        if action.only_if is None or action.only_if(run):
+            action.how(run)
