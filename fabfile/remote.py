@@ -245,36 +245,19 @@ class Remote:
         # Stdin stays open while we hold the lock: the remote side reads one line
         # (who we are, for whoever waits next) and then blocks until we close.
         chan.sendall(me.encode() + b"\n")
-        reply = b""
         deadline = time.monotonic() + wait + 15
-        while b"\n" not in reply and time.monotonic() < deadline:
-            if chan.recv_ready():
-                reply += chan.recv(65536)
-            elif chan.exit_status_ready():
-                reply += chan.recv(65536)
-                break
-            else:
-                time.sleep(0.005)
+        reply = _read_until(chan, b"", b"\n", deadline)
         if reply.startswith(b"locked"):
             self._lock_channel = chan
             if not then:
                 return ""
-            out = reply.split(b"\n", 1)[1]
-            deadline = time.monotonic() + DEFAULT_TIMEOUT
-            while b"\n" + end + b"\n" not in out:
-                if chan.recv_ready():
-                    out += chan.recv(65536)
-                elif chan.exit_status_ready() or time.monotonic() > deadline:
-                    raise RemoteError(f"{self.name}: the lock's channel ended before its script did")
-                else:
-                    time.sleep(0.002)
-            return out[: out.index(b"\n" + end + b"\n")].decode(errors="replace")
+            stop = b"\n" + end + b"\n"
+            out = _read_until(chan, reply.split(b"\n", 1)[1], stop, time.monotonic() + DEFAULT_TIMEOUT)
+            if stop not in out:
+                raise RemoteError(f"{self.name}: the lock's channel ended before its script did")
+            return out[: out.index(stop)].decode(errors="replace")
         # busy: the holder's line follows, then the command exits
-        while not (chan.exit_status_ready() and not chan.recv_ready()) and time.monotonic() < deadline:
-            if chan.recv_ready():
-                reply += chan.recv(4096)
-            else:
-                time.sleep(0.01)
+        reply = _read_until(chan, reply, None, deadline)
         rest = reply.decode(errors="replace").split("\n", 1)
         holder = rest[1].strip() if len(rest) > 1 and rest[1].strip() else "unknown"
         chan.close()
@@ -291,6 +274,23 @@ class Remote:
             self._lock_channel = None
         with contextlib.suppress(Exception):
             self.conn.close()
+
+
+def _read_until(chan, buf: bytes, stop: bytes | None, deadline: float) -> bytes:
+    """Read `chan`'s stdout onto `buf` until `stop` is in it (None: until EOF), EOF
+    or `deadline`. Blocking reads, no polling: twenty hosts' threads cost nothing
+    while they wait."""
+    while (stop is None or stop not in buf) and (left := deadline - time.monotonic()) > 0:
+        chan.settimeout(left)
+        try:
+            data = chan.recv(65536)
+        except socket.timeout:
+            break
+        if not data:
+            break
+        buf += data
+    chan.settimeout(None)
+    return buf
 
 
 def connect(inv: Inventory, host: Host) -> Remote:
