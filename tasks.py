@@ -116,6 +116,68 @@ def element_update(c, host=None, version=None, check=False, rollback=False):
         element.element_update(inv, host, version, check, rollback, lambda line: print(line, flush=True))
 
 
+@task(help={"homeserver": "the homeserver (server_name); default: every one"})
+def users(c, homeserver=None):
+    """List a homeserver's users, with their admin and deactivated state."""
+    from fabfile import admin
+
+    inv = load_inventory(c)
+    with expected_failures():
+        for sn in [homeserver] if homeserver else list(inv.homeservers):
+            print(admin.format_users(admin.list_users(inv, sn), inv.homeserver(sn).server_name))
+
+
+@task(
+    help={
+        "homeserver": "the homeserver (server_name) the user is on",
+        "user": "localpart (alice) or full ID (@alice:example.org)",
+        "erase": "also erase what it sent (GDPR erasure): its messages show as redacted to new readers",
+    }
+)
+def deactivate_user(c, homeserver, user, erase=False):
+    """Deactivate a user: logged out everywhere, out of its rooms, cannot log in again."""
+    from fabfile import admin
+
+    inv = load_inventory(c)
+    with expected_failures():
+        print(admin.deactivate_user(inv, homeserver, user, erase))
+
+
+@task(
+    help={
+        "homeserver": "the homeserver (server_name) the user is on",
+        "user": "localpart (alice) or full ID (@alice:example.org)",
+        "revoke": "take the server admin right away instead",
+    }
+)
+def make_admin(c, homeserver, user, revoke=False):
+    """Make a user a server admin (or, with --revoke, no longer one)."""
+    from fabfile import admin
+
+    inv = load_inventory(c)
+    with expected_failures():
+        print(admin.make_admin(inv, homeserver, user, revoke))
+
+
+@task(
+    help={
+        "action": "create, list or revoke",
+        "homeserver": "the homeserver (server_name)",
+        "token": "create: the token itself (default: Synapse makes one); revoke: the token to revoke",
+        "uses": "create: how many registrations it allows (default: unlimited)",
+        "expires_in": "create: how long it is valid, e.g. 30m, 12h, 7d (default: forever)",
+    },
+    positional=["action"],
+)
+def registration_token(c, action, homeserver, token=None, uses=None, expires_in=None):
+    """Registration tokens (homeservers with `registration: token`): create, list, revoke."""
+    from fabfile import admin
+
+    inv = load_inventory(c)
+    with expected_failures():
+        print(admin.registration_tokens(inv, homeserver, action, token, int(uses) if uses else None, expires_in))
+
+
 @task(help={"homeserver": "only this homeserver (server_name)"})
 def check(c, homeserver=None):
     """Self-check DNS, certificates, delegation, federation and exposure."""
@@ -130,5 +192,6 @@ def check(c, homeserver=None):
         raise Exit(code=1)
 
 
-ns = Collection(deploy, register_user, reset_password, migrate_host, element_update, check)
+ns = Collection(deploy, register_user, reset_password, users, deactivate_user, make_admin, registration_token,
+                migrate_host, element_update, check)
 ns.configure(CONFIG_DEFAULTS)

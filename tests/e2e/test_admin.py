@@ -1,0 +1,94 @@
+"""Administration from the command line (issue #15, item 1): inv users,
+make-admin, deactivate-user, registration-token. Through Synapse's admin API
+from inside the host, as synapse-fabric's own admin with a token minted for each
+call; proven by what a Matrix client sees."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+import pytest
+from nio import LoginError, LoginResponse, RegisterResponse
+
+from tests.e2e.helpers import ctr, on_host, run, variant
+from tests.e2e.test_users import URL, cli, login
+from tests.sandbox.client import SandboxClient
+
+pytestmark = pytest.mark.e2e
+
+RUN = secrets.token_hex(3)
+HS = "one.test"
+
+
+def sql(query: str, project: str = "synapse-one-test") -> str:
+    return on_host("vps1", f"docker exec {ctr(project, 'postgres')} psql -At -U synapse -d synapse -c \"{query}\"").strip()
+
+
+def test_users_lists_admin_and_deactivated_state_and_admin_rights_come_and_go(cafile):
+    dora = f"dora-{RUN}"
+    assert cli(["inv", "register-user", "--homeserver", HS, "--user", dora], "dora pw").returncode == 0
+    res = run(["inv", "users", "--homeserver", HS])
+    assert res.returncode == 0, res.stderr
+    line = next(line for line in res.stdout.splitlines() if line.startswith(f"@{dora}:one.test"))
+    assert "admin" not in line and "deactivated" not in line
+    assert "@synapse-fabric-admin:one.test  admin" in res.stdout and "(synapse-fabric's own)" in res.stdout
+
+    assert run(["inv", "make-admin", "--homeserver", HS, "--user", dora]).returncode == 0
+    line = next(line for line in run(["inv", "users", "--homeserver", HS]).stdout.splitlines()
+                if line.startswith(f"@{dora}:"))
+    assert " admin" in line
+    assert sql(f"SELECT admin FROM users WHERE name = '@{dora}:one.test'") == "1"
+    assert run(["inv", "make-admin", "--homeserver", HS, "--user", dora, "--revoke"]).returncode == 0
+    assert sql(f"SELECT admin FROM users WHERE name = '@{dora}:one.test'") == "0"
+    # no token of synapse-fabric's admin is left behind by any of these calls
+    assert sql("SELECT count(*) FROM access_tokens WHERE user_id = '@synapse-fabric-admin:one.test'") == "0"
+
+
+def test_a_deactivated_user_cannot_log_in(cafile):
+    erin = f"erin-{RUN}"
+    assert cli(["inv", "register-user", "--homeserver", HS, "--user", erin], "erin pw").returncode == 0
+    before = login(cafile, erin, "erin pw")
+    assert isinstance(before, LoginResponse)
+    res = run(["inv", "deactivate-user", "--homeserver", HS, "--user", erin])
+    assert res.returncode == 0 and "deactivated" in res.stdout, res.stderr
+    assert isinstance(login(cafile, erin, "erin pw"), LoginError)
+    line = next(line for line in run(["inv", "users", "--homeserver", HS]).stdout.splitlines()
+                if line.startswith(f"@{erin}:"))
+    assert "deactivated" in line
+    # an unknown user, and synapse-fabric's own admin, are refused with a message
+    res = run(["inv", "deactivate-user", "--homeserver", HS, "--user", f"nobody-{RUN}"])
+    assert res.returncode == 2 and "404" in res.stderr
+    res = run(["inv", "deactivate-user", "--homeserver", HS, "--user", "synapse-fabric-admin"])
+    assert res.returncode == 2 and "synapse-fabric's own admin" in res.stderr
+
+
+def test_a_registration_token_registers_a_user_and_is_used_up(cafile):
+    """three.test asks for tokens; a token with one use registers one user, then no more."""
+    def token_registration(doc):
+        doc["homeservers"]["three.test"]["registration"] = "token"
+
+    inv = variant("token-registration", token_registration)
+    token = f"tok-{RUN}"
+    roots = "tests/sandbox/state/acme-roots.pem"
+    try:
+        assert run(["inv", "deploy", "--host", "vps1"], inv).returncode == 0
+        res = run(["inv", "registration-token", "create", "--homeserver", "three.test", "--token", token,
+                   "--uses", "1", "--expires-in", "1d"], inv)
+        assert res.returncode == 0 and token in res.stdout and "used 0/1" in res.stdout, res.stdout + res.stderr
+
+        async def register(user: str):
+            async with SandboxClient("https://matrix.three.test", roots) as c:
+                return await c.client.register_with_token(user, "pw of " + user, token)
+
+        assert isinstance(asyncio.run(register(f"frank-{RUN}")), RegisterResponse)
+        assert not isinstance(asyncio.run(register(f"gina-{RUN}")), RegisterResponse)  # used up
+        listed = run(["inv", "registration-token", "list", "--homeserver", "three.test"], inv).stdout
+        assert f"{token}  used 1/1" in listed
+        assert run(["inv", "registration-token", "revoke", "--homeserver", "three.test", "--token", token],
+                   inv).returncode == 0
+        assert token not in run(["inv", "registration-token", "list", "--homeserver", "three.test"], inv).stdout
+        assert sql("SELECT count(*) FROM access_tokens WHERE user_id = '@synapse-fabric-admin:three.test'",
+                   "synapse-three-test") == "0"
+    finally:
+        assert run(["inv", "deploy", "--host", "vps1"]).returncode == 0
