@@ -12,7 +12,7 @@ import pytest
 from nio import LoginError, LoginResponse, RegisterResponse
 
 from tests.e2e.helpers import ctr, on_host, run, variant
-from tests.e2e.test_users import URL, cli, login
+from tests.e2e.test_users import cli, login
 from tests.sandbox.client import SandboxClient
 
 pytestmark = pytest.mark.e2e
