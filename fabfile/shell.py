@@ -22,10 +22,11 @@ def _text(name: str) -> str:
         raise RuntimeError(f"missing host program: fabfile/scripts/{name}") from None
 
 
-def program(name: str, **inputs: object) -> str:
-    """The text of fabfile/scripts/`name` with its inputs set in front."""
+def program(*names: str, **inputs: object) -> str:
+    """The text of fabfile/scripts/`names` (one program, in that order) with its
+    inputs set in front."""
     head = "".join(f"{key}={shlex.quote(str(value))}\n" for key, value in inputs.items())
-    return head + _text(name)
+    return head + "".join(_text(name) for name in names)
 
 
 def script(name: str) -> bytes:

@@ -54,7 +54,7 @@ def parse_user(name: str, hs: Homeserver) -> UserId:
 
 def _users(hs: Homeserver, uid: UserId, action: str, **inputs) -> str:
     """fabfile/scripts/users.sh for one action on `uid` of `hs`."""
-    return program("users.sh", action=action, project=synapse_project(hs), server_name=hs.server_name, uid=uid,
+    return program("homeserver.sh", "users.sh", action=action, project=synapse_project(hs), server_name=hs.server_name, uid=uid,
                    pg_user=hs.postgres.user, pg_db=hs.postgres.database, **inputs)
 
 

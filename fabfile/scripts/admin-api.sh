@@ -12,17 +12,8 @@
 # register_python call_python; the request body, if any, on stdin.
 # Prints the HTTP status on the first line, the response body after it.
 # shellcheck disable=SC2154
+# After fabfile/scripts/homeserver.sh ($syn, $pg, psql()).
 set -eu
-
-syn=$(docker ps -q --filter "label=com.docker.compose.project=$project" --filter label=com.docker.compose.service=synapse)
-pg=$(docker ps -q --filter "label=com.docker.compose.project=$project" --filter label=com.docker.compose.service=postgres)
-if [ -z "$syn" ] || [ -z "$pg" ]; then
-  echo "$server_name is not running on this host (run inv deploy)" >&2
-  exit 4
-fi
-psql() {
-  docker exec -i "$pg" psql -X -q -At -v ON_ERROR_STOP=1 -U "$pg_user" -d "$pg_db" -f -
-}
 uid="@$admin:$server_name"
 
 # synapse-fabric's admin, once: Synapse's own registration, a password no one keeps

@@ -13,18 +13,8 @@
 # action python backups backup_name logout logout_python. $uid is a validated user
 # ID (no quote, no space); it reaches SQL as a psql variable, which psql quotes.
 # shellcheck disable=SC2154
+# After fabfile/scripts/homeserver.sh ($syn, $pg, psql()).
 set -e
-
-syn=$(docker ps -q --filter "label=com.docker.compose.project=$project" --filter label=com.docker.compose.service=synapse)
-pg=$(docker ps -q --filter "label=com.docker.compose.project=$project" --filter label=com.docker.compose.service=postgres)
-if [ -z "$syn" ] || [ -z "$pg" ]; then
-  echo "$server_name is not running on this host (run inv deploy)" >&2
-  exit 4
-fi
-
-psql() {
-  docker exec -i "$pg" psql -X -q -At -v ON_ERROR_STOP=1 -U "$pg_user" -d "$pg_db" -f -
-}
 
 case $action in
   exists)

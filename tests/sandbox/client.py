@@ -71,24 +71,20 @@ class SandboxClient:
         self.client.user = user
         return await self.client.login(password, device_name="synapse-fabric-test")
 
-    async def get(self, path: str, token: str | None = None) -> tuple[int, dict]:
-        """GET a client-API path with an access token; (status, json)."""
+    async def request(self, method: str, path: str, body: dict | None = None,
+                      token: str | None = None) -> tuple[int, dict]:
+        """A client-API request with an access token; (status, json)."""
         headers = {"Authorization": f"Bearer {token or self.client.access_token}"}
-        async with self.client.client_session.get(self.client.homeserver + path, headers=headers,
-                                                  ssl=self.ctx) as resp:
-            try:
-                body = await resp.json(content_type=None)
-            except ValueError:
-                body = {}
-            return resp.status, body
-
-    async def post(self, path: str, body: dict, token: str | None = None) -> tuple[int, dict]:
-        """POST JSON to a client-API path with an access token; (status, json)."""
-        headers = {"Authorization": f"Bearer {token or self.client.access_token}"}
-        async with self.client.client_session.post(self.client.homeserver + path, json=body, headers=headers,
-                                                   ssl=self.ctx) as resp:
+        async with self.client.client_session.request(method, self.client.homeserver + path, json=body,
+                                                      headers=headers, ssl=self.ctx) as resp:
             try:
                 data = await resp.json(content_type=None)
             except ValueError:
                 data = {}
             return resp.status, data
+
+    async def get(self, path: str, token: str | None = None) -> tuple[int, dict]:
+        return await self.request("GET", path, None, token)
+
+    async def post(self, path: str, body: dict, token: str | None = None) -> tuple[int, dict]:
+        return await self.request("POST", path, body, token)
