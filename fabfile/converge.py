@@ -3,7 +3,8 @@ the diffs and the steps that would run). fabfile/deploy.py runs it for every hos
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from dataclasses import dataclass, field
+from typing import Optional
 
 from . import docker, facts as facts_mod, guard, plan as plan_mod, postgres, steps
 from .plan import Plan
@@ -11,11 +12,24 @@ from .remote import Remote, RemoteError
 from .render import PROXY_PROJECT, render_host, synapse_project
 from .report import Reporter, masked_diff
 
-if TYPE_CHECKING:
-    from .deploy import HostResult
+
+@dataclass
+class HostResult:
+    host: str
+    changed: int = 0
+    ok: int = 0
+    restarted: list[str] = field(default_factory=list)
+    error: Optional[str] = None
+    exit_code: int = 0  # of the failure (fabfile/errors.py)
+    seconds: float = 0.0
+    commands: int = 0
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
 
 
-def converge(remote: Remote, state, local_images, report: Reporter, result: "HostResult",
+def converge(remote: Remote, state, local_images, report: Reporter, result: HostResult,
              dry_run: bool = False, install: bool = False, hold: tuple[str, ...] = (),
              pull: bool = False, migrating: str = "", facts_out: Optional[str] = None) -> None:
     """One host, already opened and locked. `hold`: homeservers whose Synapse must
@@ -79,7 +93,7 @@ def _show_diffs(remote: Remote, plan: Plan, report: Reporter) -> None:
             report.line(remote.name, action.line())
 
 
-def _apply(remote: Remote, plan: Plan, facts, log, result: "HostResult", hold=()) -> None:
+def _apply(remote: Remote, plan: Plan, facts, log, result: HostResult, hold=()) -> None:
     """Run the plan's steps in order (fabfile/steps.py)."""
     run = steps.Run(remote, log, docker.compose_cmd(facts), hold, restarted=result.restarted)
     for action in plan.actions:

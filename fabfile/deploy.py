@@ -10,31 +10,16 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
+from .converge import HostResult, converge
+from .docker import local_image_ids
 from .errors import InventoryError, LockHeld, SfabError
+from .facts import script as facts_script
 from .inventory import Inventory
 from .remote import Remote, open_remote
-
-if TYPE_CHECKING:
-    from .report import Reporter
-
-
-@dataclass
-class HostResult:
-    host: str
-    changed: int = 0
-    ok: int = 0
-    restarted: list[str] = field(default_factory=list)
-    error: Optional[str] = None
-    exit_code: int = 0  # of the failure (fabfile/errors.py)
-    seconds: float = 0.0
-    commands: int = 0
-
-    @property
-    def failed(self) -> bool:
-        return self.error is not None
+from .render import render_host
+from .report import Reporter
 
 
 def exit_code(results: list[HostResult]) -> int:
@@ -67,14 +52,11 @@ def deploy(
     host_names: list[str],
     dry_run: bool = False,
     install: bool = False,
-    report: Optional["Reporter"] = None,
+    report: Optional[Reporter] = None,
     pull: bool = False,
 ) -> list[HostResult]:
     """Converge `host_names` in parallel. `install` (bootstrap) installs Docker first;
     `pull`: hosts that pull images ask their registry again for every tag."""
-    from .render import render_host
-    from .report import Reporter
-
     report = report or Reporter()
     states = {name: render_host(inv, name) for name in host_names}  # render errors stop all
     local = local_images(inv, list(states.values()))
@@ -94,8 +76,6 @@ def local_images(inv: Inventory, states) -> dict[str, str]:
         raise InventoryError(
             f"{inv.path}: {', '.join(pinned)}: a digest pin needs a registry; hosts with "
             "`images: push` receive images by ID over SSH (use a tag for them, or `images: pull`)")
-    from .docker import local_image_ids
-
     local = local_image_ids(wanted) if wanted else {}
     missing = [ref for ref in wanted if ref not in local]
     if missing:
@@ -104,9 +84,6 @@ def local_images(inv: Inventory, states) -> dict[str, str]:
 
 
 def _converge_host(inv, state, local_images, dry_run, install, report, pull=False) -> HostResult:
-    from .converge import converge
-    from .facts import script
-
     name = state.host.name
     result = HostResult(name)
     started = time.monotonic()
@@ -114,7 +91,7 @@ def _converge_host(inv, state, local_images, dry_run, install, report, pull=Fals
     try:
         remote = open_remote(inv, state.host)
         # the facts come with the lock, on its channel (bootstrap asks after installing Docker)
-        facts_out = remote.lock(inv.ssh.lock_timeout, then="" if install else script(state))
+        facts_out = remote.lock(inv.ssh.lock_timeout, then="" if install else facts_script(state))
         converge(remote, state, local_images, report, result, dry_run=dry_run, install=install, pull=pull,
                  facts_out=facts_out or None)
     except SfabError as exc:

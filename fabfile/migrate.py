@@ -40,8 +40,8 @@ from typing import Callable
 from ruamel.yaml import YAML
 
 from .errors import TaskError
-from .converge import converge
-from .deploy import HostResult, local_images
+from .converge import HostResult, converge
+from .deploy import local_images
 from .inventory import Homeserver, Inventory
 from .remote import Remote, RemoteError, locked, open_remote
 from .docker import COMPOSE_FN, container

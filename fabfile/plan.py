@@ -68,14 +68,6 @@ class Plan:
         return [a.restart for a in self.actions if a.restart and a.only_if is None]
 
 
-def image_triggers(state: DesiredState, ref: str) -> set[str]:
-    """What must be recreated when the image behind `ref` changes."""
-    out = {"proxy:stack"} if ref == state.image_refs.get("nginx") else set()
-    out |= {f"synapse:{hs.server_name}:stack" for hs in state.homeservers
-            if ref in (state.image_refs.get("synapse"), state.postgres_image(hs))}
-    return out
-
-
 def _pulls(state: DesiredState, facts: Facts, refresh_tags: bool) -> list[str]:
     """References a `pull` host must pull before anything stops: those it lacks
     (a digest pin is present only as that digest), a tag a service is about to
@@ -221,7 +213,7 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
                 plan.changes.append(Change("update" if facts.images.get(ref) else "create", f"image {ref}", "ship over SSH"))
                 # a new image ID must reach the containers that use it
                 if facts.images.get(ref):
-                    for t in image_triggers(state, ref):
+                    for t in state.image_triggers(ref):
                         trigger(t, f"a new image {ref}")
 
     else:

@@ -84,6 +84,13 @@ class DesiredState:
     def postgres_image(self, hs: Homeserver) -> str:
         return self.postgres_images[hs.server_name]
 
+    def image_triggers(self, ref: str) -> set[str]:
+        """What must be recreated when the image behind `ref` changes."""
+        out = {"proxy:stack"} if ref == self.image_refs.get("nginx") else set()
+        out |= {f"synapse:{hs.server_name}:stack" for hs in self.homeservers
+                if ref in (self.image_refs.get("synapse"), self.postgres_image(hs))}
+        return out
+
     def file(self, path: str) -> RemoteFile:
         return next(f for f in self.files if f.path == path)
 

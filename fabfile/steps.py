@@ -13,23 +13,21 @@ import shlex
 import tarfile
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 from . import docker, element, proxy, synapse
 from .errors import RemoteError
 from .layout import SYSTEMD_DIR
 from .render import HIDDEN, PROXY_PROJECT, RemoteFile, cert_names, synapse_project
 
-if TYPE_CHECKING:
-    from .plan import Plan
-    from .remote import Remote
+from .remote import Remote
 
 
 @dataclass
 class Run:
     """What the apply loop hands every step, and what steps leave for later ones."""
 
-    remote: "Remote"
+    remote: Remote
     log: Callable[[str], None]
     compose: str
     hold: tuple[str, ...] = ()  # homeservers whose Synapse must not start (a migration)
@@ -94,7 +92,7 @@ def _tar(files: list[RemoteFile], suffix: str) -> bytes:
     return buf.getvalue()
 
 
-def write(plan: "Plan", owed: list[str], reload_confs: list[str]) -> Action:
+def write(plan, owed: list[str], reload_confs: list[str]) -> Action:
     """Files, directories, secrets, ownership in ONE command, every file written
     beside its target as *.sfab-new and renamed over it. The service actions the
     new files need are appended to the pending journal first."""
@@ -260,17 +258,15 @@ def finish(lay, clear_journal: bool) -> Action:
 # -- the order ------------------------------------------------------------------------
 
 
-def actions(plan: "Plan") -> list[Action]:
-    """Every step `plan` needs, in the order they must run: images before anything
+def actions(plan) -> list[Action]:
+    """Every step `plan` (a fabfile/plan.py Plan) needs, in the order they must run: images before anything
     stops, files, nginx's reload, the proxy stack (it owns the networks), generate,
     the homeservers, health, certificates, Element, timers."""
-    from .plan import image_triggers
-
     state, lay = plan.state, plan.state.layout
     by_name = {h.server_name: h for h in state.homeservers}
     reasons = plan.triggers
     why = lambda trigger, default="": _because(reasons.get(trigger, [])) or default  # noqa: E731
-    pulled = {t: [ref for ref in plan.pulls if t in image_triggers(state, ref)]
+    pulled = {t: [ref for ref in plan.pulls if t in state.image_triggers(ref)]
               for t in ["proxy:stack"] + [f"synapse:{sn}:stack" for sn in by_name]}
 
     def if_pulled(trigger: str):
