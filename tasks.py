@@ -178,6 +178,38 @@ def registration_token(c, action, homeserver, token=None, uses=None, expires_in=
         print(admin.registration_tokens(inv, homeserver, action, token, int(uses) if uses else None, expires_in))
 
 
+@task(
+    help={
+        "homeserver": "the homeserver (server_name)",
+        "older_than": "cached media last used longer ago than this: 90s, 30m, 12h, 30d",
+    }
+)
+def purge_remote_media(c, homeserver, older_than):
+    """Delete cached copies of other servers' media (fetched again when asked for)."""
+    from fabfile import admin
+
+    inv = load_inventory(c)
+    with expected_failures():
+        print(admin.purge_remote_media(inv, homeserver, older_than))
+
+
+@task(
+    help={
+        "homeserver": "the homeserver (server_name) whose copy of the room is purged",
+        "room": "room ID (!abc:server) or alias (#name:server)",
+        "before": "events older than this: a duration (30d) or an ISO date (2026-11-01, UTC)",
+        "local": "also delete the events this homeserver's own users sent",
+    }
+)
+def purge_history(c, homeserver, room, before, local=False):
+    """Delete a room's history older than --before from one homeserver's database."""
+    from fabfile import admin
+
+    inv = load_inventory(c)
+    with expected_failures():
+        print(admin.purge_history(inv, homeserver, room, before, local))
+
+
 @task(help={"homeserver": "only this homeserver (server_name)"})
 def check(c, homeserver=None):
     """Self-check DNS, certificates, delegation, federation and exposure."""
@@ -193,5 +225,5 @@ def check(c, homeserver=None):
 
 
 ns = Collection(deploy, register_user, reset_password, users, deactivate_user, make_admin, registration_token,
-                migrate_host, element_update, check)
+                purge_remote_media, purge_history, migrate_host, element_update, check)
 ns.configure(CONFIG_DEFAULTS)

@@ -1,5 +1,6 @@
 """Administration through Synapse's admin API, from the homeserver's own host:
-list users, deactivate one, make one a server admin, registration tokens.
+list users, deactivate one, make one a server admin, registration tokens, purge
+cached remote media and room history.
 
 Every call runs fabfile/scripts/admin-api.sh on the host: inside the Synapse
 container, to localhost (the API stays closed to the outside), as synapse-fabric's
@@ -10,6 +11,7 @@ own admin user with a token minted for that one call and deleted by Synapse's
 from __future__ import annotations
 
 import json
+import re
 import urllib.parse
 from dataclasses import dataclass
 
@@ -43,7 +45,7 @@ sys.stdout.buffer.write(data)
 def call(remote: Remote, hs: Homeserver, method: str, path: str, body: dict | None = None) -> dict:
     """One admin API call; its JSON answer. A non-2xx answer raises TaskError with
     Synapse's own error."""
-    script = program("admin-api.sh", project=synapse_project(hs), server_name=hs.server_name,
+    script = program("homeserver.sh", "admin-api.sh", project=synapse_project(hs), server_name=hs.server_name,
                      pg_user=hs.postgres.user, pg_db=hs.postgres.database, admin=ADMIN, method=method, path=path,
                      register_python=_REGISTER_PY.format(localpart=ADMIN, admin="--admin"), call_python=_CALL_PY)
     out = remote.run(script, stdin=json.dumps(body).encode() if body is not None else b"",
@@ -164,10 +166,69 @@ def registration_tokens(inv: Inventory, homeserver: str, action: str, token: str
 
 
 def _seconds(text: str) -> int:
-    units = {"m": 60, "h": 3600, "d": 86400}
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit() or int(text[:-1]) < 1:
-        raise TaskError(f"invalid duration {text!r}: a number and m, h or d (30m, 12h, 7d)")
+        raise TaskError(f"invalid duration {text!r}: a number and s, m, h or d (90s, 30m, 12h, 7d)")
     return int(text[:-1]) * units[text[-1]]
+
+
+def _before_ms(text: str) -> int:
+    """`30d` (that long ago) or an ISO date or time (`2026-11-01`, `2026-11-01T12:00`, UTC
+    unless it says otherwise) -> milliseconds since the epoch."""
+    import datetime
+    import time
+
+    if text[:1].isdigit() and text[-1:] in "smhd" and text[:-1].isdigit():
+        return int((time.time() - _seconds(text)) * 1000)
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise TaskError(f"invalid --before {text!r}: a duration (30d) or an ISO date (2026-11-01)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return int(when.timestamp() * 1000)
+
+
+def purge_remote_media(inv: Inventory, homeserver: str, older_than: str) -> str:
+    """Delete the copies of other servers' media this homeserver cached, when last
+    used longer ago than `older_than` (they are fetched again when asked for)."""
+    import time
+
+    hs = inv.homeserver(homeserver)
+    before = int((time.time() - _seconds(older_than)) * 1000)
+    with Session(inv, hs) as s:
+        done = s.call("POST", f"/_synapse/admin/v1/purge_media_cache?before_ts={before}")
+    return f"{hs.server_name}: {done.get('deleted', 0)} cached remote media file(s) deleted"
+
+
+# a room ID (`!opaque:server`, or from room version 12 on `!opaque` alone) or an alias
+ROOM_RE = re.compile(r"^(![A-Za-z0-9._~+=-]+(:[A-Za-z0-9.:\[\]-]+)?|#[^\s/:]+:[A-Za-z0-9.:\[\]-]+)$")
+
+
+def purge_history(inv: Inventory, homeserver: str, room: str, before: str, local: bool,
+                  wait_seconds: float = 600) -> str:
+    """Delete a room's history older than `before` from this homeserver's database
+    (other servers keep theirs). Events from this server's own users go too only
+    with `local`. The newest event of the room always stays."""
+    import time
+
+    hs = inv.homeserver(homeserver)
+    if not ROOM_RE.match(room):
+        raise TaskError(f"invalid room {room!r}: a room ID (!abc or !abc:server) or alias (#name:server)")
+    body = {"purge_up_to_ts": _before_ms(before), "delete_local_events": local}
+    with Session(inv, hs) as s:
+        started = s.call("POST", f"/_synapse/admin/v1/purge_history/{urllib.parse.quote(room, safe='')}", body)
+        purge, deadline = started["purge_id"], time.monotonic() + wait_seconds
+        while True:
+            status = s.call("GET", f"/_synapse/admin/v1/purge_history_status/{urllib.parse.quote(purge)}")
+            if status.get("status") != "active":
+                break
+            if time.monotonic() > deadline:
+                return f"{hs.server_name}: the purge of {room} goes on in Synapse (purge id {purge})"
+            time.sleep(1)
+    if status.get("status") != "complete":
+        raise TaskError(f"{hs.server_name}: the purge of {room} {status.get('status')}: {status.get('error', '')}")
+    return f"{hs.server_name}: history of {room} before {before} purged" + (" (local events too)" if local else "")
 
 
 def _format_tokens(tokens: list[dict], server_name: str, created: bool = False) -> str:

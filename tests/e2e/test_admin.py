@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 
 import pytest
 from nio import LoginError, LoginResponse, RegisterResponse
 
 from tests.e2e.helpers import ctr, on_host, run, variant
-from tests.e2e.test_users import cli, login
+from tests.e2e.test_users import URL, cli, login
 from tests.sandbox.client import SandboxClient
 
 pytestmark = pytest.mark.e2e
@@ -92,3 +93,65 @@ def test_a_registration_token_registers_a_user_and_is_used_up(cafile):
                    "synapse-three-test") == "0"
     finally:
         assert run(["inv", "deploy", "--host", "vps1"]).returncode == 0
+
+
+def test_purged_remote_media_is_gone(cafile):
+    """bob (two.test) uploads a file; alice reads it through one.test, which caches
+    it; purge-remote-media deletes one.test's copy (its record and its file)."""
+    import io
+
+    alice, bob = f"hal-{RUN}", f"ivy-{RUN}"
+    assert cli(["inv", "register-user", "--homeserver", HS, "--user", alice], "hal pw").returncode == 0
+    assert cli(["inv", "register-user", "--homeserver", "two.test", "--user", bob], "ivy pw").returncode == 0
+    roots = "tests/sandbox/state/acme-roots.pem"
+    data = secrets.token_bytes(2048)
+
+    async def share() -> str:
+        async with SandboxClient("https://matrix.two.test", roots) as b, SandboxClient(URL, cafile) as a:
+            assert isinstance(await b.login(bob, "ivy pw"), LoginResponse)
+            up, _ = await b.client.upload(io.BytesIO(data), content_type="application/octet-stream",
+                                          filesize=len(data))
+            media_id = up.content_uri.rsplit("/", 1)[1]
+            assert isinstance(await a.login(alice, "hal pw"), LoginResponse)
+            async with a.client.client_session.get(
+                    f"{URL}/_matrix/client/v1/media/download/two.test/{media_id}",
+                    headers={"Authorization": f"Bearer {a.client.access_token}"}, ssl=a.ctx) as resp:
+                assert resp.status == 200 and await resp.read() == data
+            return media_id
+
+    media_id = asyncio.run(share())
+    cached = f"SELECT count(*) FROM remote_media_cache WHERE media_origin = 'two.test' AND media_id = '{media_id}'"
+    files = "find /opt/matrix/synapse/one.test/data/media_store/remote_content/two.test -type f | wc -l"
+    assert sql(cached) == "1"
+    before = int(on_host("vps1", files).strip())
+    time.sleep(2)
+    res = run(["inv", "purge-remote-media", "--homeserver", HS, "--older-than", "1s"])
+    assert res.returncode == 0 and "cached remote media file(s) deleted" in res.stdout, res.stderr
+    assert sql(cached) == "0"
+    assert int(on_host("vps1", files).strip()) < before
+
+
+def test_purged_history_is_gone_for_readers(cafile):
+    jo = f"jo-{RUN}"
+    assert cli(["inv", "register-user", "--homeserver", HS, "--user", jo], "jo pw").returncode == 0
+
+    async def scene(purge=None):
+        async with SandboxClient(URL, cafile) as c:
+            assert isinstance(await c.login(jo, "jo pw"), LoginResponse)
+            if purge is None:
+                status, room = await c.post("/_matrix/client/v3/createRoom", {"name": f"purge {RUN}"})
+                assert status == 200
+                for i in range(3):
+                    await c.client.room_send(room["room_id"], "m.room.message", {"msgtype": "m.text", "body": f"old {i}"})
+                time.sleep(3)
+                await c.client.room_send(room["room_id"], "m.room.message", {"msgtype": "m.text", "body": "new"})
+                return room["room_id"]
+            status, page = await c.get(f"/_matrix/client/v3/rooms/{purge}/messages?dir=b&limit=100")
+            assert status == 200
+            return [e["content"].get("body") for e in page["chunk"] if e["type"] == "m.room.message"]
+
+    room = asyncio.run(scene())
+    assert asyncio.run(scene(room)) == ["new", "old 2", "old 1", "old 0"]
+    res = run(["inv", "purge-history", "--homeserver", HS, "--room", room, "--before", "2s", "--local"])
+    assert res.returncode == 0 and "purged" in res.stdout, res.stdout + res.stderr
+    assert asyncio.run(scene(room)) == ["new"]

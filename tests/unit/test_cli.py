@@ -17,7 +17,8 @@ def run(*argv, env=None):
     )
 
 
-PRODUCT = ("deploy", "register-user", "reset-password", "migrate-host", "element-update", "check")
+PRODUCT = ("deploy", "register-user", "reset-password", "users", "make-admin", "deactivate-user", "registration-token",
+           "purge-remote-media", "purge-history", "migrate-host", "element-update", "check")
 
 
 def test_inv_list_shows_every_task_and_no_development_one():

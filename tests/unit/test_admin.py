@@ -1,0 +1,44 @@
+"""The pure parts of the admin tasks: durations, dates, room names, refusals before SSH."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from fabfile.admin import ADMIN, ROOM_RE, _before_ms, _seconds, format_users
+from fabfile.errors import TaskError
+
+
+def test_durations():
+    assert [_seconds(t) for t in ("90s", "30m", "12h", "7d")] == [90, 1800, 43200, 604800]
+    for bad in ("", "5", "d", "0d", "-1d", "1w", "1.5h", "7 d"):
+        with pytest.raises(TaskError, match="invalid duration"):
+            _seconds(bad)
+
+
+def test_before_is_a_duration_ago_or_a_date():
+    assert abs(_before_ms("1d") - (time.time() - 86400) * 1000) < 5000
+    assert _before_ms("2026-11-01") == 1793491200000  # UTC unless it says otherwise
+    assert _before_ms("2026-11-01T01:00+01:00") == 1793491200000
+    with pytest.raises(TaskError, match="invalid --before"):
+        _before_ms("yesterday")
+
+
+def test_room_names():
+    for ok in ("!abc:one.test", "#lobby:one.test", "!x:[::1]:8448", "!YelWxtSWtS6UmtTTdD3Tq3E2QIimVhvb8DCMQ3VCn4M"):
+        assert ROOM_RE.match(ok), ok
+    for bad in ("abc:one.test", "!a b:one.test", "!a/../b:one.test", "#lobby", "#x:one.test/../admin", "!a?b"):
+        assert not ROOM_RE.match(bad), bad
+
+
+def test_users_are_listed_with_their_state_and_ours_is_marked():
+    out = format_users([{"name": "@b:s", "admin": 0, "deactivated": 1}, {"name": f"@{ADMIN}:s", "admin": 1},
+                        {"name": "@a:s", "admin": 1}], "s")
+    width = len(f"@{ADMIN}:s")
+    assert out.splitlines() == [
+        f"{'@a:s':<{width}}  admin",
+        f"{'@b:s':<{width}}         deactivated",
+        f"@{ADMIN}:s  admin               (synapse-fabric's own)",
+        "3 user(s) on s",
+    ]
