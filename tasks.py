@@ -210,6 +210,27 @@ def purge_history(c, homeserver, room, before, local=False):
         print(admin.purge_history(inv, homeserver, room, before, local))
 
 
+@task(
+    help={
+        "homeserver": "the homeserver (server_name)",
+        "service": "synapse (default), postgres, or nginx (its host's reverse proxy)",
+        "since": "how far back: 90s, 10m, 2h, or a date (2026-11-30, 2026-11-30T12:00); default 1h",
+        "tail": "at most this many lines (default 200)",
+        "follow": "keep printing new lines until Ctrl-C",
+    }
+)
+def logs(c, homeserver, service="synapse", since="1h", tail=200, follow=False):
+    """Show a homeserver's logs (no container names needed)."""
+    from fabfile import logs as logs_mod
+
+    inv = load_inventory(c)
+    with expected_failures():
+        try:
+            logs_mod.logs(inv, homeserver, service, since, int(tail), follow, lambda line: print(line, flush=True))
+        except KeyboardInterrupt:
+            pass
+
+
 @task(help={"homeserver": "only this homeserver (server_name)"})
 def check(c, homeserver=None):
     """Self-check DNS, certificates, delegation, federation and exposure."""
@@ -225,5 +246,5 @@ def check(c, homeserver=None):
 
 
 ns = Collection(deploy, register_user, reset_password, users, deactivate_user, make_admin, registration_token,
-                purge_remote_media, purge_history, migrate_host, element_update, check)
+                purge_remote_media, purge_history, logs, migrate_host, element_update, check)
 ns.configure(CONFIG_DEFAULTS)

@@ -155,3 +155,20 @@ def test_purged_history_is_gone_for_readers(cafile):
     res = run(["inv", "purge-history", "--homeserver", HS, "--room", room, "--before", "2s", "--local"])
     assert res.returncode == 0 and "purged" in res.stdout, res.stdout + res.stderr
     assert asyncio.run(scene(room)) == ["new"]
+
+
+def test_logs_without_container_names_and_they_rotate():
+    res = run(["inv", "logs", "--homeserver", HS, "--since", "30m", "--tail", "20"])
+    lines = [line for line in res.stdout.splitlines() if line.strip()]
+    assert res.returncode == 0 and 0 < len(lines) <= 20, res.stdout + res.stderr
+    assert all(line[:4].isdigit() for line in lines)  # --timestamps: each line starts with its time
+    res = run(["inv", "logs", "--homeserver", HS, "--service", "nginx", "--since", "30m"])
+    assert res.returncode == 0 and res.stdout.strip()
+    res = run(["inv", "logs", "--homeserver", HS, "--service", "redis"])
+    assert res.returncode == 2 and "unknown service 'redis'" in res.stderr
+    # every container of the stacks keeps at most 5 x 10 MB of logs
+    configs = on_host("vps1", "docker ps -q --filter label=com.docker.compose.project | xargs docker inspect "
+                              "-f '{{.HostConfig.LogConfig.Type}} {{index .HostConfig.LogConfig.Config \"max-size\"}} "
+                              "{{index .HostConfig.LogConfig.Config \"max-file\"}}'").split("\n")
+    configs = [c for c in configs if c.strip()]
+    assert len(configs) >= 5 and set(configs) == {"json-file 10m 5"}, configs

@@ -18,7 +18,7 @@ def run(*argv, env=None):
 
 
 PRODUCT = ("deploy", "register-user", "reset-password", "users", "make-admin", "deactivate-user", "registration-token",
-           "purge-remote-media", "purge-history", "migrate-host", "element-update", "check")
+           "purge-remote-media", "purge-history", "logs", "migrate-host", "element-update", "check")
 
 
 def test_inv_list_shows_every_task_and_no_development_one():

@@ -1,0 +1,42 @@
+"""`inv logs`: a homeserver's container logs, read on its host without the operator
+knowing container names (compose's labels find them). The logs rotate (json-file,
+5 x 10 MB per container: templates/*/docker-compose.yml.j2)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from typing import Callable
+
+from .docker import container
+from .errors import TaskError
+from .inventory import Inventory
+from .remote import open_remote
+from .render import PROXY_PROJECT, synapse_project
+
+SERVICES = ("synapse", "postgres", "nginx")
+SINCE_RE = re.compile(r"^(\d+[smh]|\d{4}-\d\d-\d\d(T\d\d:\d\d(:\d\d)?(Z|[+-]\d\d:\d\d)?)?)$")
+
+
+def logs(inv: Inventory, homeserver: str, service: str, since: str, tail: int, follow: bool,
+         out: Callable[[str], None]) -> None:
+    """Print the last `tail` lines since `since` (10m, 2h, or a date) of one service of
+    the homeserver (nginx: its host's reverse proxy); `follow` goes on until Ctrl-C."""
+    hs = inv.homeserver(homeserver)
+    if service not in SERVICES:
+        raise TaskError(f"unknown service {service!r}: one of {', '.join(SERVICES)}")
+    if not SINCE_RE.match(since):
+        raise TaskError(f"invalid --since {since!r}: 90s, 10m, 2h, or a date like 2026-11-30 or 2026-11-30T12:00")
+    if tail < 1:
+        raise TaskError("--tail must be at least 1")
+    project = PROXY_PROJECT if service == "nginx" else synapse_project(hs)
+    flags = ["--since", since, "--tail", str(tail), "--timestamps"] + (["--follow"] if follow else [])
+    script = (f"c={container(project, service)}\n"
+              f'if [ -z "$c" ]; then echo "{service} of {hs.server_name} is not running on this host" >&2; exit 4; fi\n'
+              f'exec docker logs {" ".join(shlex.quote(f) for f in flags)} "$c" 2>&1\n')
+    remote = open_remote(inv, inv.hosts[hs.host])
+    try:
+        remote.run(script, what=f"{hs.server_name}: {service} logs", on_stdout=out,
+                   timeout=30 * 24 * 3600 if follow else 300)
+    finally:
+        remote.close()
