@@ -10,8 +10,10 @@ own admin user with a token minted for that one call and deleted by Synapse's
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
+import time
 import urllib.parse
 from dataclasses import dataclass
 
@@ -20,7 +22,7 @@ from .inventory import Homeserver, Inventory
 from .remote import Remote, locked
 from .render import synapse_project
 from .shell import program
-from .users import _REGISTER_PY, UserId, parse_user
+from .users import UserId, parse_user, register_program
 
 ADMIN = "synapse-fabric-admin"  # its localpart on every homeserver
 
@@ -47,7 +49,7 @@ def call(remote: Remote, hs: Homeserver, method: str, path: str, body: dict | No
     Synapse's own error."""
     script = program("homeserver.sh", "admin-api.sh", project=synapse_project(hs), server_name=hs.server_name,
                      pg_user=hs.postgres.user, pg_db=hs.postgres.database, admin=ADMIN, method=method, path=path,
-                     register_python=_REGISTER_PY.format(localpart=ADMIN, admin="--admin"), call_python=_CALL_PY)
+                     register_python=register_program(ADMIN, admin=True), call_python=_CALL_PY)
     out = remote.run(script, stdin=json.dumps(body).encode() if body is not None else b"",
                      what=f"{method} {path.split('?')[0]}").out
     status_line, _, text = out.partition("\n")
@@ -135,8 +137,6 @@ def make_admin(inv: Inventory, homeserver: str, user: str, revoke: bool) -> str:
 def registration_tokens(inv: Inventory, homeserver: str, action: str, token: str | None,
                         uses: int | None, expires_in: str | None) -> str:
     """create | list | revoke registration tokens (registration: token)."""
-    import time
-
     hs = inv.homeserver(homeserver)
     if action not in ("create", "list", "revoke"):
         raise TaskError(f"unknown action {action!r}: create, list or revoke")
@@ -175,9 +175,6 @@ def _seconds(text: str) -> int:
 def _before_ms(text: str) -> int:
     """`30d` (that long ago) or an ISO date or time (`2026-11-01`, `2026-11-01T12:00`, UTC
     unless it says otherwise) -> milliseconds since the epoch."""
-    import datetime
-    import time
-
     if text[:1].isdigit() and text[-1:] in "smhd" and text[:-1].isdigit():
         return int((time.time() - _seconds(text)) * 1000)
     try:
@@ -192,8 +189,6 @@ def _before_ms(text: str) -> int:
 def purge_remote_media(inv: Inventory, homeserver: str, older_than: str) -> str:
     """Delete the copies of other servers' media this homeserver cached, when last
     used longer ago than `older_than` (they are fetched again when asked for)."""
-    import time
-
     hs = inv.homeserver(homeserver)
     before = int((time.time() - _seconds(older_than)) * 1000)
     with Session(inv, hs) as s:
@@ -210,8 +205,6 @@ def purge_history(inv: Inventory, homeserver: str, room: str, before: str, local
     """Delete a room's history older than `before` from this homeserver's database
     (other servers keep theirs). Events from this server's own users go too only
     with `local`. The newest event of the room always stays."""
-    import time
-
     hs = inv.homeserver(homeserver)
     if not ROOM_RE.match(room):
         raise TaskError(f"invalid room {room!r}: a room ID (!abc or !abc:server) or alias (#name:server)")
@@ -232,8 +225,6 @@ def purge_history(inv: Inventory, homeserver: str, room: str, before: str, local
 
 
 def _format_tokens(tokens: list[dict], server_name: str, created: bool = False) -> str:
-    import time
-
     lines = []
     for t in tokens:
         uses = t.get("uses_allowed")

@@ -73,9 +73,15 @@ main()
 """
 
 
+def register_program(localpart: str, admin: bool) -> str:
+    """Python for the Synapse container: Synapse's shared-secret registration of
+    `localpart`, the password on stdin (also fabfile/admin.py's own admin)."""
+    return _REGISTER_PY.format(localpart=localpart, admin="--admin" if admin else "--no-admin")
+
+
 def register(remote: Remote, hs: Homeserver, uid: UserId, password: str, admin: bool) -> None:
     """Shared-secret registration, in the homeserver's own container."""
-    code = _REGISTER_PY.format(localpart=uid.localpart, admin="--admin" if admin else "--no-admin")
+    code = register_program(uid.localpart, admin)
     remote.run(_users(hs, uid, "register", python=code), stdin=password.encode("utf-8"), what=f"register {uid}")
 
 
