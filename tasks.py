@@ -213,7 +213,7 @@ def purge_history(c, homeserver, room, before, local=False):
 @task(
     help={
         "homeserver": "the homeserver (server_name)",
-        "service": "synapse (default), postgres, or nginx (its host's reverse proxy)",
+        "service": "synapse (default), postgres, nginx (its host's reverse proxy) or admin-ui",
         "since": "how far back: 90s, 10m, 2h, or a date (2026-11-30, 2026-11-30T12:00); default 1h",
         "tail": "at most this many lines (default 200)",
         "follow": "keep printing new lines until Ctrl-C",

@@ -14,7 +14,7 @@ The script prints one tab-separated record a line:
     I  repo:tag id                 every local image
     O  server_name path            a path under data/ not owned by 991:991
     1  comm                        what runs as PID 1 (systemd or not)
-    M  path                        a file in a managed conf.d carrying our marker
+    M  path                        a file in a managed conf.d carrying our marker, or in a dir wholly ours
     P  trigger                     a service action an interrupted run left undone
     L  site_dir target             the Element release a site serves (its `current` link)
     T  unit enabled active         a systemd timer of ours (systemd hosts only)
@@ -155,6 +155,12 @@ def managed_dirs(state: DesiredState) -> list[str]:
     return [lay.nginx_conf_d] + [lay.conf_d(hs.server_name) for hs in state.homeservers]
 
 
+def owned_dirs(state: DesiredState) -> list[str]:
+    """Directories whose every file is ours (files that cannot carry MARKER, like
+    JSON): one no longer rendered is removed (an admin UI turned off)."""
+    return [state.layout.admin_ui]
+
+
 def timers(state: DesiredState) -> list[str]:
     """The systemd timer units this host must run (on a systemd host)."""
     return [f.path.rsplit("/", 1)[1] for f in state.files if f.when == "systemd" and f.path.endswith(".timer")]
@@ -171,6 +177,7 @@ def script(state: DesiredState) -> str:
         f"grep -l -s -m 1 {shlex.quote(MARKER)} -- "
         + " ".join(f"{shlex.quote(d)}/*" for d in managed_dirs(state))
         + " 2>/dev/null | sed 's/^/M\t/'",
+        f"find {q(owned_dirs(state))} -maxdepth 1 -type f 2>/dev/null | sed 's/^/M\t/'",
         f"sed 's/^/P\t/' {shlex.quote(state.layout.pending)} 2>/dev/null",
         *(f"printf 'L\t%s\t%s\n' {shlex.quote(d)} \"$(readlink {shlex.quote(d + '/current')})\""
           for d in element_sites(state)),

@@ -211,11 +211,16 @@ def _cross_check(inv: Inventory, path: Path, lines: dict) -> None:
             fail(("homeservers", key, "migrated_from"),
                  f"{hs.migrated_from!r} must be another host of this inventory (known hosts: {', '.join(inv.hosts)})")
         names = [(("homeservers", key), hs.server_name), (("homeservers", key, "public_hostname"), hs.hostname)]
-        if hs.element.enabled:
-            names.append((("homeservers", key, "element", "hostname"), hs.element.hostname))
-        if hs.element.enabled and hs.element.hostname in (hs.server_name, hs.hostname):
-            fail(("homeservers", key, "element", "hostname"),
-                 f"{hs.element.hostname!r} is already this homeserver's Matrix name; Element needs its own")
+        for site in ("element", "admin_ui"):
+            own = getattr(hs, site)
+            if not own.enabled:
+                continue
+            if own.hostname in (hs.server_name, hs.hostname):
+                fail(("homeservers", key, site, "hostname"),
+                     f"{own.hostname!r} is already this homeserver's Matrix name; {site} needs its own")
+            if site == "admin_ui" and hs.element.enabled and own.hostname == hs.element.hostname:
+                fail(("homeservers", key, site, "hostname"), f"{own.hostname!r} is already Element's; the admin UI needs its own")
+            names.append((("homeservers", key, site, "hostname"), own.hostname))
         for loc, name in names:
             owner = claimed.get(name)
             if owner is not None and owner != key:

@@ -72,6 +72,15 @@ class Layout:
         return f"{self.proxy}/element/{hostname}"
 
     @property
+    def admin_ui(self) -> str:
+        """The admin UIs' config.json files: every file in it is synapse-fabric's."""
+        return f"{self.proxy}/admin-ui"
+
+    def admin_ui_config(self, hostname: str) -> str:
+        """An admin UI's config.json, which nginx serves in place of the image's."""
+        return f"{self.admin_ui}/{hostname}.json"
+
+    @property
     def element_settings(self) -> str:
         """What element-update (fabfile/scripts/element-update.sh) knows of hosts.yaml."""
         return f"{self.proxy}/element/sites.json"

@@ -12,16 +12,16 @@ from .docker import container
 from .errors import TaskError
 from .inventory import Inventory
 from .remote import open_remote
-from .render import PROXY_PROJECT, synapse_project
+from .render import PROXY_PROJECT, admin_ui_service, synapse_project
 
-SERVICES = ("synapse", "postgres", "nginx")
+SERVICES = ("synapse", "postgres", "nginx", "admin-ui")
 SINCE_RE = re.compile(r"^(\d+[smh]|\d{4}-\d\d-\d\d(T\d\d:\d\d(:\d\d)?(Z|[+-]\d\d:\d\d)?)?)$")
 
 
 def logs(inv: Inventory, homeserver: str, service: str, since: str, tail: int, follow: bool,
          out: Callable[[str], None]) -> None:
     """Print the last `tail` lines since `since` (10m, 2h, or a date) of one service of
-    the homeserver (nginx: its host's reverse proxy); `follow` goes on until Ctrl-C."""
+    the homeserver (nginx: its host's reverse proxy; admin-ui: its admin UI); `follow` goes on until Ctrl-C."""
     hs = inv.homeserver(homeserver)
     if service not in SERVICES:
         raise TaskError(f"unknown service {service!r}: one of {', '.join(SERVICES)}")
@@ -29,7 +29,10 @@ def logs(inv: Inventory, homeserver: str, service: str, since: str, tail: int, f
         raise TaskError(f"invalid --since {since!r}: 90s, 10m, 2h, or a date like 2026-11-30 or 2026-11-30T12:00")
     if tail < 1:
         raise TaskError("--tail must be at least 1")
-    project = PROXY_PROJECT if service == "nginx" else synapse_project(hs)
+    if service == "admin-ui" and not hs.admin_ui.enabled:
+        raise TaskError(f"{hs.server_name} has no admin UI (admin_ui.enabled is false)")
+    project = synapse_project(hs) if service in ("synapse", "postgres") else PROXY_PROJECT
+    service = admin_ui_service(hs) if service == "admin-ui" else service
     flags = ["--since", since, "--tail", str(tail), "--timestamps"] + (["--follow"] if follow else [])
     script = (f"c={container(project, service)}\n"
               f'if [ -z "$c" ]; then echo "{service} of {hs.server_name} is not running on this host" >&2; exit 4; fi\n'

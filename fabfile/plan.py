@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from .facts import Facts, cert_paths, element_sites, generated_paths, optional_paths, secret_paths
 from .facts import timers as facts_timers
 from . import steps
-from .render import PROXY_PROJECT, DesiredState, RemoteDir, RemoteFile, synapse_project
+from .render import PROXY_PROJECT, DesiredState, RemoteDir, RemoteFile, admin_ui_service, synapse_project
 
 
 @dataclass
@@ -73,7 +73,8 @@ def _pulls(state: DesiredState, facts: Facts, refresh_tags: bool) -> list[str]:
     (a digest pin is present only as that digest), a tag a service is about to
     switch to (a copy pulled long ago may be stale), and with `refresh_tags` every
     tag (a rebuilt tag upstream; digest pins never need it)."""
-    services = {"nginx": [(PROXY_PROJECT, "nginx")]}
+    services = {"nginx": [(PROXY_PROJECT, "nginx")],
+                "admin_ui": [(PROXY_PROJECT, admin_ui_service(hs)) for hs in state.homeservers if hs.admin_ui.enabled]}
     for hs in state.homeservers:
         for role in ("synapse", "postgres"):
             services.setdefault(role, []).append((synapse_project(hs), role))

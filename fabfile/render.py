@@ -86,7 +86,7 @@ class DesiredState:
 
     def image_triggers(self, ref: str) -> set[str]:
         """What must be recreated when the image behind `ref` changes."""
-        out = {"proxy:stack"} if ref == self.image_refs.get("nginx") else set()
+        out = {"proxy:stack"} if ref in (self.image_refs.get("nginx"), self.image_refs.get("admin_ui")) else set()
         out |= {f"synapse:{hs.server_name}:stack" for hs in self.homeservers
                 if ref in (self.image_refs.get("synapse"), self.postgres_image(hs))}
         return out
@@ -111,6 +111,11 @@ def synapse_network(hs: Homeserver) -> str:
     return f"{NETWORK}-{hs.slug}"
 
 
+def admin_ui_service(hs: Homeserver) -> str:
+    """The admin UI's service in the reverse-proxy stack (nginx reaches it by this name)."""
+    return f"admin-ui-{hs.slug}"
+
+
 def url_host(address: str) -> str:
     """An address as the host part of a URL: IPv6 in brackets."""
     return f"[{address}]" if ":" in address else address
@@ -120,8 +125,9 @@ def cert_names(hs: Homeserver) -> list[str]:
     """Every public name of a homeserver; one certificate (named after the
     server_name) covers them all."""
     names = [hs.server_name, hs.hostname]
-    if hs.element.enabled:
-        names.append(hs.element.hostname)
+    for site in (hs.element, hs.admin_ui):
+        if site.enabled:
+            names.append(site.hostname)
     return list(dict.fromkeys(names))
 
 
@@ -201,7 +207,8 @@ def render_host(
     host = inv.hosts[host_name]
     lay = Layout(host.base_dir)
     servers = sorted(inv.homeservers_on(host_name), key=lambda hs: hs.server_name)
-    images = {name: inv.image(name) for name in ("synapse", "postgres", "nginx", "certbot")}
+    images = {name: inv.image(name) for name in ("synapse", "postgres", "nginx", "certbot", "admin_ui")}
+    admin_uis = [hs for hs in servers if hs.admin_ui.enabled]
     common = {"host": host, "network": NETWORK, "images": images}
     postgres_images = {hs.server_name: (keep_postgres or {}).get(hs.server_name)
                        or hs.postgres.image or images["postgres"] for hs in servers}
@@ -221,6 +228,7 @@ def render_host(
         RemoteDir(f"{lay.acme}/lib", 0o700),
         RemoteDir(f"{lay.proxy}/well-known"),
         RemoteDir(f"{lay.proxy}/element"),
+        RemoteDir(lay.admin_ui),
     ]
     files: list[RemoteFile] = [RemoteFile(BASE_RECORD, f"{lay.base}\n".encode())]
     dirs.append(RemoteDir(BASE_RECORD.rsplit("/", 1)[0]))
@@ -239,6 +247,7 @@ def render_host(
         port_8448=port_8448,
         acme_ca_bundle=inv.acme.ca_bundle is not None,
         homeserver_networks=[synapse_network(hs) for hs in servers],
+        admin_uis={admin_ui_service(hs): hs for hs in admin_uis},
     )
     if inv.acme.ca_bundle is not None:
         files.append(
@@ -282,6 +291,11 @@ def render_host(
                 if local is not None:
                     files.append(RemoteFile(f"{site}/{name}",
                                             _read_local(local, f"homeservers.{sn}.element.{key}", read)))
+        if hs.admin_ui.enabled:
+            ah = hs.admin_ui.hostname
+            add(lay.vhost(ah), "reverse_proxy/nginx/conf.d/admin-ui.conf.j2", "proxy:reload",
+                admin_ui_upstream=admin_ui_service(hs), **ctx)
+            add(lay.admin_ui_config(ah), "reverse_proxy/admin-ui/config.json.j2", **ctx)
     sites = [hs.element for hs in servers if hs.element.enabled]
     if sites:
         # the updater is a static program; its settings are data beside the sites
@@ -347,9 +361,9 @@ def render_host(
         files=tuple(sorted(files, key=lambda f: f.path)),
         homeservers=tuple(servers),
         forwarded=tuple(forwarded),
-        image_refs=dict(images),
+        image_refs={k: v for k, v in images.items() if k != "admin_ui" or admin_uis},
         acme=inv.acme if inv.acme.enabled else None,
         postgres_images=postgres_images,
-        images=tuple(sorted({images["nginx"], images["certbot"]} | (
+        images=tuple(sorted({images["nginx"], images["certbot"]} | ({images["admin_ui"]} if admin_uis else set()) | (
             {images["synapse"], *postgres_images.values()} if servers else set()))),
     )

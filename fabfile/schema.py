@@ -59,6 +59,10 @@ DEFAULT_IMAGES = {
     "postgres": "postgres:17-trixie",
     "nginx": "nginx:1.30",
     "certbot": "certbot/certbot:v5.8.0",
+    # Ketesa, synapse-admin's maintained successor: deployed only for homeservers
+    # whose admin_ui is enabled. It is on ghcr.io, not Docker Hub: a host with
+    # `images: pull` must reach ghcr.io (a Docker Hub mirror does not serve it).
+    "admin_ui": "ghcr.io/etkecc/ketesa:v1.0.0",
 }
 
 # name[:tag][@sha256:<64 hex>], lower-case registry/repository path components.
@@ -217,6 +221,18 @@ class Element(_Model):
         return v
 
 
+class AdminUI(_Model):
+    """An admin web UI (Ketesa) on its own name, served only to admin_api_allow."""
+
+    enabled: bool = False
+    hostname: Optional[str] = None
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, v):
+        return None if v is None else check_domain(v)
+
+
 class Postgres(_Model):
     database: str = "synapse"
     user: str = "synapse"
@@ -250,6 +266,7 @@ class Homeserver(_Model):
     max_upload_size: str = "50M"
     federation: Federation = Federation()
     element: Element = Element()
+    admin_ui: AdminUI = AdminUI()
     postgres: Postgres = Postgres()
     # Set by `inv migrate-host`: the host this homeserver left, which forwards its
     # names to the new host until `inv migrate-host --finish`.
@@ -282,6 +299,12 @@ class Homeserver(_Model):
     def _element_hostname(self):
         if self.element.enabled and not self.element.hostname:
             raise ValueError("element.hostname is required when element.enabled is true")
+        if self.admin_ui.enabled:
+            if not self.admin_ui.hostname:
+                raise ValueError("admin_ui.hostname is required when admin_ui.enabled is true")
+            if not self.admin_api_allow:
+                raise ValueError("admin_ui.enabled needs admin_api_allow: the UI is served only to those "
+                                 "networks, and the browser calls the admin API from them")
         return self
 
     @property

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,36 @@ from fabfile.remote import open_remote
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 INVENTORY = REPO / "hosts.yaml"
+ROOTS = REPO / "tests/sandbox/state/acme-roots.pem"
 
+
+def https_get(name: str, path: str, headers: dict[str, str] | None = None,
+              cafile: Path = ROOTS) -> tuple[int, dict, bytes]:
+    """One HTTPS GET to a sandbox name (resolved by the sandbox DNS, verified against
+    the sandbox CA): (status, lower-cased headers, body)."""
+    from tests.sandbox.client import resolve
+
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    ctx = ssl.create_default_context(cafile=str(cafile))
+    with socket.create_connection((resolve(name), 443), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname=name) as tls:
+            tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {name}\r\n{extra}Connection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    found = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    if found.get("transfer-encoding") == "chunked":
+        out, rest = b"", body
+        while rest:
+            size, _, rest = rest.partition(b"\r\n")
+            n = int(size, 16)
+            if n == 0:
+                break
+            out, rest = out + rest[:n], rest[n + 2:]
+        body = out
+    return int(lines[0].split()[1]), found, body
 
 
 def run(argv: list[str], inventory: Path = INVENTORY, timeout: float = 900) -> subprocess.CompletedProcess:

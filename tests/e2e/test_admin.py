@@ -6,13 +6,15 @@ call; proven by what a Matrix client sees."""
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
+import socket
 import time
 
 import pytest
 from nio import LoginError, LoginResponse, RegisterResponse
 
-from tests.e2e.helpers import ctr, on_host, run, variant
+from tests.e2e.helpers import ROOTS, ctr, https_get, on_host, run, variant
 from tests.e2e.test_users import URL, cli, login
 from tests.sandbox.client import SandboxClient
 
@@ -172,3 +174,79 @@ def test_logs_without_container_names_and_they_rotate():
                               "{{index .HostConfig.LogConfig.Config \"max-file\"}}'").split("\n")
     configs = [c for c in configs if c.strip()]
     assert len(configs) >= 5 and set(configs) == {"json-file 10m 5"}, configs
+
+
+# -- the admin web UI (item 2): a stand-in for Ketesa, see tests/sandbox/README.md
+
+UI = "admin.two.test"
+
+
+def test_admin_ui_answers_only_the_allowlist_and_talks_to_its_homeserver_only(deployed):
+    """two.test's admin UI on its own name, served to this machine's address alone:
+    its page and config (restrictBaseUrl: two.test's Synapse) come through nginx,
+    the admin API calls its page makes work from here with CORS, and another host
+    (vps1) gets nginx's 403 for both the UI and the admin API."""
+    me = source_address("172.29.231.12")
+    admin = f"uiadmin-{RUN}"
+
+    def turn_on(doc):
+        doc["homeservers"]["two.test"]["admin_api_allow"] = [f"{me}/32"]
+        doc["homeservers"]["two.test"]["admin_ui"] = {"enabled": True, "hostname": UI}
+    inv = variant("admin-ui", turn_on)
+    try:
+        res = run(["inv", "deploy", "--host", "vps2"], inv)
+        assert res.returncode == 0, res.stderr
+        status, headers, body = https_get(UI, "/")
+        assert status == 200 and b'name="synapse-fabric-stand-in" content="admin-ui"' in body
+        assert headers.get("x-frame-options") == "DENY"
+        assert https_get(UI, "/users/some-deep-link")[0] == 200  # the single-page app's routes
+        status, _, body = https_get(UI, "/config.json")
+        assert status == 200 and json.loads(body) == {"restrictBaseUrl": "https://matrix.two.test"}
+
+        # what the page does in a browser on admin.two.test: log in at restrictBaseUrl,
+        # then list users through the admin API (cross-origin)
+        assert cli(["inv", "register-user", "--homeserver", "two.test", "--user", admin, "--admin"],
+                   "ui pw").returncode == 0
+        token = asyncio.run(_login_two(admin, "ui pw"))
+        status, headers, body = https_get("matrix.two.test", "/_synapse/admin/v2/users?from=0&limit=100",
+                                          {"Authorization": f"Bearer {token}", "Origin": f"https://{UI}"})
+        assert status == 200 and f"@{admin}:two.test" in [u["name"] for u in json.loads(body)["users"]]
+        assert headers.get("access-control-allow-origin") in ("*", f"https://{UI}")
+
+        # from another address (vps1's), nginx refuses the UI and the admin API alike
+        for url in (f"https://{UI}/", "https://matrix.two.test/_synapse/admin/v1/server_version"):
+            assert _status_from_vps1(url) == "403", url
+        # the UI's logs without knowing its container's name
+        res = run(["inv", "logs", "--homeserver", "two.test", "--service", "admin-ui", "--since", "10m"], inv)
+        assert res.returncode == 0 and "GET /users/some-deep-link" in res.stdout, res.stderr
+        # a second deploy changes nothing
+        res = run(["inv", "deploy", "--host", "vps2"], inv)
+        assert res.returncode == 0 and "vps2: 0 changed" in res.stdout and "restarted 0" in res.stdout, res.stdout
+    finally:
+        assert run(["inv", "deploy", "--host", "vps2"]).returncode == 0
+    # turned off: its container, vhost and config are gone, the homeserver serves on
+    assert on_host("vps2", "sudo docker ps -a --format '{{.Names}}' | grep -c admin-ui || true").strip() == "0"
+    assert UI not in on_host("vps2", "ls /opt/matrix/reverse_proxy/nginx/conf.d/ /opt/matrix/reverse_proxy/admin-ui/")
+    assert https_get("matrix.two.test", "/_matrix/client/versions")[0] == 200
+
+
+def source_address(peer: str) -> str:
+    """This machine's address on the route to `peer` (what the host's nginx sees)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((peer, 443))  # UDP: picks the route, sends nothing
+        return s.getsockname()[0]
+
+
+async def _login_two(user: str, password: str) -> str:
+    async with SandboxClient("https://matrix.two.test", ROOTS) as client:
+        res = await client.login(user, password)
+        assert isinstance(res, LoginResponse), res
+        return res.access_token
+
+
+def _status_from_vps1(url: str) -> str:
+    roots = ROOTS.read_text()
+    return on_host("vps1", f"""f=$(mktemp); cat > "$f" <<'PEM'
+{roots}
+PEM
+curl -s -o /dev/null -w '%{{http_code}}' --cacert "$f" {url}; rm -f "$f" """).strip()

@@ -6,46 +6,23 @@ from __future__ import annotations
 import io
 import json
 import re
-import socket
-import ssl
 import tarfile
 import time
 
 import pytest
 
-from tests.e2e.helpers import REPO, on_host, run, variant
+from tests.e2e.helpers import ROOTS, https_get, on_host, run, variant
 from tests.sandbox import releases
-from tests.sandbox.client import resolve
 from tests.sandbox.probe import Prober
 
 pytestmark = pytest.mark.e2e
 
-ROOTS = REPO / "tests/sandbox/state/acme-roots.pem"
 SITE = "element.one.test"
 SITE_DIR = f"/opt/matrix/reverse_proxy/element/{SITE}"
 
 
 def get(path: str) -> tuple[int, dict, bytes]:
-    ctx = ssl.create_default_context(cafile=str(ROOTS))
-    with socket.create_connection((resolve(SITE), 443), timeout=5) as raw:
-        with ctx.wrap_socket(raw, server_hostname=SITE) as tls:
-            tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {SITE}\r\nConnection: close\r\n\r\n".encode())
-            data = b""
-            while chunk := tls.recv(65536):
-                data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:])}
-    if headers.get("transfer-encoding") == "chunked":
-        out, rest = b"", body
-        while rest:
-            size, _, rest = rest.partition(b"\r\n")
-            n = int(size, 16)
-            if n == 0:
-                break
-            out, rest = out + rest[:n], rest[n + 2:]
-        body = out
-    return int(lines[0].split()[1]), headers, body
+    return https_get(SITE, path)
 
 
 def served_version() -> str:

@@ -28,12 +28,13 @@ def _config(ref: str) -> dict:
 
 @pytest.fixture(scope="module")
 def tags(sandbox_prepared) -> dict[str, str]:
-    return {name: images.tag_of(name) for name in ("synapse", "postgres", "postgres15", "nginx", "certbot")}
+    return {name: images.tag_of(name) for name in ("synapse", "postgres", "postgres15", "nginx", "certbot", "admin-ui")}
 
 
 def test_stand_ins_carry_the_default_references(tags):
     # what the product deploys by default is what the sandbox tests
-    assert {tags["synapse"], tags["postgres"], tags["nginx"], tags["certbot"]} == set(DEFAULT_IMAGES.values())
+    assert {tags["synapse"], tags["postgres"], tags["nginx"], tags["certbot"], tags["admin-ui"]} \
+        == set(DEFAULT_IMAGES.values())
 
 
 # -- matrixdotorg/synapse (element-hq/synapse docker/Dockerfile, docker/start.py)
@@ -141,3 +142,15 @@ def test_certbot_image_contract(tags):
     assert version == "certbot " + tags["certbot"].rsplit(":v", 1)[1]
     helptext = _docker("run", "--rm", tags["certbot"], "--help", "webroot").stdout
     assert "--webroot-path" in helptext
+
+
+# -- ghcr.io/etkecc/ketesa (etkecc/ketesa docker/Dockerfile: static-web-server)
+
+def test_admin_ui_image_contract(tags):
+    cfg = _config(tags["admin-ui"])
+    assert "8080/tcp" in cfg["ExposedPorts"] and cfg.get("Healthcheck")
+    # a single-page app on 8080: /health answers, any path is the app, config.json is there
+    script = ("nginx; for p in /health /users/x /config.json; do exec 3<>/dev/tcp/127.0.0.1/8080; "
+              "printf 'GET %s HTTP/1.0\\r\\n\\r\\n' \"$p\" >&3; head -1 <&3; done")
+    out = _docker("run", "--rm", "--entrypoint", "bash", tags["admin-ui"], "-c", script).stdout
+    assert [line.strip() for line in out.splitlines() if line.startswith("HTTP/")] == ["HTTP/1.1 200 OK"] * 3, out

@@ -90,6 +90,7 @@ DNS_RECORDS: dict[str, str] = {
     "matrix.three.test": HOSTS["vps1"].ip,
     "two.test": HOSTS["vps2"].ip,
     "matrix.two.test": HOSTS["vps2"].ip,
+    "admin.two.test": HOSTS["vps2"].ip,  # two.test's admin UI, when a test turns it on
     RELEASES_NAME: RELEASES_IP,
 }
 

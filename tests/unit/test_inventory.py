@@ -244,3 +244,39 @@ def test_hardening_of_values():
         assert "base_dir" in bad(f"hosts: {{web: {{address: 1.2.3.4, base_dir: '{value}'}}}}"), value
     ok = parse("hosts: {web: {address: 1.2.3.4, base_dir: '/srv//matrix/'}}")
     assert ok.hosts["web"].base_dir == "/srv/matrix"
+
+
+def test_admin_ui_needs_its_own_name_and_an_allowlist():
+    msg = bad(
+        """\
+        hosts: {web: {address: 203.0.113.10}}
+        homeservers:
+          one.example:
+            host: web
+            admin_ui: {enabled: true, hostname: admin.one.example}
+        """
+    )
+    assert "homeservers.one.example" in msg and "admin_ui.enabled needs admin_api_allow" in msg
+    msg = bad(
+        """\
+        hosts: {web: {address: 203.0.113.10}}
+        homeservers:
+          one.example:
+            host: web
+            admin_api_allow: [198.51.100.0/24]
+            element: {enabled: true, hostname: chat.one.example}
+            admin_ui: {enabled: true, hostname: chat.one.example}
+        """
+    )
+    assert "homeservers.one.example.admin_ui.hostname" in msg and "already Element's" in msg
+    msg = bad(
+        """\
+        hosts: {web: {address: 203.0.113.10}}
+        homeservers:
+          one.example:
+            host: web
+            admin_api_allow: [198.51.100.0/24]
+            admin_ui: {enabled: true}
+        """
+    )
+    assert "admin_ui.hostname is required" in msg

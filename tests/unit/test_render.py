@@ -218,3 +218,32 @@ def test_forwarding_to_an_ipv6_host_brackets_the_address():
     conf = r(inv, "old").file("/opt/matrix/reverse_proxy/nginx/conf.d/one.example-forward.conf").content.decode()
     assert "proxy_pass https://[2001:db8::1]$request_uri;" in conf
     assert "proxy_pass http://[2001:db8::1];" in conf
+
+
+def test_admin_ui_is_served_only_to_the_allowlist_and_talks_to_its_homeserver_only():
+    text = ONE_HOST_TWO_SERVERS.replace(
+        "    admin_api_allow: [198.51.100.0/24]\n",
+        "    admin_api_allow: [198.51.100.0/24, 2001:db8::/32]\n"
+        "    admin_ui: {enabled: true, hostname: admin.one.example}\n")
+    state = render(text, "web")
+    f = files(state)
+    base = "/opt/matrix/reverse_proxy"
+    vhost = f[f"{base}/nginx/conf.d/admin.one.example.conf"].content.decode()
+    server = vhost[vhost.index("listen 443"):]
+    assert "allow 198.51.100.0/24;" in server and "allow 2001:db8::/32;" in server
+    assert server.index("deny all;") > server.index("allow 2001:db8::/32;")
+    assert "proxy_pass $admin_ui;" in server and "http://admin-ui-one-example:8080" in server
+    config = json.loads(f[f"{base}/admin-ui/admin.one.example.json"].content)
+    assert config == {"restrictBaseUrl": "https://matrix.one.example"}
+    stack = compose(state, f"{base}/docker-compose.yml")
+    ui = stack["services"]["admin-ui-one-example"]
+    assert ui["image"] == "ghcr.io/etkecc/ketesa:v1.0.0" and "ports" not in ui
+    assert ui["networks"] == ["synapse-fabric"]  # not a homeserver's network: it never reaches Synapse directly
+    assert "./admin-ui:/srv/admin-ui:ro" in stack["services"]["nginx"]["volumes"]
+    assert "admin.one.example" in f[f"{base}/certs/one.example/names"].content.decode().split()
+    assert "ghcr.io/etkecc/ketesa:v1.0.0" in state.images
+    assert state.image_triggers("ghcr.io/etkecc/ketesa:v1.0.0") == {"proxy:stack"}
+    # without it: no image, no service, no vhost
+    plain = render(ONE_HOST_TWO_SERVERS, "web")
+    assert "admin_ui" not in plain.image_refs and not any("ketesa" in i for i in plain.images)
+    assert not any("admin-ui" in s for s in compose(plain, f"{base}/docker-compose.yml")["services"])
