@@ -231,6 +231,58 @@ def logs(c, homeserver, service="synapse", since="1h", tail=200, follow=False):
             pass
 
 
+@task(help={"homeserver": "only this homeserver (server_name); default: every one"})
+def backup(c, homeserver=None):
+    """Take a restic snapshot of a homeserver (database dump, keys, config, media) now."""
+    from fabfile import backup as backups_mod
+
+    inv = load_inventory(c)
+    with expected_failures():
+        backups_mod.backup(inv, homeserver, lambda line: print(line, flush=True))
+
+
+@task(help={"homeserver": "only this homeserver (server_name); default: every one"})
+def backups(c, homeserver=None):
+    """List the snapshots in the backup repository, with times and sizes."""
+    from fabfile import backup as backups_mod
+
+    inv = load_inventory(c)
+    with expected_failures():
+        print(backups_mod.format_snapshots(backups_mod.snapshots(inv, homeserver)))
+
+
+@task(
+    help={
+        "homeserver": "the homeserver (server_name) to remove from its host",
+        "host": "instead: remove everything synapse-fabric put on this inventory host",
+        "no_backup": "skip the last snapshot; you type the name(s) to confirm",
+    }
+)
+def uninstall(c, homeserver=None, host=None, no_backup=False):
+    """Stop and remove a homeserver (or a whole host) after a last snapshot."""
+    import sys
+
+    from fabfile import uninstall as uninstall_mod
+
+    inv = load_inventory(c)
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+
+    def typed(question: str, answer: str) -> bool:
+        print(f"{question}\nType {answer!r} to confirm: ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line and not sys.stdin.isatty():
+            raise TaskError(f"{question} No answer on stdin: type {answer!r} there to confirm.")
+        return line.strip() == answer
+
+    with expected_failures():
+        if bool(homeserver) == bool(host):
+            raise TaskError("give --homeserver S (one homeserver) or --host H (everything on a host)")
+        if homeserver:
+            uninstall_mod.uninstall_homeserver(inv, homeserver, not no_backup, typed, log)
+        else:
+            uninstall_mod.uninstall_host(inv, host, not no_backup, typed, log)
+
+
 @task(help={"homeserver": "only this homeserver (server_name)"})
 def check(c, homeserver=None):
     """Self-check DNS, certificates, delegation, federation and exposure."""
@@ -246,5 +298,5 @@ def check(c, homeserver=None):
 
 
 ns = Collection(deploy, register_user, reset_password, users, deactivate_user, make_admin, registration_token,
-                purge_remote_media, purge_history, logs, migrate_host, element_update, check)
+                purge_remote_media, purge_history, logs, backup, backups, uninstall, migrate_host, element_update, check)
 ns.configure(CONFIG_DEFAULTS)

@@ -21,6 +21,7 @@ The script prints one tab-separated record a line:
     V  server_name major           the PostgreSQL major version of a homeserver's database
     G  server_name                 a homeserver whose stack is on this host (synapse/<sn>/docker-compose.yml)
     X  server_name record          a homeserver this host handed over (inv migrate-host)
+    U  server_name record          a homeserver `inv uninstall` removed from this host
     R  server_name record          a migration of this homeserver in progress from this host
     W  base_dir names              the base_dir this host was deployed with, and the homeserver
                                    directories under it
@@ -72,6 +73,7 @@ class Facts:
     timers: dict[str, tuple[str, str]] = field(default_factory=dict)  # unit -> (enabled, active)
     pg_major: dict[str, int] = field(default_factory=dict)  # server_name -> its database's major
     hosted: set[str] = field(default_factory=set)  # homeservers whose stack is here
+    uninstalled: dict[str, dict[str, str]] = field(default_factory=dict)  # removed by inv uninstall
     handed_over: dict[str, dict[str, str]] = field(default_factory=dict)  # sn -> {to, address, at}
     migrating: dict[str, dict[str, str]] = field(default_factory=dict)  # sn -> {to, phase}
     base_record: tuple[str, list[str]] | None = None  # (recorded base_dir, homeservers there)
@@ -190,6 +192,8 @@ def script(state: DesiredState) -> str:
         "printf 'G\\t%s\\n' \"$(basename \"$(dirname \"$f\")\")\"; done",
         f"for f in {shlex.quote(state.layout.handed_over_dir)}/*; do [ -f \"$f\" ] && "
         "printf 'X\\t%s\\t%s\\n' \"$(basename \"$f\")\" \"$(tr '\\n\\t' '  ' < \"$f\")\"; done",
+        f"for f in {shlex.quote(state.layout.uninstalled_dir)}/*; do [ -f \"$f\" ] && "
+        "printf 'U\\t%s\\t%s\\n' \"$(basename \"$f\")\" \"$(tr '\\n\\t' '  ' < \"$f\")\"; done",
         *(f"[ -f {shlex.quote(state.layout.migration_state(hs.server_name))} ] && printf 'R\\t%s\\t%s\\n' "
           f"{shlex.quote(hs.server_name)} \"$(tr '\\n\\t' '  ' < {shlex.quote(state.layout.migration_state(hs.server_name))})\""
           for hs in state.homeservers),
@@ -241,6 +245,8 @@ def parse(output: str) -> Facts:
             facts.hosted.add(parts[0])
         elif kind == "X" and len(parts) == 2:
             facts.handed_over[parts[0]] = _fields(parts[1])
+        elif kind == "U" and len(parts) == 2:
+            facts.uninstalled[parts[0]] = _fields(parts[1])
         elif kind == "W" and len(parts) == 2:
             facts.base_record = (parts[0], parts[1].split())
         elif kind == "R" and len(parts) == 2:

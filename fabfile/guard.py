@@ -31,6 +31,15 @@ def check(state: DesiredState, facts: Facts, inventory_path, migrating: str = ""
                 f"{gone.get('at', '?')} by `inv migrate-host`, but {inventory_path} still places it on {host}: "
                 f"starting it here would run a second copy with the same signing key. Use the inventory "
                 f"the migration wrote (homeservers.{sn}.host: {gone.get('to', '?')})")
+        removed = facts.uninstalled.get(sn)
+        if removed:
+            problems.append(
+                f"{sn} was uninstalled from {host} on {removed.get('at', '?')} by `inv uninstall` ("
+                + (f"its last snapshot: {removed['snapshot']} in {removed.get('repository', '?')}"
+                   if removed.get("snapshot") else "without a backup")
+                + f"), but {inventory_path} still places it on {host}: a deploy would start a new, empty "
+                f"{sn} with a new signing key. Use the inventory the uninstall wrote; to start afresh "
+                f"on purpose, delete {state.layout.uninstalled(sn)} on {host} first")
         moving = facts.migrating.get(sn)
         if moving:
             problems.append(

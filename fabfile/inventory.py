@@ -12,8 +12,10 @@ Paths inside the inventory (SSH keys, CA bundles) are relative to the file itsel
 from __future__ import annotations
 
 import difflib
+import os
+import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -236,3 +238,24 @@ def _cross_check(inv: Inventory, path: Path, lines: dict) -> None:
                  f"its compose project would be synapse-{hs.slug}, the same as {other!r}'s on host "
                  f"{hs.host!r}; put one of them on another host")
         slugs[(hs.host, hs.slug)] = key
+
+
+def rewrite(path: Path, change: Callable[[Any], None]) -> None:
+    """Edit hosts.yaml as a document, keeping its comments and layout (ruamel.yaml),
+    and write it atomically with its mode: what `inv migrate-host` and `inv
+    uninstall` record in the operator's inventory."""
+    from ruamel.yaml import YAML
+
+    editor = YAML()
+    editor.preserve_quotes = True
+    doc = editor.load(path.read_text())
+    change(doc)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            editor.dump(doc, fh)
+        os.chmod(tmp, path.stat().st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

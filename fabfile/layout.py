@@ -12,6 +12,11 @@ CRON_DIR = "/etc/cron.d"
 # The base_dir a host was deployed with: a deploy with another one is refused while
 # the old one holds homeservers (fabfile/guard.py).
 BASE_RECORD = "/etc/synapse-fabric/base-dir"
+# restic's settings on a host (fabfile/backup.py): its repository password (made
+# on the host, 0600) and the credentials of a remote repository (the operator's).
+BACKUP_ETC = "/etc/synapse-fabric/backup"
+BACKUP_PASSWORD = f"{BACKUP_ETC}/restic-password"
+BACKUP_ENV = f"{BACKUP_ETC}/env"
 # Root-only (/run/lock is writable by every user, who could hold a lock there).
 LOCK_DIR = "/run/synapse-fabric"
 
@@ -135,3 +140,25 @@ class Layout:
 
     def handed_over(self, server_name: str) -> str:
         return f"{self.handed_over_dir}/{server_name}"
+
+    @property
+    def uninstalled_dir(self) -> str:
+        """Records of the homeservers `inv uninstall` removed from this host (fabfile/guard.py)."""
+        return f"{self.base}/.synapse-fabric/uninstalled"
+
+    def uninstalled(self, server_name: str) -> str:
+        return f"{self.uninstalled_dir}/{server_name}"
+
+    def backup_staging(self, server_name: str) -> str:
+        """Where a backup puts the database dump it snapshots (beside the data: the
+        same filesystem), removed after."""
+        return f"{self.base}/.synapse-fabric/backup/{server_name}"
+
+    def backup_paths(self, server_name: str) -> list[str]:
+        """What a homeserver's snapshot holds besides its dump: Synapse's data (config,
+        signing key, media), the managed settings and stack, its secrets, its
+        certificate and certbot's account and renewal state. Not the live database
+        files: the dump stands for them."""
+        root = self.synapse(server_name)
+        return ([f"{root}/{name}" for name in ("data", "conf.d", "secrets", "ca", "docker-compose.yml", ".env")]
+                + [f"{self.base}/{p}" for p in self.acme_paths(server_name)])

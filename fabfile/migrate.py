@@ -30,24 +30,20 @@ have taken writes: the only way on is forward (`--abort` refuses).
 
 from __future__ import annotations
 
-import os
 import shlex
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
-from ruamel.yaml import YAML
-
 from .errors import TaskError
 from .converge import HostResult, converge
 from .deploy import local_images
-from .inventory import Homeserver, Inventory
+from .inventory import Homeserver, Inventory, rewrite
 from .remote import Remote, RemoteError, locked, open_remote
 from .docker import COMPOSE_FN, container
 from .layout import Layout
 from .render import render_host, synapse_project
-from .report import Reporter
+from .report import LineWriter, Reporter
 
 PHASES = ["checked", "copied", "stopped", "restored", "started", "switching", "switched", "recorded"]
 # A rollback's own steps (recorded as undo=<step done>), resumed by any later run.
@@ -108,7 +104,7 @@ class Migration:
     def _converge(self, remote: Remote, inv: Inventory, hold=(), install=False) -> None:
         state = render_host(inv, remote.name)
         result = HostResult(remote.name)
-        converge(remote, state, local_images(inv, [state]), Reporter(_LogWriter(self.log, remote.name)),
+        converge(remote, state, local_images(inv, [state]), Reporter(LineWriter(self.log)),
                  result, install=install, hold=hold, migrating=self.sn)
 
     def _copy(self, what: str, src_script: str) -> None:
@@ -276,37 +272,16 @@ class ForwardingNotLive(Exception):
     """The switch failed and the old host still serves its previous files."""
 
 
-class _LogWriter:
-    """File-like object for Reporter that forwards its lines to the migration log."""
-
-    def __init__(self, log, host):
-        self.log, self.host = log, host
-
-    def write(self, text):
-        for line in text.splitlines():
-            if line.strip():
-                self.log(line)
-
-    def flush(self):
-        pass
-
-
 def record_in_inventory(path: Path, sn: str, to: str, migrated_from: str | None) -> None:
     """Comment-preserving edit of hosts.yaml, written atomically."""
-    yaml = YAML()
-    yaml.preserve_quotes = True
-    doc = yaml.load(path.read_text())
-    entry = doc["homeservers"][sn]
-    entry["host"] = to
-    if migrated_from:
-        entry["migrated_from"] = migrated_from
-    elif "migrated_from" in entry:
-        del entry["migrated_from"]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        yaml.dump(doc, fh)
-    os.chmod(tmp, path.stat().st_mode & 0o777)
-    os.replace(tmp, path)
+    def change(doc):
+        entry = doc["homeservers"][sn]
+        entry["host"] = to
+        if migrated_from:
+            entry["migrated_from"] = migrated_from
+        elif "migrated_from" in entry:
+            del entry["migrated_from"]
+    rewrite(path, change)
 
 
 def migrate(inv: Inventory, sn: str, to: str | None, dry_run: bool, abort: bool, log) -> None:
@@ -419,7 +394,7 @@ def finish(inv: Inventory, sn: str, yes: bool, keep_backup: bool, log, confirm) 
     after = inv.with_homeserver(hs, migrated_from=None)
     with locked(inv, old_host) as remote:
         state = render_host(after, old)
-        converge(remote, state, local_images(after, [state]), Reporter(_LogWriter(log, old)), HostResult(old))
+        converge(remote, state, local_images(after, [state]), Reporter(LineWriter(log)), HostResult(old))
         base = shlex.quote(lay.base)
         root = f"synapse/{sn}"
         paths = " ".join(shlex.quote(p) for p in [root] + Layout.acme_paths(sn)[:-1])

@@ -137,3 +137,19 @@ class Reporter:
         if dry_run:
             total += " (dry run: nothing was written)"
         self._write("\n".join(out + [total]) + "\n")
+
+
+class LineWriter:
+    """A file-like object for Reporter that hands each non-empty line to `log` (a
+    task's own log: a migration's, an uninstall's)."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def write(self, text):
+        for line in text.splitlines():
+            if line.strip():
+                self.log(line)
+
+    def flush(self):
+        pass

@@ -344,6 +344,37 @@ class Acme(_Model):
         return ACME_DIRECTORIES.get(self.directory, self.directory)
 
 
+class Keep(_Model):
+    """How many snapshots restic's `forget` keeps (the newest of each day, week, month)."""
+
+    daily: int = Field(7, ge=0, le=3650)
+    weekly: int = Field(4, ge=0, le=520)
+    monthly: int = Field(12, ge=0, le=1200)
+
+
+class Backup(_Model):
+    """Where restic keeps the homeservers' snapshots (fabfile/backup.py)."""
+
+    # Any restic repository: a directory on the host (the default: it survives an
+    # uninstall and a broken upgrade, not the loss of the host), sftp:user@host:/path,
+    # rest:https://host:8000/, s3:https://host/bucket, ... Credentials never go here.
+    repository: str = "/var/backups/synapse-fabric/restic"
+    keep: Keep = Keep()
+
+    @field_validator("repository")
+    @classmethod
+    def _repository(cls, v: str) -> str:
+        if not v or any(c.isspace() or ord(c) < 32 for c in v):
+            raise ValueError(f"{v!r} is not a restic repository")
+        if re.search(r"//[^/@]*:[^/@]*@", v):
+            raise ValueError("the repository must not carry a password (the inventory holds no secret): "
+                             "give the host its credentials in /etc/synapse-fabric/backup/env instead")
+        if v.startswith("/") and (v.rstrip("/") in SYSTEM_DIRS or v.rstrip("/") == ""):
+            raise ValueError(f"{v!r} is a system directory: choose one of its own, such as "
+                             "/var/backups/synapse-fabric/restic")
+        return v
+
+
 class Ssh(_Model):
     # known_hosts file to check host keys against (default: ~/.ssh/known_hosts).
     known_hosts: Optional[Path] = None
@@ -372,6 +403,7 @@ class Inventory(_Model):
     ssh: Ssh = Ssh()
     check: Check = Check()
     acme: Acme = Acme()
+    backup: Backup = Backup()
     images: dict[str, str] = {}
     hosts: dict[str, Host]
     homeservers: dict[str, Homeserver] = {}

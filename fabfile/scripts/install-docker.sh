@@ -13,9 +13,9 @@ if ! command -v docker >/dev/null 2>&1; then
   command -v docker >/dev/null 2>&1 \
     || apt-get -o DPkg::Lock::Timeout=300 install -y -qq docker-cli >/dev/null
 fi
-# what the host-side scripts use (Element updates, renewals); their timers are
+# what the host-side scripts use (Element updates, renewals, backups); their timers are
 # systemd's where systemd runs, cron's elsewhere (a minimal Debian 13 has no cron)
-tools="curl:curl jq:jq gpgv:gpgv flock:util-linux"
+tools="curl:curl jq:jq gpgv:gpgv flock:util-linux restic:restic"
 [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ] || tools="$tools crontab:cron"
 missing=""
 for tool in $tools; do

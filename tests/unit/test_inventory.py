@@ -280,3 +280,26 @@ def test_admin_ui_needs_its_own_name_and_an_allowlist():
         """
     )
     assert "admin_ui.hostname is required" in msg
+
+
+@pytest.mark.parametrize("repo,why", [
+    ("rest:https://backup:s3cret@store.example:8000/", "must not carry a password"),
+    ("s3:https://KEY:SECRET@s3.example/bucket", "must not carry a password"),
+    ("/var", "system directory"),
+    ("/srv/backups with space", "not a restic repository"),
+])
+def test_backup_repository_refuses_secrets_and_system_dirs(repo, why):
+    msg = bad(f"""\
+        hosts: {{web: {{address: 203.0.113.10}}}}
+        backup: {{repository: "{repo}"}}
+        """)
+    assert "backup.repository" in msg and why in msg
+
+
+def test_backup_defaults_and_remote_repositories():
+    inv = parse(textwrap.dedent("""
+        hosts: {web: {address: 203.0.113.10}}
+        backup: {repository: "sftp:backup@store.example:/srv/restic/web", keep: {daily: 3}}
+        """))
+    assert inv.backup.repository.startswith("sftp:") and inv.backup.keep.daily == 3 and inv.backup.keep.monthly == 12
+    assert parse("hosts: {web: {address: 203.0.113.10}}").backup.repository == "/var/backups/synapse-fabric/restic"

@@ -1,0 +1,154 @@
+"""Backups with restic: one snapshot per homeserver in the repository hosts.yaml
+names (`backup.repository`), encrypted and deduplicated.
+
+A snapshot holds a consistent database dump (pg_dump's custom format, never the
+live database files), Synapse's schema version, and the homeserver's files
+(Layout.backup_paths: config, signing key, media, secrets, certificate, certbot's
+account). Snapshots carry the tag `synapse-fabric:<server_name>` and the homeserver
+as their restic "host", so one repository may hold several homeservers.
+
+The repository password is made on the host once (0600, BACKUP_PASSWORD) and a copy
+is kept on this machine (password_copy()): without it, no snapshot can be read
+after the host is lost. Credentials of a remote repository (S3 keys, a REST
+server's password) are the operator's, in the host's BACKUP_ENV; none is in argv,
+in the inventory or in a log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+from .errors import TaskError
+from .inventory import Homeserver, Host, Inventory
+from .layout import BACKUP_ENV, BACKUP_PASSWORD, Layout
+from .remote import Remote, locked
+from .render import synapse_project
+from .shell import program
+
+
+def tag(hs: Homeserver) -> str:
+    return f"synapse-fabric:{hs.server_name}"
+
+
+def _repository(inv: Inventory) -> dict:
+    return {"repository": inv.backup.repository, "password_file": BACKUP_PASSWORD, "env_file": BACKUP_ENV}
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    server_name: str
+    id: str
+    time: str          # ISO 8601, as restic gives it
+    size: Optional[int] = None   # bytes the snapshot's files hold (restic >= 0.17 says)
+    added: Optional[int] = None  # bytes this snapshot added to the repository (when just taken)
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:8]
+
+
+def password_copy(host: Host) -> Path:
+    """Where this machine keeps its copy of a host's repository password."""
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "synapse-fabric" / "backup" / f"{host.name}.restic-password"
+
+
+def keep_password(remote: Remote, host: Host) -> Path:
+    """Copy the host's repository password here (0600, atomically) unless the same is
+    kept already; a different one is kept beside the old, never over it."""
+    secret = remote.run(f"cat {BACKUP_PASSWORD}", what="the repository password (kept on this machine)").out
+    path = password_copy(host)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.exists():
+        if path.read_text() == secret:
+            return path
+        path.rename(path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%dT%H%M%S')}"))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secret)
+    os.replace(tmp, path)
+    return path
+
+
+def snapshot(remote: Remote, inv: Inventory, hs: Homeserver) -> Snapshot:
+    """Take one snapshot of `hs` on its host (the caller holds the host's lock)."""
+    lay = Layout(inv.hosts[hs.host].base_dir)
+    script = program("restic.sh", "backup.sh", **_repository(inv), project=synapse_project(hs),
+                     server_name=hs.server_name, pg_user=hs.postgres.user, pg_db=hs.postgres.database,
+                     staging=lay.backup_staging(hs.server_name), tag=tag(hs),
+                     paths="\n".join(lay.backup_paths(hs.server_name)))
+    out = remote.run(script, what=f"{hs.server_name}: snapshot", timeout=6 * 3600).out
+    try:
+        summary = json.loads(out.strip().splitlines()[-1])
+        sid = summary["snapshot_id"]
+    except (IndexError, ValueError, KeyError):
+        raise TaskError(f"{hs.server_name}: restic did not report a snapshot: {out.strip()[-300:]}") from None
+    return Snapshot(hs.server_name, sid, time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    summary.get("total_bytes_processed"), summary.get("data_added"))
+
+
+def _by_host(inv: Inventory, servers: Iterable[Homeserver]) -> dict[str, list[Homeserver]]:
+    out: dict[str, list[Homeserver]] = {}
+    for hs in servers:
+        out.setdefault(hs.host, []).append(hs)
+    return out
+
+
+def _select(inv: Inventory, homeserver: Optional[str]) -> list[Homeserver]:
+    return [inv.homeserver(homeserver)] if homeserver else sorted(inv.homeservers.values(),
+                                                                   key=lambda hs: hs.server_name)
+
+
+def backup(inv: Inventory, homeserver: Optional[str], log: Callable[[str], None]) -> list[Snapshot]:
+    """Snapshot one homeserver, or every one (host by host, under each host's lock)."""
+    taken = []
+    for host_name, servers in _by_host(inv, _select(inv, homeserver)).items():
+        host = inv.hosts[host_name]
+        with locked(inv, host) as remote:
+            for hs in servers:
+                t0 = time.monotonic()
+                snap = snapshot(remote, inv, hs)
+                log(f"{hs.server_name}: snapshot {snap.short_id} in {inv.backup.repository} on {host_name} "
+                    f"({_size(snap.size)} of files, {_size(snap.added)} new) in {time.monotonic() - t0:.1f}s")
+                taken.append(snap)
+            kept = keep_password(remote, host)
+        log(f"{host_name}: its repository password is kept on this machine in {kept} (0600): "
+            "without it no snapshot can be read once the host is gone")
+    return taken
+
+
+def snapshots(inv: Inventory, homeserver: Optional[str]) -> list[Snapshot]:
+    """Every snapshot of one homeserver, or of every one, oldest first."""
+    found = []
+    for host_name, servers in _by_host(inv, _select(inv, homeserver)).items():
+        with locked(inv, inv.hosts[host_name]) as remote:
+            for hs in servers:
+                script = program("restic.sh", **_repository(inv)) + f'restic snapshots --json --tag "{tag(hs)}"\n'
+                out = remote.run(script, what=f"{hs.server_name}: snapshots").out
+                for s in json.loads(out or "[]") or []:
+                    summary = s.get("summary") or {}
+                    found.append(Snapshot(hs.server_name, s["id"], s["time"], summary.get("total_bytes_processed")))
+    return sorted(found, key=lambda s: (s.server_name, s.time))
+
+
+def format_snapshots(snaps: list[Snapshot]) -> str:
+    if not snaps:
+        return "no snapshots"
+    rows = [f"{s.server_name:<24} {s.short_id}  {s.time[:19].replace('T', ' ')}  {_size(s.size):>9}" for s in snaps]
+    return "\n".join([f"{'homeserver':<24} {'id':<8}  {'time (host)':<19}  {'size':>9}"] + rows)
+
+
+def _size(n: Optional[int]) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
