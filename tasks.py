@@ -9,7 +9,7 @@ from invoke import Collection, task
 
 from invoke.exceptions import Exit
 
-from fabfile.cli import CONFIG_DEFAULTS, TaskError, expected_failures, load_inventory
+from fabfile.cli import CONFIG_DEFAULTS, TaskError, ask, expected_failures, load_inventory, typed
 
 
 @task(
@@ -85,16 +85,9 @@ def migrate_host(c, homeserver, to=None, dry_run=False, finish=False, abort=Fals
     inv = load_inventory(c)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
 
-    def confirm(question: str) -> bool:
-        import sys
-
-        if not sys.stdin.isatty():
-            raise TaskError(f"{question} Re-run with --yes to confirm (no terminal to ask on).")
-        return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
-
     with expected_failures():
         if finish:
-            migrate.finish(inv, homeserver, yes, not no_backup, log, confirm)
+            migrate.finish(inv, homeserver, yes, not no_backup, log, ask)
         else:
             migrate.migrate(inv, homeserver, to, dry_run, abort, log)
 
@@ -253,6 +246,24 @@ def backups(c, homeserver=None):
 
 @task(
     help={
+        "homeserver": "the homeserver (server_name) to bring back",
+        "snapshot": "this snapshot (an ID `inv backups` shows); default: the newest",
+        "to": "onto this inventory host (bare or not) instead of the one it ran on",
+        "yes": "do not ask before replacing a copy that is running",
+    }
+)
+def restore(c, homeserver, snapshot=None, to=None, yes=False):
+    """Bring a homeserver back from a snapshot, on its host or onto another one."""
+    from fabfile import restore as restore_mod
+
+    inv = load_inventory(c)
+    with expected_failures():
+        restore_mod.restore(inv, homeserver, snapshot, to, lambda line: print(line, flush=True),
+                            (lambda question: True) if yes else ask)
+
+
+@task(
+    help={
         "homeserver": "the homeserver (server_name) to remove from its host",
         "host": "instead: remove everything synapse-fabric put on this inventory host",
         "no_backup": "skip the last snapshot; you type the name(s) to confirm",
@@ -260,20 +271,10 @@ def backups(c, homeserver=None):
 )
 def uninstall(c, homeserver=None, host=None, no_backup=False):
     """Stop and remove a homeserver (or a whole host) after a last snapshot."""
-    import sys
-
     from fabfile import uninstall as uninstall_mod
 
     inv = load_inventory(c)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
-
-    def typed(question: str, answer: str) -> bool:
-        print(f"{question}\nType {answer!r} to confirm: ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line and not sys.stdin.isatty():
-            raise TaskError(f"{question} No answer on stdin: type {answer!r} there to confirm.")
-        return line.strip() == answer
-
     with expected_failures():
         if bool(homeserver) == bool(host):
             raise TaskError("give --homeserver S (one homeserver) or --host H (everything on a host)")
@@ -285,18 +286,18 @@ def uninstall(c, homeserver=None, host=None, no_backup=False):
 
 @task(help={"homeserver": "only this homeserver (server_name)"})
 def check(c, homeserver=None):
-    """Self-check DNS, certificates, delegation, federation and exposure."""
-    from fabfile.check import check_homeserver, format_rows
+    """Self-check DNS, certificates, delegation, federation, exposure and backups' age."""
+    from fabfile.check import backup_rows, check_homeserver, format_rows
 
     inv = load_inventory(c)
     with expected_failures():
         servers = [inv.homeserver(homeserver)] if homeserver else list(inv.homeservers.values())
-        rows = [row for hs in servers for row in check_homeserver(inv, hs)]
+        rows = [row for hs in servers for row in check_homeserver(inv, hs)] + backup_rows(inv, servers)
     print(format_rows(rows))
     if any(not r.ok for r in rows):
         raise Exit(code=1)
 
 
 ns = Collection(deploy, register_user, reset_password, users, deactivate_user, make_admin, registration_token,
-                purge_remote_media, purge_history, logs, backup, backups, uninstall, migrate_host, element_update, check)
+                purge_remote_media, purge_history, logs, backup, backups, restore, uninstall, migrate_host, element_update, check)
 ns.configure(CONFIG_DEFAULTS)

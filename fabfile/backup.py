@@ -16,18 +16,20 @@ in the inventory or in a log.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from .errors import TaskError
+from .errors import SfabError, TaskError
 from .inventory import Homeserver, Host, Inventory
 from .layout import BACKUP_ENV, BACKUP_PASSWORD, Layout
-from .remote import Remote, locked
+from .remote import Remote, locked, open_remote
 from .render import synapse_project
 from .shell import program
 
@@ -36,8 +38,18 @@ def tag(hs: Homeserver) -> str:
     return f"synapse-fabric:{hs.server_name}"
 
 
-def _repository(inv: Inventory) -> dict:
-    return {"repository": inv.backup.repository, "password_file": BACKUP_PASSWORD, "env_file": BACKUP_ENV}
+def repository(inv: Inventory, host_name: str) -> str:
+    """The repository of one host: backup.repository with the host's name appended.
+    Each host has its own, with its own password: a host can read its own snapshots
+    only, and two hosts never fight over one repository's keys."""
+    return f"{inv.backup.repository.rstrip('/')}/{host_name}"
+
+
+def repository_inputs(inv: Inventory, host_name: str, create: bool = False) -> dict:
+    """The inputs of fabfile/scripts/restic.sh; `create`: make the password and the
+    repository when missing (a backup), not when reading one (a listing, a restore)."""
+    return {"repository": repository(inv, host_name), "password_file": BACKUP_PASSWORD, "env_file": BACKUP_ENV,
+            "create": "yes" if create else "no"}
 
 
 @dataclass(frozen=True)
@@ -76,14 +88,39 @@ def keep_password(remote: Remote, host: Host) -> Path:
     return path
 
 
+def _snapshot_program(inv: Inventory, hs: Homeserver) -> str:
+    lay = Layout(inv.hosts[hs.host].base_dir)
+    return program("restic.sh", "backup.sh", **repository_inputs(inv, hs.host, create=True),
+                   project=synapse_project(hs),
+                   server_name=hs.server_name, pg_user=hs.postgres.user, pg_db=hs.postgres.database,
+                   staging=lay.backup_staging(hs.server_name), tag=tag(hs),
+                   paths="\n".join(lay.backup_paths(hs.server_name)))
+
+
+def host_program(inv: Inventory, servers: list[Homeserver]) -> bytes:
+    """bin/backup, run by the backup timer (or cron): a snapshot of each homeserver
+    on the host, then the retention (backup.keep); one failing does not stop the
+    others, and the program exits 1 at the end. Pure: the host programs of
+    fabfile/scripts/ with their inputs."""
+    keep = inv.backup.keep
+    parts = ["#!/bin/sh\n"
+             "# Managed by synapse-fabric: the daily backup of this host's homeservers (fabfile/backup.py).\n"
+             "# One subshell each, its status read after it (inside `if` or `||`, `set -e` would be\n"
+             "# off in there): a failure is reported and the next homeserver still runs.\n"
+             "# shellcheck disable=SC2030,SC2031,SC2181\n"
+             "failed=\"\"\n"]
+    for hs in servers:
+        forget = program("forget.sh", server_name=hs.server_name, tag=tag(hs), keep_daily=keep.daily,
+                         keep_weekly=keep.weekly, keep_monthly=keep.monthly)
+        parts.append(f"echo \"{hs.server_name}: snapshot\"\n(\n{_snapshot_program(inv, hs)}{forget})\n"
+                     f"[ $? -eq 0 ] || failed=\"$failed {hs.server_name}\"\n")
+    parts.append('if [ -n "$failed" ]; then echo "backup FAILED for:$failed" >&2; exit 1; fi\necho "backup done"\n')
+    return "".join(parts).encode()
+
+
 def snapshot(remote: Remote, inv: Inventory, hs: Homeserver) -> Snapshot:
     """Take one snapshot of `hs` on its host (the caller holds the host's lock)."""
-    lay = Layout(inv.hosts[hs.host].base_dir)
-    script = program("restic.sh", "backup.sh", **_repository(inv), project=synapse_project(hs),
-                     server_name=hs.server_name, pg_user=hs.postgres.user, pg_db=hs.postgres.database,
-                     staging=lay.backup_staging(hs.server_name), tag=tag(hs),
-                     paths="\n".join(lay.backup_paths(hs.server_name)))
-    out = remote.run(script, what=f"{hs.server_name}: snapshot", timeout=6 * 3600).out
+    out = remote.run(_snapshot_program(inv, hs), what=f"{hs.server_name}: snapshot", timeout=6 * 3600).out
     try:
         summary = json.loads(out.strip().splitlines()[-1])
         sid = summary["snapshot_id"]
@@ -114,7 +151,7 @@ def backup(inv: Inventory, homeserver: Optional[str], log: Callable[[str], None]
             for hs in servers:
                 t0 = time.monotonic()
                 snap = snapshot(remote, inv, hs)
-                log(f"{hs.server_name}: snapshot {snap.short_id} in {inv.backup.repository} on {host_name} "
+                log(f"{hs.server_name}: snapshot {snap.short_id} in {repository(inv, host_name)} "
                     f"({_size(snap.size)} of files, {_size(snap.added)} new) in {time.monotonic() - t0:.1f}s")
                 taken.append(snap)
             kept = keep_password(remote, host)
@@ -129,9 +166,14 @@ def snapshots(inv: Inventory, homeserver: Optional[str]) -> list[Snapshot]:
     for host_name, servers in _by_host(inv, _select(inv, homeserver)).items():
         with locked(inv, inv.hosts[host_name]) as remote:
             for hs in servers:
-                script = program("restic.sh", **_repository(inv)) + f'restic snapshots --json --tag "{tag(hs)}"\n'
-                out = remote.run(script, what=f"{hs.server_name}: snapshots").out
-                for s in json.loads(out or "[]") or []:
+                script = program("restic.sh", **repository_inputs(inv, host_name)) + f'restic snapshots --json --tag "{tag(hs)}"\n'
+                res = remote.run(script, what=f"{hs.server_name}: snapshots", check=False)
+                if res.code == 10:  # no repository yet: no snapshots
+                    continue
+                if res.code:
+                    raise TaskError(f"{hs.server_name}: cannot list its snapshots on {host_name}: "
+                                    + (res.err.strip().splitlines() or ["restic failed"])[-1])
+                for s in json.loads(res.out or "[]") or []:
                     summary = s.get("summary") or {}
                     found.append(Snapshot(hs.server_name, s["id"], s["time"], summary.get("total_bytes_processed")))
     return sorted(found, key=lambda s: (s.server_name, s.time))
@@ -152,3 +194,55 @@ def _size(n: Optional[int]) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def newest(inv: Inventory, servers: list[Homeserver]) -> dict[str, Optional[Snapshot] | str]:
+    """Each homeserver's newest snapshot (None: none yet), or why it could not be
+    read; host by host, changing nothing there (restic is not installed for it)."""
+    found: dict[str, Optional[Snapshot] | str] = {}
+    for host_name, group in _by_host(inv, servers).items():
+        script = ("command -v restic >/dev/null 2>&1 || { echo NONE; exit 0; }\n"
+                  + program("restic.sh", **repository_inputs(inv, host_name))
+                  + "".join(f'printf "%s\\t" {hs.server_name}; restic snapshots --json --latest 1 '
+                            f'--host {hs.server_name} --tag "{tag(hs)}" | jq -c \'sort_by(.time) | last\'\n'
+                            for hs in group))
+        try:
+            remote = open_remote(inv, inv.hosts[host_name])
+            try:
+                res = remote.run(script, check=False, what="newest snapshots")
+            finally:
+                remote.close()
+        except SfabError as exc:
+            found.update({hs.server_name: str(exc).splitlines()[0] for hs in group})
+            continue
+        if res.out.strip() == "NONE" or res.code == 10 or (res.code and "no repository password" in res.err):
+            found.update({hs.server_name: None for hs in group})
+            continue
+        if res.code:
+            found.update({hs.server_name: (res.err.strip().splitlines() or ["restic failed"])[-1] for hs in group})
+            continue
+        for line in res.out.splitlines():
+            sn, _, doc = line.partition("\t")
+            snap = json.loads(doc) if doc.strip() not in ("", "null") else None
+            found[sn] = Snapshot(sn, snap["id"], snap["time"]) if snap else None
+    return found
+
+
+def age_problem(inv: Inventory, snap: Optional[Snapshot] | str, now: float) -> tuple[Optional[str], str]:
+    """(why `inv check` fails, or None; what it says) for a homeserver's newest snapshot."""
+    limit = inv.backup.stale_after_hours
+    scheduled = inv.backup.schedule is not None
+    if isinstance(snap, str):
+        return (f"cannot read the backups: {snap}", "")
+    if snap is None:
+        if scheduled:
+            return (f"no snapshot yet (backup.schedule is {inv.backup.schedule}; inv backup takes one now)", "")
+        return (None, "no snapshot (backup.schedule is not set: only inv backup takes them)")
+    # restic writes nanoseconds; Python reads at most microseconds
+    stamp = re.sub(r"(\.\d{6})\d+", r"\1", snap.time.replace("Z", "+00:00"))
+    taken = datetime.datetime.fromisoformat(stamp).timestamp()
+    hours = (now - taken) / 3600
+    said = f"newest {snap.short_id}, {hours:.1f} h old"
+    if hours > limit and scheduled:
+        return (f"{said}: older than backup.stale_after_hours ({limit})", "")
+    return (None, said + ("" if scheduled else " (no schedule)"))

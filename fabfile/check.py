@@ -15,6 +15,7 @@ import ipaddress
 import json
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -22,6 +23,7 @@ import dns.exception
 import dns.resolver
 
 from .inventory import Homeserver, Inventory
+from .render import cert_names
 
 CLOSED_PORTS = (5432, 8008, 8009)
 MIN_DAYS = 14
@@ -102,8 +104,7 @@ def check_homeserver(inv: Inventory, hs: Homeserver) -> list[Row]:
             problem = f"{type(exc).__name__}: {exc}"
         rows.append(Row(hs.server_name, check, problem is None, problem or ""))
 
-    names = [hs.server_name, hs.hostname] + ([hs.element.hostname] if hs.element.enabled else [])
-    names = list(dict.fromkeys(names))
+    names = cert_names(hs)
 
     for name in names:
         def dns_check(name=name):
@@ -190,6 +191,19 @@ def check_homeserver(inv: Inventory, hs: Homeserver) -> list[Row]:
         if open_ports:
             return f"port(s) {', '.join(open_ports)} answer on {host.address}"
     row("PostgreSQL/Synapse ports closed", ports_closed)
+    return rows
+
+
+def backup_rows(inv: Inventory, servers: list[Homeserver]) -> list[Row]:
+    """The age of each homeserver's newest snapshot (asked on its host, over SSH):
+    a FAIL past backup.stale_after_hours when backups are scheduled."""
+    from . import backup
+
+    now = time.time()
+    rows = []
+    for sn, snap in backup.newest(inv, servers).items():
+        problem, said = backup.age_problem(inv, snap, now)
+        rows.append(Row(sn, "newest backup snapshot", problem is None, problem or said))
     return rows
 
 

@@ -6,6 +6,7 @@ traceback. No library module imports this one."""
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 
 from invoke.exceptions import Exit
@@ -36,3 +37,20 @@ def expected_failures():
         yield
     except SfabError as exc:
         raise Exit(f"error: {exc}", code=exc.exit_code) from None
+
+
+def ask(question: str) -> bool:
+    """A yes/no question on the terminal; without one, refuse (the task's --yes
+    answers it instead)."""
+    if not sys.stdin.isatty():
+        raise TaskError(f"{question} Re-run with --yes to confirm (no terminal to ask on).")
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+
+def typed(question: str, answer: str) -> bool:
+    """A confirmation that must be typed (on the terminal or stdin): `answer` exactly."""
+    print(f"{question}\nType {answer!r} to confirm: ", end="", flush=True)
+    line = sys.stdin.readline()
+    if not line and not sys.stdin.isatty():
+        raise TaskError(f"{question} No answer on stdin: type {answer!r} there to confirm.")
+    return line.strip() == answer

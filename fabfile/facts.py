@@ -135,7 +135,7 @@ def element_sites(state: DesiredState) -> dict[str, str]:
             for hs in state.homeservers if hs.element.enabled}
 
 
-PERIODIC_JOBS = ("synapse-fabric-certificates", "synapse-fabric-element")
+PERIODIC_JOBS = ("synapse-fabric-certificates", "synapse-fabric-element", "synapse-fabric-backup")
 
 
 def optional_paths(state: DesiredState) -> list[str]:
@@ -147,7 +147,7 @@ def optional_paths(state: DesiredState) -> list[str]:
     return ([f"{d}/{name}" for d in element_sites(state) for name in ("signing-key.gpg", "feed-ca.pem")]
             + [p for job in PERIODIC_JOBS for p in (f"{SYSTEMD_DIR}/{job}.timer", f"{SYSTEMD_DIR}/{job}.service",
                                                      f"{CRON_DIR}/{job}")]
-            + [lay.bin("renew-certificates"), lay.bin("element-update"), lay.element_settings])
+            + [lay.bin("renew-certificates"), lay.bin("element-update"), lay.bin("backup"), lay.element_settings])
 
 
 def managed_dirs(state: DesiredState) -> list[str]:

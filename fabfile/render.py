@@ -260,6 +260,10 @@ def render_host(
         add(lay.bin("renew-certificates"), "reverse_proxy/bin/renew-certificates.j2", mode=0o755,
             proxy_dir=lay.proxy, servers=servers)
         files += _periodic("synapse-fabric-certificates", proxy_dir=lay.proxy)
+    if inv.backup.schedule and servers:
+        from .backup import host_program  # (backup.py imports this module)
+        files.append(RemoteFile(lay.bin("backup"), host_program(inv, servers), 0o700))
+        files += _periodic("synapse-fabric-backup", proxy_dir=lay.proxy, schedule=inv.backup.schedule)
     add(lay.vhost("00-default"), "reverse_proxy/nginx/conf.d/00-default.conf.j2", "proxy:reload")
     add(f"{lay.nginx_conf_d}/proxy-headers.inc", "reverse_proxy/nginx/conf.d/proxy-headers.inc.j2", "proxy:reload")
 

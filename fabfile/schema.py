@@ -351,6 +351,12 @@ class Keep(_Model):
     weekly: int = Field(4, ge=0, le=520)
     monthly: int = Field(12, ge=0, le=1200)
 
+    @model_validator(mode="after")
+    def _something(self):
+        if not (self.daily or self.weekly or self.monthly):
+            raise ValueError("keeping no snapshot at all would delete every backup: keep at least one")
+        return self
+
 
 class Backup(_Model):
     """Where restic keeps the homeservers' snapshots (fabfile/backup.py)."""
@@ -360,6 +366,21 @@ class Backup(_Model):
     # rest:https://host:8000/, s3:https://host/bucket, ... Credentials never go here.
     repository: str = "/var/backups/synapse-fabric/restic"
     keep: Keep = Keep()
+    # A snapshot of every homeserver each day at this time (HH:MM, the host's clock),
+    # then the retention; none: only `inv backup` makes snapshots.
+    schedule: Optional[str] = None
+    # `inv check` fails when a homeserver's newest snapshot is older than this
+    # (with a schedule, or once a snapshot exists).
+    stale_after_hours: int = Field(26, ge=1, le=24 * 365)
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _schedule(cls, v):
+        if isinstance(v, int):  # YAML 1.1 reads an unquoted 03:30 as the number 210
+            raise ValueError("write the time in quotes, like '03:30' (YAML reads 03:30 unquoted as a number)")
+        if v is not None and not re.match(r"^([01][0-9]|2[0-3]):[0-5][0-9]$", str(v)):
+            raise ValueError(f"{v!r} must be a time of day like 03:30 (the host's clock)")
+        return v
 
     @field_validator("repository")
     @classmethod

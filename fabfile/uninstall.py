@@ -76,11 +76,11 @@ def _take_down(remote: Remote, inv: Inventory, hs: Homeserver, backup: bool, log
         t0 = time.monotonic()
         taken = backup_mod.snapshot(remote, inv, hs)
         snap = taken.id
-        log(f"{hs.server_name}: last snapshot {taken.short_id} in {inv.backup.repository} on {hs.host} "
+        log(f"{hs.server_name}: last snapshot {taken.short_id} in {backup_mod.repository(inv, hs.host)} "
             f"in {time.monotonic() - t0:.1f}s")
     record = shlex.quote(lay.uninstalled(hs.server_name))
     fields = f"at={time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}" + (
-        f" snapshot={snap} repository={inv.backup.repository}" if snap else " snapshot=")
+        f" snapshot={snap} repository={backup_mod.repository(inv, hs.host)}" if snap else " snapshot=")
     remote.run(f"{COMPOSE_FN}mkdir -p {shlex.quote(lay.uninstalled_dir)} && "
                f"printf '%s\\n' {shlex.quote(fields)} > {record}.new && mv {record}.new {record} && "
                f"cd {root} && compose down --remove-orphans && cd / && rm -rf {root}",
@@ -120,7 +120,7 @@ def uninstall_homeserver(inv: Inventory, sn: str, backup: bool, confirm: Confirm
     rewrite(inv.path, lambda doc: doc["homeservers"].pop(sn))
     log(f"done: {sn} is gone from {hs.host}; the others there keep serving. {inv.path} no longer names it.")
     if snap:
-        log(f"Its last snapshot is {snap[:8]} in {inv.backup.repository} on {hs.host} "
+        log(f"Its last snapshot is {snap[:8]} in {backup_mod.repository(inv, hs.host)} "
             f"(repository password: {kept}); `inv backups --homeserver {sn}` lists it while hosts.yaml names it.")
     log(f"Remove the DNS records of {', '.join(_names(hs))} when nothing should reach them any more.")
 
@@ -174,5 +174,5 @@ def uninstall_host(inv: Inventory, host_name: str, backup: bool, confirm: Confir
         + (f" nor {', '.join(snaps)}" if snaps else "") + ".")
     for sn, snap in snaps.items():
         if snap:
-            log(f"{sn}: last snapshot {snap[:8]} in {inv.backup.repository} on {host.name} "
+            log(f"{sn}: last snapshot {snap[:8]} in {backup_mod.repository(inv, host.name)} "
                 f"(repository password kept here: {kept})")

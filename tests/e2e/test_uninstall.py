@@ -31,6 +31,8 @@ def _add(doc, sn: str, host: str) -> None:
     doc["homeservers"][sn] = {
         "host": host,
         "federation": {"trusted_ca": TEST_CA, "allow_ip_ranges": ["172.29.231.0/24"], "trusted_key_servers": []},
+        # the tests' rate limits (hosts.yaml's): they send faster than people do
+        "synapse_settings": doc["homeservers"]["one.test"]["synapse_settings"],
     }
 
 
@@ -104,7 +106,7 @@ true""")
         last = re.search(r"last snapshot ([0-9a-f]{8})", res.stdout).group(1)
         listed = run(["inv", "backups", "--homeserver", sn], stale)
         assert listed.returncode == 0 and listed.stdout.splitlines()[-1].split()[:2] == [sn, last]
-        files = on_host("vps1", "RESTIC_REPOSITORY=/var/backups/synapse-fabric/restic "
+        files = on_host("vps1", "RESTIC_REPOSITORY=/var/backups/synapse-fabric/restic/vps1 "
                                 "RESTIC_PASSWORD_FILE=/etc/synapse-fabric/backup/restic-password "
                                 f"restic ls latest --tag synapse-fabric:{sn}")
         assert f"/opt/matrix/.synapse-fabric/backup/{sn}/database.pgdump" in files
@@ -144,7 +146,7 @@ true""")
         assert left.strip() == "", left
         # Docker and the last snapshot stay
         assert on_host("vps3", "docker info -f '{{.ServerVersion}}'").strip()
-        assert sn in on_host("vps3", "RESTIC_REPOSITORY=/var/backups/synapse-fabric/restic "
+        assert sn in on_host("vps3", "RESTIC_REPOSITORY=/var/backups/synapse-fabric/restic/vps3 "
                                      "RESTIC_PASSWORD_FILE=/etc/synapse-fabric/backup/restic-password "
                                      "restic snapshots --json")
         text = inv.read_text()

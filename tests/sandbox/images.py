@@ -87,6 +87,7 @@ SPECS: dict[str, Spec] = {s.name: s for s in [
     Spec("host", "synapse-fabric/sandbox-host:{hash12}", base="base"),
     Spec("host13", "synapse-fabric/sandbox-host13:{hash12}"),
     Spec("infra", "synapse-fabric/sandbox-infra:{hash12}", base="base"),
+    Spec("store", "synapse-fabric/sandbox-store:{hash12}"),
 ]}
 
 

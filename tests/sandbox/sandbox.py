@@ -47,7 +47,7 @@ DNS_API_PORT = 8055
 DNS_API = f"http://{INFRA_IP}:{DNS_API_PORT}"
 
 IMAGE_ENV = {"host": "SFAB_HOST_IMAGE", "host13": "SFAB_HOST13_IMAGE", "infra": "SFAB_INFRA_IMAGE",
-             "nginx": "SFAB_NGINX_IMAGE"}
+             "nginx": "SFAB_NGINX_IMAGE", "store": "SFAB_STORE_IMAGE"}
 
 # The registry in sfab-infra: this machine pushes to it on 127.0.0.1, hosts with
 # `images: pull` use it as their Docker registry mirror (a host-level setting,
@@ -80,6 +80,9 @@ HOSTS: dict[str, Host] = {h.name: h for h in [
 # Set in challtestsrv at every `up` (tests may move names with set_dns()).
 RELEASES_NAME = "releases.test"
 RELEASES_IP = "172.29.231.3"
+# restic's REST server: a backup repository off the hosts (rest:http://store.test:8000/<name>)
+STORE_NAME = "store.test"
+STORE_IP = "172.29.231.4"
 
 DNS_RECORDS: dict[str, str] = {
     ACME_NAME: INFRA_IP,
@@ -92,6 +95,7 @@ DNS_RECORDS: dict[str, str] = {
     "matrix.two.test": HOSTS["vps2"].ip,
     "admin.two.test": HOSTS["vps2"].ip,  # two.test's admin UI, when a test turns it on
     RELEASES_NAME: RELEASES_IP,
+    STORE_NAME: STORE_IP,
 }
 
 
@@ -624,7 +628,9 @@ def down(log=print) -> None:
 def status() -> list[tuple[str, str, str, str]]:
     """Rows of (container, address, state, role)."""
     rows = []
-    entries = [(INFRA_CONTAINER, INFRA_IP, "dns :53, acme :14000, mgmt :15000, dns api :8055")]
+    entries = [(INFRA_CONTAINER, INFRA_IP, "dns :53, acme :14000, mgmt :15000, dns api :8055"),
+               ("sfab-releases", RELEASES_IP, "Element release feed (releases.test :443)"),
+               ("sfab-store", STORE_IP, "restic REST server (store.test :8000)")]
     entries += [(h.container, h.ip, f"Debian {h.debian}, {'systemd' if h.systemd else 'no systemd'}; "
                  f"ssh {h.user}@{h.ip}") for h in HOSTS.values()]
     for container, ip, role in entries:

@@ -247,3 +247,21 @@ def test_admin_ui_is_served_only_to_the_allowlist_and_talks_to_its_homeserver_on
     plain = render(ONE_HOST_TWO_SERVERS, "web")
     assert "admin_ui" not in plain.image_refs and not any("ketesa" in i for i in plain.images)
     assert not any("admin-ui" in s for s in compose(plain, f"{base}/docker-compose.yml")["services"])
+
+
+def test_scheduled_backups_only_when_asked_with_the_retention_and_the_time():
+    assert not any("backup" in p for p in files(render(ONE_HOST_TWO_SERVERS, "web")))
+    state = render(ONE_HOST_TWO_SERVERS + 'backup: {schedule: "04:05", keep: {daily: 3, weekly: 0}}\n', "web")
+    f = files(state)
+    program = f["/opt/matrix/reverse_proxy/bin/backup"]
+    assert program.mode == 0o700
+    text = program.content.decode()
+    for sn in ("one.example", "two.example"):
+        assert f"server_name={sn}\n" in text and f"tag=synapse-fabric:{sn}\n" in text
+    assert "keep_daily=3\n" in text and "keep_weekly=0\n" in text and "keep_monthly=12\n" in text
+    assert "OnCalendar=*-*-* 04:05:00" in f["/etc/systemd/system/synapse-fabric-backup.timer"].content.decode()
+    assert "\n5 4 * * * root /opt/matrix/reverse_proxy/bin/backup" in f["/etc/cron.d/synapse-fabric-backup"].content.decode()
+    with pytest.raises(InventoryError, match="in quotes"):
+        parse(textwrap.dedent(ONE_HOST_TWO_SERVERS) + "backup: {schedule: 3:30}\n")
+    with pytest.raises(InventoryError, match="keep at least one"):
+        parse(textwrap.dedent(ONE_HOST_TWO_SERVERS) + "backup: {keep: {daily: 0, weekly: 0, monthly: 0}}\n")

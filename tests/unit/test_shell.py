@@ -78,3 +78,12 @@ def test_element_update_is_shipped_as_it_is_and_passes_shellcheck():
     assert state.file("/opt/matrix/reverse_proxy/bin/element-update").content == static.read_bytes()
     res = subprocess.run([SHELLCHECK, "-s", "sh", str(static)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout
+
+
+def test_rendered_backup_program_passes_shellcheck(tmp_path):
+    inv = INV.model_copy(update={"backup": INV.backup.model_copy(update={"schedule": "03:30"})})
+    state = render_host(inv, "web")
+    path = tmp_path / "backup"
+    path.write_bytes(state.file("/opt/matrix/reverse_proxy/bin/backup").content)
+    res = subprocess.run([SHELLCHECK, "-s", "sh", str(path)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout
