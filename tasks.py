@@ -224,6 +224,21 @@ def logs(c, homeserver, service="synapse", since="1h", tail=200, follow=False):
             pass
 
 
+@task(
+    help={
+        "homeserver": "only this homeserver (server_name); default: every one that needs it, one at a time",
+        "check": "only say, per homeserver, what runs, what the inventory asks for and what would happen",
+    }
+)
+def upgrade(c, homeserver=None, check=False):
+    """Move Synapse to the inventory's image: dump first, roll back if it fails."""
+    from fabfile import upgrade as upgrade_mod
+
+    inv = load_inventory(c)
+    with expected_failures():
+        upgrade_mod.upgrade(inv, homeserver, check, lambda line: print(line, flush=True))
+
+
 @task(help={"homeserver": "only this homeserver (server_name); default: every one"})
 def backup(c, homeserver=None):
     """Take a restic snapshot of a homeserver (database dump, keys, config, media) now."""
@@ -299,5 +314,5 @@ def check(c, homeserver=None):
 
 
 ns = Collection(deploy, register_user, reset_password, users, deactivate_user, make_admin, registration_token,
-                purge_remote_media, purge_history, logs, backup, backups, restore, uninstall, migrate_host, element_update, check)
+                purge_remote_media, purge_history, logs, upgrade, backup, backups, restore, uninstall, migrate_host, element_update, check)
 ns.configure(CONFIG_DEFAULTS)

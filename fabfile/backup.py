@@ -90,8 +90,8 @@ def keep_password(remote: Remote, host: Host) -> Path:
 
 def _snapshot_program(inv: Inventory, hs: Homeserver) -> str:
     lay = Layout(inv.hosts[hs.host].base_dir)
-    return program("restic.sh", "backup.sh", **repository_inputs(inv, hs.host, create=True),
-                   project=synapse_project(hs),
+    return program("restic.sh", "dump.sh", "backup.sh", **repository_inputs(inv, hs.host, create=True),
+                   one_time_keys="no", cleanup="yes", project=synapse_project(hs),
                    server_name=hs.server_name, pg_user=hs.postgres.user, pg_db=hs.postgres.database,
                    staging=lay.backup_staging(hs.server_name), tag=tag(hs),
                    paths="\n".join(lay.backup_paths(hs.server_name)))

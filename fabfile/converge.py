@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from . import docker, facts as facts_mod, guard, plan as plan_mod, postgres, steps
+from . import docker, facts as facts_mod, guard, plan as plan_mod, postgres, steps, versions
 from .plan import Plan
 from .remote import Remote, RemoteError
 from .render import PROXY_PROJECT, render_host, synapse_project
@@ -31,11 +31,14 @@ class HostResult:
 
 def converge(remote: Remote, state, local_images, report: Reporter, result: HostResult,
              dry_run: bool = False, install: bool = False, hold: tuple[str, ...] = (),
-             pull: bool = False, migrating: str = "", facts_out: Optional[str] = None) -> None:
+             pull: bool = False, migrating: str = "", facts_out: Optional[str] = None,
+             synapse_pins: Optional[dict[str, str]] = None) -> None:
     """One host, already opened and locked. `hold`: homeservers whose Synapse must
     not start (a migration starts only their PostgreSQL, to restore into it);
     `migrating`: the homeserver a migration moves (its records do not stop it);
-    `facts_out`: the facts script's output when the lock brought it."""
+    `facts_out`: the facts script's output when the lock brought it; `synapse_pins`:
+    the Synapse image of some homeservers, set by `inv upgrade` (the others keep the
+    one they run: fabfile/versions.py)."""
     name = state.host.name
     log = lambda msg: report.line(name, msg)  # noqa: E731
     if install:
@@ -57,10 +60,11 @@ def converge(remote: Remote, state, local_images, report: Reporter, result: Host
         raise RemoteError(f"{name}: neither `docker compose` nor `docker-compose` is installed; run bootstrap")
     guard.check(state, facts, remote.inv.path, migrating)
     keep, notes = postgres.keep_majors(state, facts)
-    for note in notes:
+    keep_synapse, synapse_notes = versions.keep_synapse(state, facts, synapse_pins)
+    for note in notes + synapse_notes:
         log(note)
-    if keep:  # same paths, another image in those homeservers' compose files
-        state = render_host(remote.inv, name, keep_postgres=keep)
+    if keep or keep_synapse:  # same paths, another image in those homeservers' compose files
+        state = render_host(remote.inv, name, keep_postgres=keep, keep_synapse=keep_synapse)
     push = state.host.images == "push"
     plan = plan_mod.make(state, facts, local_images, push, refresh_tags=pull)
     result.ok = plan.ok

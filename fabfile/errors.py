@@ -34,6 +34,10 @@ class TaskError(SfabError):
     exit_code = 2
 
 
+class RolledBack(SfabError):
+    """An operation failed and was undone: the host runs as it did before (exit 1)."""
+
+
 class RemoteError(SfabError):
     """A remote step failed; the message names the host, the step and stderr's tail.
     `code` is the remote command's exit status when it ran to the end."""

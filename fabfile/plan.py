@@ -75,17 +75,14 @@ def _pulls(state: DesiredState, facts: Facts, refresh_tags: bool) -> list[str]:
     tag (a rebuilt tag upstream; digest pins never need it)."""
     services = {"nginx": [(PROXY_PROJECT, "nginx")],
                 "admin_ui": [(PROXY_PROJECT, admin_ui_service(hs)) for hs in state.homeservers if hs.admin_ui.enabled]}
-    for hs in state.homeservers:
-        for role in ("synapse", "postgres"):
-            services.setdefault(role, []).append((synapse_project(hs), role))
     wanted: dict[str, list[tuple[str, str]]] = {}
     for role, ref in state.image_refs.items():
-        if role == "postgres" or (role == "synapse" and not state.homeservers):
+        if role in ("postgres", "synapse"):
             continue
         wanted.setdefault(ref, []).extend(services.get(role, []))
-    for hs in state.homeservers:  # a homeserver that keeps an older PostgreSQL major
-        ref = state.postgres_image(hs)
-        wanted.setdefault(ref, []).append((synapse_project(hs), "postgres"))
+    for hs in state.homeservers:  # each homeserver's own (an older major, a Synapse kept until upgraded)
+        wanted.setdefault(state.postgres_image(hs), []).append((synapse_project(hs), "postgres"))
+        wanted.setdefault(state.synapse_image(hs), []).append((synapse_project(hs), "synapse"))
     pulls = []
     for ref, users in sorted(wanted.items()):
         is_tag = "@" not in ref

@@ -76,6 +76,7 @@ class DesiredState:
     image_refs: dict = field(default_factory=dict)  # role (synapse, nginx, ...) -> reference
     acme: object = None  # the inventory's Acme settings when ACME is enabled
     postgres_images: dict = field(default_factory=dict)  # server_name -> its PostgreSQL image
+    synapse_images: dict = field(default_factory=dict)  # server_name -> its Synapse image
 
     @property
     def layout(self) -> Layout:
@@ -84,11 +85,14 @@ class DesiredState:
     def postgres_image(self, hs: Homeserver) -> str:
         return self.postgres_images[hs.server_name]
 
+    def synapse_image(self, hs: Homeserver) -> str:
+        return self.synapse_images[hs.server_name]
+
     def image_triggers(self, ref: str) -> set[str]:
         """What must be recreated when the image behind `ref` changes."""
         out = {"proxy:stack"} if ref in (self.image_refs.get("nginx"), self.image_refs.get("admin_ui")) else set()
         out |= {f"synapse:{hs.server_name}:stack" for hs in self.homeservers
-                if ref in (self.image_refs.get("synapse"), self.postgres_image(hs))}
+                if ref in (self.synapse_image(hs), self.postgres_image(hs))}
         return out
 
     def file(self, path: str) -> RemoteFile:
@@ -198,12 +202,13 @@ def element_settings(sites, lock_file: str = ELEMENT_LOCK,
 
 def render_host(
     inv: Inventory, host_name: str, read: Callable[[Path], bytes] = Path.read_bytes,
-    keep_postgres: dict[str, str] | None = None,
+    keep_postgres: dict[str, str] | None = None, keep_synapse: dict[str, str] | None = None,
 ) -> DesiredState:
     """Everything host `host_name` must hold. `read` loads the local files the
     inventory names (CA bundles). `keep_postgres` names, per homeserver, the
     PostgreSQL image its existing database needs when the inventory's has another
-    major version (see fabfile/postgres.py)."""
+    major version (see fabfile/postgres.py); `keep_synapse`, the Synapse image a
+    homeserver keeps until `inv upgrade` moves it (fabfile/versions.py)."""
     host = inv.hosts[host_name]
     lay = Layout(host.base_dir)
     servers = sorted(inv.homeservers_on(host_name), key=lambda hs: hs.server_name)
@@ -212,6 +217,8 @@ def render_host(
     common = {"host": host, "network": NETWORK, "images": images}
     postgres_images = {hs.server_name: (keep_postgres or {}).get(hs.server_name)
                        or hs.postgres.image or images["postgres"] for hs in servers}
+    synapse_images = {hs.server_name: (keep_synapse or {}).get(hs.server_name) or images["synapse"]
+                      for hs in servers}
 
     dirs: list[RemoteDir] = [
         RemoteDir(lay.base),
@@ -329,7 +336,8 @@ def render_host(
         sn = hs.server_name
         root = lay.synapse(sn)
         ctx = {"hs": hs, "upstream": synapse_upstream(hs), "project": synapse_project(hs),
-               "postgres_image": postgres_images[sn], "hs_network": synapse_network(hs)}
+               "postgres_image": postgres_images[sn], "synapse_image": synapse_images[sn],
+               "hs_network": synapse_network(hs)}
         dirs += [
             RemoteDir(root),
             RemoteDir(lay.data(sn), 0o750, SYNAPSE_UID),
@@ -368,6 +376,7 @@ def render_host(
         image_refs={k: v for k, v in images.items() if k != "admin_ui" or admin_uis},
         acme=inv.acme if inv.acme.enabled else None,
         postgres_images=postgres_images,
-        images=tuple(sorted({images["nginx"], images["certbot"]} | ({images["admin_ui"]} if admin_uis else set()) | (
-            {images["synapse"], *postgres_images.values()} if servers else set()))),
+        synapse_images=synapse_images,
+        images=tuple(sorted({images["nginx"], images["certbot"]} | ({images["admin_ui"]} if admin_uis else set())
+                            | {*synapse_images.values(), *postgres_images.values()})),
     )

@@ -64,8 +64,12 @@ def _converge(remote: Remote, inv: Inventory, log: Log, migrating: str, hold=())
              install=True, hold=hold, migrating=migrating)
 
 
-def _restore_database(remote: Remote, hs: Homeserver, dump_dir: str, log: Log) -> str:
-    """pg_restore into the fresh database; the schema version the dump recorded."""
+def load_dump(remote: Remote, hs: Homeserver, dump_dir: str, log: Log, recreate: bool = False,
+              forget_one_time_keys: bool = True) -> str:
+    """pg_restore `dump_dir`/database.pgdump into the homeserver's database, which
+    must be empty (`recreate`: dropped and made again first, UTF8 with C collation and
+    ctype); `forget_one_time_keys`: empty that table after (a backup's restore). The
+    schema version must be the one the dump recorded; returns it."""
     pg = hs.postgres
     find_pg = f"pg={container(synapse_project(hs), 'postgres')}; "
     # a fresh data directory: the image's first start runs initdb on a temporary
@@ -73,9 +77,14 @@ def _restore_database(remote: Remote, hs: Homeserver, dump_dir: str, log: Log) -
     remote.run(find_pg + f'for i in $(seq 120); do docker exec "$pg" pg_isready -q -h 127.0.0.1 -U {pg.user} '
                '&& exit 0; sleep 1; done; echo "PostgreSQL did not start" >&2; exit 1',
                what="PostgreSQL ready", timeout=180)
+    if recreate:  # identifiers validated by the inventory
+        remote.run(find_pg + f'docker exec -i "$pg" psql -X -q -v ON_ERROR_STOP=1 -U {pg.user} -d postgres',
+                   stdin=(f'DROP DATABASE IF EXISTS "{pg.database}";\n'
+                          f'CREATE DATABASE "{pg.database}" OWNER "{pg.user}" ENCODING \'UTF8\' LC_COLLATE \'C\' '
+                          "LC_CTYPE 'C' TEMPLATE template0;\n").encode(), what="an empty database")
     tables = remote.run(find_pg + f'docker exec "$pg" psql -X -At -U {pg.user} -d {pg.database} -c '
                         "\"SELECT count(*) FROM pg_tables WHERE schemaname = 'public'\"",
-                        what="the new database is empty").out.strip()
+                        what="the database is empty").out.strip()
     if tables != "0":
         raise TaskError(f"{hs.server_name}'s database on this host already has {tables} tables: a dump is never "
                         "restored over an existing database (Synapse's guidance)")
@@ -84,14 +93,14 @@ def _restore_database(remote: Remote, hs: Homeserver, dump_dir: str, log: Log) -
     remote.run(find_pg + f'docker exec -i "$pg" pg_restore -U {pg.user} -d {pg.database} --no-owner '
                f"--exit-on-error --single-transaction < {dump}", what="pg_restore", timeout=7200)
     expected = remote.run(f"cat {shlex.quote(dump_dir + '/schema-version')}", what="schema version").out.strip()
-    found = remote.run(find_pg + f'docker exec "$pg" psql -X -At -U {pg.user} -d {pg.database} -c '
-                       '"TRUNCATE e2e_one_time_keys_json; SELECT version FROM schema_version"',
-                       what="one-time keys emptied, schema version").out.strip().splitlines()[-1]
+    sql = ("TRUNCATE e2e_one_time_keys_json; " if forget_one_time_keys else "") + "SELECT version FROM schema_version"
+    found = remote.run(find_pg + f'docker exec "$pg" psql -X -At -U {pg.user} -d {pg.database} -c "{sql}"',
+                       what="schema version").out.strip().splitlines()[-1]
     if found != expected:
         raise TaskError(f"{hs.server_name}: the restored database has schema version {found}, the dump "
                         f"recorded {expected}")
-    log(f"{hs.server_name}: database restored in {time.monotonic() - t0:.1f}s (schema version {found}); "
-        "one-time keys emptied: clients upload new ones")
+    log(f"{hs.server_name}: database restored in {time.monotonic() - t0:.1f}s (schema version {found})"
+        + ("; one-time keys emptied: clients upload new ones" if forget_one_time_keys else ""))
     return found
 
 
@@ -137,7 +146,7 @@ def restore(inv: Inventory, sn: str, snapshot: Optional[str], to: Optional[str],
         log(f"{sn}: {out.strip().splitlines()[-1]} in {time.monotonic() - t0:.1f}s")
         remote.run(f"rm -f {shlex.quote(lay.uninstalled(sn))}", what="an uninstall's record, if any")
         _converge(remote, after, log, sn, hold=(sn,))
-        _restore_database(remote, hs, dump_dir, log)
+        load_dump(remote, hs, dump_dir, log)
         _converge(remote, after, log, sn)
         remote.run(f"rm -rf {shlex.quote(dump_dir)}", what="the restored dump")
         if moving:

@@ -78,6 +78,11 @@ SPECS: dict[str, Spec] = {s.name: s for s in [
     Spec("base13", "synapse-fabric/debian:trixie-{hash12}", base=None, dir="base", suite="trixie"),
     Spec("synapse", "matrixdotorg/synapse:v1.163.2",
          wheels=["matrix-synapse==1.163.2", "psycopg2-binary==2.9.13"]),
+    # the release before: what `inv upgrade` starts from (tests/e2e/test_upgrade.py)
+    Spec("synapse-prev", "matrixdotorg/synapse:v1.162.0", dir="synapse",
+         wheels=["matrix-synapse==1.162.0", "psycopg2-binary==2.9.13"]),
+    # a new version that fails half-way through its migrations (tests only)
+    Spec("synapse-broken", "synapse-fabric/synapse-broken:{hash12}", base="synapse"),
     Spec("postgres", "postgres:17-trixie", args={"PG_MAJOR": "17"}),
     # what homeservers created before the default moved to 17 keep running
     Spec("postgres15", "postgres:15-bookworm", base="base", dir="postgres", args={"PG_MAJOR": "15"}),

@@ -331,3 +331,25 @@ def test_a_feature_turned_off_stops_running():
     plan = make(state, facts, LOCAL(state), push=True)
     assert sorted(plan.remove) == sorted(gone)
     assert all(c.detail == "not needed on this host" for c in plan.changes)
+
+
+def test_a_deploy_keeps_the_running_synapse_image_and_an_upgrade_pin_moves_it():
+    from fabfile.versions import keep_synapse
+
+    old = "matrixdotorg/synapse:v1.162.0"
+    state = render_host(INV, "web")
+    # the host as an earlier deploy left it: one.example on the previous release
+    before = render_host(INV, "web", keep_synapse={"one.example": old})
+    facts = converged(before)
+    facts.containers = [c if not (c.project == "synapse-one-example" and c.service == "synapse")
+                        else Container(c.project, "synapse", "running", "Up", "b", old) for c in facts.containers]
+    keep, notes = keep_synapse(state, facts)
+    assert keep == {"one.example": old} and len(notes) == 1 and "inv upgrade --homeserver one.example" in notes[0]
+    kept = render_host(INV, "web", keep_synapse=keep)
+    assert kept.synapse_image(kept.homeservers[1]) == state.image_refs["synapse"]  # two.example: the inventory's
+    assert make(kept, facts, LOCAL(kept), push=True).empty  # nothing recreated: it keeps what runs
+    # an upgrade pins the inventory's image: one.example is recreated, two.example is not
+    keep, notes = keep_synapse(state, facts, {"one.example": state.image_refs["synapse"]})
+    assert notes == []
+    plan = make(render_host(INV, "web", keep_synapse=keep), facts, LOCAL(state), push=True)
+    assert plan.synapse_up == ["one.example"]
