@@ -239,6 +239,28 @@ def upgrade(c, homeserver=None, check=False):
         upgrade_mod.upgrade(inv, homeserver, check, lambda line: print(line, flush=True))
 
 
+@task(
+    help={
+        "homeserver": "the homeserver (server_name) whose database moves",
+        "to": "the PostgreSQL major version to move to (e.g. 17)",
+        "finish": "remove the old data directory kept by an earlier move",
+        "rollback": "return to the old data directory kept by an earlier move",
+    }
+)
+def upgrade_postgres(c, homeserver, to=None, finish=False, rollback=False):
+    """Move a homeserver's database to a newer PostgreSQL major, beside the old one."""
+    from fabfile import pg_upgrade
+
+    inv = load_inventory(c)
+    with expected_failures():
+        if finish and rollback:
+            raise TaskError("--finish or --rollback, not both")
+        if to is not None and not str(to).isdigit():
+            raise TaskError(f"--to {to!r} is not a PostgreSQL major version (e.g. 17)")
+        pg_upgrade.upgrade_postgres(inv, homeserver, int(to) if to is not None else None, finish, rollback,
+                                    lambda line: print(line, flush=True))
+
+
 @task(help={"homeserver": "only this homeserver (server_name); default: every one"})
 def backup(c, homeserver=None):
     """Take a restic snapshot of a homeserver (database dump, keys, config, media) now."""
@@ -314,5 +336,5 @@ def check(c, homeserver=None):
 
 
 ns = Collection(deploy, register_user, reset_password, users, deactivate_user, make_admin, registration_token,
-                purge_remote_media, purge_history, logs, upgrade, backup, backups, restore, uninstall, migrate_host, element_update, check)
+                purge_remote_media, purge_history, logs, upgrade, upgrade_postgres, backup, backups, restore, uninstall, migrate_host, element_update, check)
 ns.configure(CONFIG_DEFAULTS)

@@ -84,7 +84,7 @@ def _converge(remote: Remote, inv: Inventory, hs: Homeserver, image: str, log: L
              synapse_pins={hs.server_name: image})
 
 
-def _answers(remote: Remote, hs: Homeserver) -> None:
+def check_answers(remote: Remote, hs: Homeserver) -> None:
     """A real client request through the new Synapse: whoami and a sync."""
     admin.call(remote, hs, "GET", "/_matrix/client/v3/account/whoami")
     admin.call(remote, hs, "GET", "/_matrix/client/v3/sync?timeout=0")
@@ -111,7 +111,7 @@ def upgrade_one(remote: Remote, inv: Inventory, hs: Homeserver, old: str, new: s
     log(f"{sn}: database dumped ({dump_dir}/database.pgdump, schema version {schema})")
     try:
         _converge(remote, inv, hs, new, log)
-        _answers(remote, hs)
+        check_answers(remote, hs)
     except SfabError as exc:
         failed_log = f"{dump_dir}/failed-synapse.log"
         remote.run(f"c={container(synapse_project(hs), 'synapse')}; c=${{c:-$(docker ps -aq --filter "
@@ -123,7 +123,7 @@ def upgrade_one(remote: Remote, inv: Inventory, hs: Homeserver, old: str, new: s
         log(f"{sn}: {new} failed ({str(exc).splitlines()[0]}); rolling back to {old}")
         load_dump(remote, hs, dump_dir, log, recreate=True, forget_one_time_keys=False)
         _converge(remote, inv, hs, old, log)
-        _answers(remote, hs)
+        check_answers(remote, hs)
         raise RolledBack(f"{sn}: the upgrade to {new} failed and was rolled back: {old} runs again on the database "
                         f"as it was before (restored from {dump_dir}/database.pgdump, schema version {schema}). "
                         f"The failed Synapse's logs are on {hs.host} in {failed_log}") from None
