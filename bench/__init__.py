@@ -19,3 +19,18 @@ def write_figures(name: str, figures: dict) -> int:
     print(json.dumps(figures, indent=2))
     print(f"written to {out.relative_to(REPO)}")
     return 0
+
+
+def drop_homeserver(sn: str, inventory: Path) -> None:
+    """A benchmark's own homeserver off the sandbox again: uninstalled (no backup, the
+    name typed on stdin) with `inventory`, and its sandbox DNS names removed."""
+    import os
+    import sys
+
+    from tests.sandbox import sandbox as sb
+
+    subprocess.run([str(Path(sys.executable).parent / "inv"), "uninstall", "--homeserver", sn, "--no-backup"],
+                   cwd=REPO, input=f"{sn}\n", text=True, capture_output=True,
+                   env={**os.environ, "INVOKE_INVENTORY": str(inventory)})
+    for name in (sn, f"matrix.{sn}"):
+        sb.set_dns(name, None)

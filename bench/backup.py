@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import write_figures
+from bench import drop_homeserver, write_figures
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -105,11 +105,8 @@ def main() -> int:
         figures["restore_same_host_seconds"] = round(secs, 1)
         figures["restore_says"] = [line for line in out.splitlines() if "restored" in line]
     finally:
-        subprocess.run([str(BIN / "inv"), "uninstall", "--homeserver", SN, "--no-backup"], cwd=REPO, input=f"{SN}\n",
-                       text=True, capture_output=True, env={**os.environ, "INVOKE_INVENTORY": str(inventory)})
+        drop_homeserver(SN, inventory)
         inv(["deploy", "--host", "vps1"], REPO / "hosts.yaml")
-        for name in (SN, f"matrix.{SN}"):
-            sb.set_dns(name, None)
         inventory.unlink(missing_ok=True)
     return write_figures("backup", figures)
 

@@ -10,14 +10,12 @@ Writes bench/results/upgrades.json. Not a test: nothing asserts a time.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench import write_figures
+from bench import drop_homeserver, write_figures
 from bench.backup import fill, inv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,10 +67,7 @@ def main() -> int:
         figures["postgres_15_to_17"]["size"] = on_host(
             "vps2", f"du -sh /opt/matrix/synapse/{SN}/postgres-15.old | cut -f1").strip()
     finally:
-        subprocess.run([str(BIN / "inv"), "uninstall", "--homeserver", SN, "--no-backup"], cwd=REPO, input=f"{SN}\n",
-                       text=True, capture_output=True, env={**os.environ, "INVOKE_INVENTORY": str(inventory)})
-        for name in (SN, f"matrix.{SN}"):
-            sb.set_dns(name, None)
+        drop_homeserver(SN, inventory)
         inventory.unlink(missing_ok=True)
     return write_figures("upgrades", figures)
 

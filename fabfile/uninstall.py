@@ -30,7 +30,7 @@ from .facts import PERIODIC_JOBS
 from .inventory import Homeserver, Inventory, rewrite
 from .layout import BASE_RECORD, CRON_DIR, SYSTEMD_DIR, Layout
 from .remote import Remote, locked
-from .render import render_host, synapse_network
+from .render import cert_names, render_host, synapse_network
 from .report import LineWriter, Reporter
 
 Log = Callable[[str], None]
@@ -122,13 +122,7 @@ def uninstall_homeserver(inv: Inventory, sn: str, backup: bool, confirm: Confirm
     if snap:
         log(f"Its last snapshot is {snap[:8]} in {backup_mod.repository(inv, hs.host)} "
             f"(repository password: {kept}); `inv backups --homeserver {sn}` lists it while hosts.yaml names it.")
-    log(f"Remove the DNS records of {', '.join(_names(hs))} when nothing should reach them any more.")
-
-
-def _names(hs: Homeserver) -> list[str]:
-    names = [hs.server_name, hs.hostname]
-    names += [site.hostname for site in (hs.element, hs.admin_ui) if site.enabled]
-    return list(dict.fromkeys(names))
+    log(f"Remove the DNS records of {', '.join(cert_names(hs))} when nothing should reach them any more.")
 
 
 def uninstall_host(inv: Inventory, host_name: str, backup: bool, confirm: Confirm, log: Log) -> None:
