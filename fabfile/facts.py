@@ -23,6 +23,7 @@ The script prints one tab-separated record a line:
     X  server_name record          a homeserver this host handed over (inv migrate-host)
     U  server_name record          a homeserver `inv uninstall` removed from this host
     R  server_name record          a migration of this homeserver in progress from this host
+    F  up|down sshd_ports          the firewall's chains hooked in or not; sshd's ports
     W  base_dir names              the base_dir this host was deployed with, and the homeserver
                                    directories under it
 """
@@ -32,7 +33,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 
-from .layout import BASE_RECORD, CRON_DIR, SYNAPSE_UID, SYSTEMD_DIR
+from .layout import BASE_RECORD, CRON_DIR, FIREWALL_DIR, SYNAPSE_UID, SYSTEMD_DIR
 from .render import DesiredState
 from .shell import program
 
@@ -77,6 +78,8 @@ class Facts:
     handed_over: dict[str, dict[str, str]] = field(default_factory=dict)  # sn -> {to, address, at}
     migrating: dict[str, dict[str, str]] = field(default_factory=dict)  # sn -> {to, phase}
     base_record: tuple[str, list[str]] | None = None  # (recorded base_dir, homeservers there)
+    firewall: str = ""  # "up": our chains hooked in; "down": not (or partly); "": not looked at / none
+    sshd_ports: list[int] = field(default_factory=list)  # where sshd listens (looked at with a firewall)
 
     @property
     def systemd(self) -> bool:
@@ -147,6 +150,7 @@ def optional_paths(state: DesiredState) -> list[str]:
     return ([f"{d}/{name}" for d in element_sites(state) for name in ("signing-key.gpg", "feed-ca.pem")]
             + [p for job in PERIODIC_JOBS for p in (f"{SYSTEMD_DIR}/{job}.timer", f"{SYSTEMD_DIR}/{job}.service",
                                                      f"{CRON_DIR}/{job}")]
+            + [f"{SYSTEMD_DIR}/synapse-fabric-firewall.service", f"{CRON_DIR}/synapse-fabric-firewall"]
             + [lay.bin("renew-certificates"), lay.bin("element-update"), lay.bin("backup"), lay.element_settings])
 
 
@@ -164,8 +168,15 @@ def owned_dirs(state: DesiredState) -> list[str]:
 
 
 def timers(state: DesiredState) -> list[str]:
-    """The systemd timer units this host must run (on a systemd host)."""
-    return [f.path.rsplit("/", 1)[1] for f in state.files if f.when == "systemd" and f.path.endswith(".timer")]
+    """The systemd units this host must have enabled and active (on a systemd host):
+    the periodic jobs' timers and the firewall's boot unit."""
+    return list(dict.fromkeys(f.trigger.split(":", 1)[1] for f in state.files
+                              if f.when == "systemd" and f.trigger.startswith("systemd:")))
+
+
+def firewall_script(state: DesiredState) -> list[str]:
+    """The F record (fabfile/scripts/firewall-facts.sh)."""
+    return [program("firewall-facts.sh", dir=FIREWALL_DIR, wanted=int(state.host.firewall.enabled))]
 
 
 def script(state: DesiredState) -> str:
@@ -203,6 +214,7 @@ def script(state: DesiredState) -> str:
            "$1 == \"UnitFileState\" { en = $2 } $1 == \"ActiveState\" { ac = $2 } END { t() } "
            "function t() { if (id != \"\") printf \"T\\t%s\\t%s\\t%s\\n\", id, en, ac; id = en = ac = \"\" }'"]
           if timers(state) else []),
+        *firewall_script(state),
         f"b=$(cat {BASE_RECORD} 2>/dev/null) && [ -n \"$b\" ] && "
         "printf 'W\\t%s\\t%s\\n' \"$b\" \"$(ls -A \"$b/synapse\" 2>/dev/null | tr '\\n' ' ')\"",
         program("docker-facts.sh"),
@@ -261,6 +273,9 @@ def parse(output: str) -> Facts:
             facts.pending.add(parts[0])
         elif kind == "M" and parts[0]:
             facts.managed.add(parts[0])
+        elif kind == "F" and len(parts) == 2:
+            facts.firewall = parts[0]
+            facts.sshd_ports = [int(p) for p in parts[1].split() if p.isdigit()]
         elif kind == "1":
             facts.pid1 = parts[0]
     return facts

@@ -17,6 +17,8 @@ BASE_RECORD = "/etc/synapse-fabric/base-dir"
 BACKUP_ETC = "/etc/synapse-fabric/backup"
 BACKUP_PASSWORD = f"{BACKUP_ETC}/restic-password"
 BACKUP_ENV = f"{BACKUP_ETC}/env"
+# The host firewall (fabfile/firewall.py): its rules and the program that loads them.
+FIREWALL_DIR = "/etc/synapse-fabric/firewall"
 # Root-only (/run/lock is writable by every user, who could hold a lock there).
 LOCK_DIR = "/run/synapse-fabric"
 

@@ -49,6 +49,7 @@ class Plan:
     synapse_up: list[str] = field(default_factory=list)
     synapse_restart: list[str] = field(default_factory=list)
     engine_start: bool = False
+    firewall: str = ""  # "apply" (load the rules, hook the chains) | "off" (remove them)
     triggers: dict[str, list[str]] = field(default_factory=dict)  # trigger -> the changes behind it
     pending_done: bool = False  # an interrupted run's journal to clear
     actions: list = field(default_factory=list)  # the steps, in order (fabfile/steps.py)
@@ -59,7 +60,7 @@ class Plan:
             self.changes or self.images or self.pulls or self.timers or self.issue or self.install_cert
             or self.pending_done
             or self.element_install or self.proxy_up or self.nginx_reload
-            or self.synapse_up or self.synapse_restart or self.engine_start
+            or self.synapse_up or self.synapse_restart or self.engine_start or self.firewall
         )
 
     @property
@@ -226,6 +227,16 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
                 plan.timers.append(unit)
                 if f"systemd:{unit}" not in triggers:
                     plan.changes.append(Change("update", unit, f"timer {enabled or 'absent'}/{active or 'inactive'}"))
+
+    if state.host.firewall.enabled:
+        if "firewall" in triggers or facts.firewall != "up":
+            plan.firewall = "apply"
+            if "firewall" not in triggers:
+                plan.changes.append(Change("update", "firewall", f"its chains are {facts.firewall or 'absent'}"))
+                trigger("firewall", "its chains are not hooked in")
+    elif facts.firewall:
+        plan.firewall = "off"
+        plan.changes.append(Change("remove", "firewall", "off in the inventory"))
 
     plan.triggers = triggers
     plan.pending_done = bool(facts.pending)

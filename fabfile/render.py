@@ -32,12 +32,13 @@ import yaml
 from . import shell
 from .errors import InventoryError
 from .inventory import Homeserver, Host, Inventory
-from .layout import (BASE_RECORD, CRON_DIR, POSTGRES_UID, ROOT, SYNAPSE_UID, SYSTEMD_DIR,  # noqa: F401
-                     Layout)
+from .layout import (BASE_RECORD, CRON_DIR, FIREWALL_DIR, POSTGRES_UID, ROOT, SYNAPSE_UID,  # noqa: F401
+                     SYSTEMD_DIR, Layout)
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
 NETWORK = "synapse-fabric"
+FIREWALL_UNIT = "synapse-fabric-firewall.service"
 PROXY_PROJECT = "synapse-fabric-proxy"
 
 
@@ -267,6 +268,22 @@ def render_host(
         add(lay.bin("renew-certificates"), "reverse_proxy/bin/renew-certificates.j2", mode=0o755,
             proxy_dir=lay.proxy, servers=servers)
         files += _periodic("synapse-fabric-certificates", proxy_dir=lay.proxy)
+    if host.firewall.enabled:
+        from . import firewall  # (firewall.py imports the inventory, not this module)
+        opened = firewall.openings(inv, host_name)
+        render = lambda name, **ctx: _template(name, **ctx)  # noqa: E731
+        dirs.append(RemoteDir(FIREWALL_DIR, 0o700))
+        files += [RemoteFile(firewall.rules_path(family), firewall.rules(render, host, opened, family),
+                             0o600, ROOT, "firewall") for family in (4, 6)]
+        files.append(RemoteFile(firewall.PROGRAM, shell.script("firewall.sh"), 0o700, ROOT, "firewall"))
+        files += [
+            RemoteFile(f"{SYSTEMD_DIR}/{FIREWALL_UNIT}", _template("systemd/synapse-fabric-firewall.service.j2",
+                                                                     program=firewall.PROGRAM),
+                       trigger=f"systemd:{FIREWALL_UNIT}", when="systemd"),
+            RemoteFile(f"{CRON_DIR}/synapse-fabric-firewall", _template("cron.d/synapse-fabric-firewall.j2",
+                                                                        program=firewall.PROGRAM),
+                       when="no-systemd"),
+        ]
     if inv.backup.schedule and servers:
         from .backup import host_program  # (backup.py imports this module)
         files.append(RemoteFile(lay.bin("backup"), host_program(inv, servers), 0o700))

@@ -117,6 +117,68 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Firewall(_Model):
+    """What a host lets in from outside (fabfile/firewall.py). Only SSH, HTTP(S),
+    federation on 8448 when a homeserver serves it, TURN when the host runs it, and
+    what is listed here; Docker's published ports obey it too."""
+
+    enabled: bool = False
+    # The ports sshd listens on (default: the port synapse-fabric connects to). A
+    # deploy refuses a firewall that would close a port sshd listens on.
+    ssh_ports: list[int] = []
+    # Networks let in on every port (a private network between hosts, a VPN).
+    allow_from: list[str] = []
+    # More ports to open to everyone.
+    open_tcp: list[int] = []
+    open_udp: list[int] = []
+
+    @field_validator("ssh_ports", "open_tcp", "open_udp")
+    @classmethod
+    def _ports(cls, v: list[int]) -> list[int]:
+        bad = [p for p in v if not 1 <= p <= 65535]
+        if bad:
+            raise ValueError(f"{bad[0]} is not a port (1-65535)")
+        return sorted(set(v))
+
+    @field_validator("allow_from")
+    @classmethod
+    def _allow(cls, v):
+        nets = check_cidrs(v, "firewall.allow_from")
+        if any(ipaddress.ip_network(n).prefixlen == 0 for n in nets):
+            raise ValueError("a /0 network would let everyone in; list the networks that need every port")
+        return nets
+
+
+class Turn(_Model):
+    """coturn on this host, for the calls of the homeservers it runs (fabfile/turn.py)."""
+
+    enabled: bool = False
+    # The name clients reach TURN by; it must be one of a homeserver's public names
+    # on this host (its certificate covers it). Default: the first homeserver's
+    # public_hostname.
+    hostname: Optional[str] = None
+    # UDP ports coturn relays media through (both ends included).
+    relay_ports: str = "49152-49251"
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, v):
+        return None if v is None else check_domain(v)
+
+    @field_validator("relay_ports")
+    @classmethod
+    def _relay(cls, v: str) -> str:
+        m = re.match(r"^([0-9]+)-([0-9]+)$", str(v).strip())
+        if not m or not (1024 <= int(m[1]) <= int(m[2]) <= 65535):
+            raise ValueError(f"{v!r} must be a port range like 49152-49251 (1024-65535, low-high)")
+        return f"{int(m[1])}-{int(m[2])}"
+
+    @property
+    def relay_range(self) -> tuple[int, int]:
+        low, high = self.relay_ports.split("-")
+        return int(low), int(high)
+
+
 class Host(_Model):
     """A machine reached over SSH."""
 
@@ -128,6 +190,8 @@ class Host(_Model):
     sudo: Optional[bool] = None  # default: True unless user is root
     images: Literal["pull", "push"] = "pull"
     base_dir: str = "/opt/matrix"
+    firewall: Firewall = Firewall()
+    turn: Turn = Turn()
 
     @field_validator("address")
     @classmethod

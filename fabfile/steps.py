@@ -17,7 +17,8 @@ from typing import Callable, Optional
 
 from . import docker, element, proxy, synapse
 from .errors import RemoteError
-from .layout import SYSTEMD_DIR
+from .layout import FIREWALL_DIR, SYSTEMD_DIR
+from .shell import program
 from .render import HIDDEN, PROXY_PROJECT, RemoteFile, cert_names, synapse_project
 
 from .remote import Remote
@@ -122,7 +123,7 @@ def write(plan, owed: list[str], reload_confs: list[str]) -> Action:
                 lines.append(f"mv -fT {p}.sfab-new {p}")
         for path in plan.remove:
             p = shlex.quote(path)
-            if path.startswith(f"{SYSTEMD_DIR}/synapse-fabric-") and path.endswith(".timer"):
+            if path.startswith(f"{SYSTEMD_DIR}/synapse-fabric-") and path.endswith((".timer", "-firewall.service")):
                 lines.append(f"systemctl disable --now {shlex.quote(path.rsplit('/', 1)[1])} >/dev/null 2>&1 || true")
             lines.append(f"mv -f {p} {p}{proxy.BACKUP}" if path in reload_confs else f"rm -f {p}")
         lines += [synapse.secrets_script(lay, by_name[sn]) for sn in plan.secrets]
@@ -132,6 +133,15 @@ def write(plan, owed: list[str], reload_confs: list[str]) -> Action:
 
     n = len(plan.files) + len(plan.dirs) + len(plan.remove)
     return Action(f"write {n} file(s) and director(ies)", _because([c.line()[2:] for c in plan.changes]), how)
+
+
+def firewall(action: str, why: str) -> Action:
+    """Load the rendered rules and hook our chains in (or remove them): one program,
+    the one the host runs at boot (fabfile/scripts/firewall.sh)."""
+    def how(run: Run) -> None:
+        run.log("firewall: " + ("loading the rules" if action == "apply" else "removing it"))
+        run.remote.run(program("firewall.sh", action=action, dir=FIREWALL_DIR), what=f"firewall {action}")
+    return Action("load the firewall's rules" if action == "apply" else "remove the firewall", why, how)
 
 
 def proxy_up(lay, why: str, only_if=None) -> Action:
@@ -285,9 +295,12 @@ def actions(plan) -> list[Action]:
     conf_d = f"{lay.nginx_conf_d}/"
     reload_confs = ([f.path for f in plan.files if f.trigger == "proxy:reload"]
                     + [p for p in plan.remove if p.startswith(conf_d)]) if plan.nginx_reload else []
-    owed = sorted(t for t in plan.triggers if t.split(":")[0] in ("proxy", "synapse"))
+    owed = sorted(t for t in plan.triggers if t.split(":")[0] in ("proxy", "synapse", "firewall"))
     if plan.dirs or plan.files or plan.remove or plan.secrets or plan.chown_data or plan.placeholder_certs or owed:
         out.append(write(plan, owed, reload_confs))
+    # the firewall before any stack starts: a port is never published unfiltered
+    if plan.firewall:
+        out.append(firewall(plan.firewall, why("firewall", "off in the inventory")))
     # the running nginx tests and loads new files BEFORE an `up` may recreate it: a
     # refused config is put back while the old one serves, and a container `up`
     # just made is never asked to reload while it starts

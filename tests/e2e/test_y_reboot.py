@@ -17,6 +17,7 @@ from nio import LoginResponse
 from tests.e2e.helpers import on_host, run
 from tests.e2e.test_users import cli, login
 from tests.sandbox import sandbox as sb
+from tests.sandbox.portscan import open_tcp_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -52,6 +53,8 @@ def test_systemd_host_comes_back_by_itself(deployed, cafile):
     for unit in ("synapse-fabric-certificates.timer", "synapse-fabric-element.timer"):
         assert unit in timers, timers
         assert on_host("vps1", f"systemctl is-active {unit}").strip() == "active"
+    # the firewall came back before Docker published anything (its boot unit)
+    assert open_tcp_ports(sb.HOSTS["vps1"].ip) == [22, 80, 443]
     # what was written before the reboot is still there
     assert isinstance(login(cafile, user, password), LoginResponse)
     # and a deploy finds nothing to do
@@ -62,6 +65,8 @@ def test_systemd_host_comes_back_by_itself(deployed, cafile):
 def test_host_without_systemd_deploy_starts_docker_and_waits_for_health(deployed):
     _reboot("vps2")
     assert on_host("vps2", "pidof dockerd >/dev/null && echo running || echo stopped").strip() == "stopped"
+    # cron's @reboot put the firewall back, before anything started Docker
+    assert on_host("vps2", "iptables -S INPUT; iptables -S DOCKER-USER").count("SFAB-") == 2
     res = run(["inv", "deploy", "--host", "vps2"])
     assert res.returncode == 0, res.stdout + res.stderr
     assert "Docker engine (start)" in res.stdout and "healthy after" in res.stdout

@@ -22,6 +22,9 @@ done
 mkdir -p /run/sshd
 chmod 0755 /run/sshd
 if command -v cron >/dev/null 2>&1; then
+    # a boot empties /run (a tmpfs on a real VPS, not in this container): cron's
+    # @reboot jobs run only when its boot marker is gone
+    rm -f /run/crond.reboot /var/run/crond.reboot
     cron
 fi
 exec /usr/sbin/sshd -D -e
