@@ -207,6 +207,51 @@ def backup_rows(inv: Inventory, servers: list[Homeserver]) -> list[Row]:
     return rows
 
 
+def turn_rows(inv: Inventory, servers: list[Homeserver]) -> list[Row]:
+    """For each homeserver whose host runs coturn: credentials from Synapse's
+    /voip/turnServer (asked on the host as synapse-fabric's admin, over SSH), then a
+    real relay allocated with them from this machine, over UDP (3478) and over TLS
+    (5349, the certificate checked against the name)."""
+    from . import admin, turn
+    from .remote import open_remote
+    from .errors import SfabError
+
+    rows = []
+    for hs in servers:
+        host = inv.hosts[hs.host]
+        if not host.turn.enabled:
+            continue
+        try:
+            remote = open_remote(inv, host)
+            try:
+                creds = admin.call(remote, hs, "GET", "/_matrix/client/v3/voip/turnServer")
+            finally:
+                remote.close()
+        except SfabError as exc:
+            rows.append(Row(hs.server_name, "TURN credentials from Synapse", False, str(exc).splitlines()[0]))
+            continue
+        uris = creds.get("uris") or []
+        rows.append(Row(hs.server_name, "TURN credentials from Synapse", bool(uris and creds.get("password")),
+                        "" if uris else "Synapse hands out no TURN server (turn_uris)"))
+        p = Prober(inv, hs)
+        for uri, tls in (next((u for u in uris if u.startswith("turn:") and u.endswith("transport=udp")), None), False), \
+                        (next((u for u in uris if u.startswith("turns:") and u.endswith("transport=tcp")), None), True):
+            if uri is None:
+                continue
+            name, port = uri.split(":", 1)[1].split("?")[0].rsplit(":", 1)
+            try:
+                ips = p.resolve(name)
+                if not ips:
+                    raise OSError(f"{name} does not resolve")
+                relayed = turn.allocate(ips[0], int(port), creds["username"], creds["password"],
+                                        tls=(p.ctx, name) if tls else None)
+                rows.append(Row(hs.server_name, f"TURN relay allocated ({uri})", True, f"relay {relayed[0]}:{relayed[1]}"))
+            except Exception as exc:  # noqa: BLE001 - any failure is the row's answer
+                rows.append(Row(hs.server_name, f"TURN relay allocated ({uri})", False,
+                                f"{type(exc).__name__}: {exc}"))
+    return rows
+
+
 def _is_ip(value: str) -> bool:
     try:
         socket.inet_aton(value)

@@ -115,7 +115,8 @@ class Facts:
 
 def secret_paths(state: DesiredState) -> list[str]:
     lay = state.layout
-    return [lay.secret(hs.server_name, name) for hs in state.homeservers for name in ("postgres_password", "pgpass")]
+    return ([lay.secret(hs.server_name, name) for hs in state.homeservers for name in ("postgres_password", "pgpass")]
+            + ([lay.turn_secret] if state.turn else []))
 
 
 def generated_paths(state: DesiredState) -> list[str]:

@@ -88,6 +88,17 @@ class Layout:
         return f"{self.admin_ui}/{hostname}.json"
 
     @property
+    def turn(self) -> str:
+        """coturn's config and the shared secret it and Synapse read (fabfile/turn.py)."""
+        return f"{self.proxy}/coturn"
+
+    @property
+    def turn_secret(self) -> str:
+        """Made once on the host (0440 root:991): coturn's static-auth-secret and every
+        Synapse's turn_shared_secret_path on this host."""
+        return f"{self.turn}/shared-secret"
+
+    @property
     def element_settings(self) -> str:
         """What element-update (fabfile/scripts/element-update.sh) knows of hosts.yaml."""
         return f"{self.proxy}/element/sites.json"

@@ -49,6 +49,8 @@ class Plan:
     synapse_up: list[str] = field(default_factory=list)
     synapse_restart: list[str] = field(default_factory=list)
     engine_start: bool = False
+    turn_secret: bool = False  # the host's TURN shared secret is to be made
+    turn_restart: bool = False  # coturn's config or secret changed while it runs
     firewall: str = ""  # "apply" (load the rules, hook the chains) | "off" (remove them)
     triggers: dict[str, list[str]] = field(default_factory=dict)  # trigger -> the changes behind it
     pending_done: bool = False  # an interrupted run's journal to clear
@@ -61,6 +63,7 @@ class Plan:
             or self.pending_done
             or self.element_install or self.proxy_up or self.nginx_reload
             or self.synapse_up or self.synapse_restart or self.engine_start or self.firewall
+            or self.turn_secret or self.turn_restart
         )
 
     @property
@@ -75,7 +78,8 @@ def _pulls(state: DesiredState, facts: Facts, refresh_tags: bool) -> list[str]:
     switch to (a copy pulled long ago may be stale), and with `refresh_tags` every
     tag (a rebuilt tag upstream; digest pins never need it)."""
     services = {"nginx": [(PROXY_PROJECT, "nginx")],
-                "admin_ui": [(PROXY_PROJECT, admin_ui_service(hs)) for hs in state.homeservers if hs.admin_ui.enabled]}
+                "admin_ui": [(PROXY_PROJECT, admin_ui_service(hs)) for hs in state.homeservers if hs.admin_ui.enabled],
+                "coturn": [(PROXY_PROJECT, "coturn")]}
     wanted: dict[str, list[tuple[str, str]]] = {}
     for role, ref in state.image_refs.items():
         if role in ("postgres", "synapse"):
@@ -191,6 +195,13 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
             plan.changes.append(Change("create", f"{lay.certs(sn)}/", "temporary self-signed certificate"))
             trigger("proxy:reload", f"a temporary certificate for {sn}")
 
+    if state.turn and lay.turn_secret not in existing_secrets:
+        plan.turn_secret = True
+        plan.changes.append(Change("create", lay.turn_secret, "new TURN shared secret"))
+        trigger("turn:restart", "a new TURN shared secret")
+        for hs in state.homeservers:
+            trigger(f"synapse:{hs.server_name}:restart", "a new TURN shared secret")
+
     if state.acme:
         for hs in state.homeservers:
             sn = hs.server_name
@@ -242,6 +253,7 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
     plan.pending_done = bool(facts.pending)
     if not facts.running(PROXY_PROJECT, "nginx"):
         trigger("proxy:stack", "nginx is not running")
+    plan.turn_restart = bool(state.turn) and "turn:restart" in triggers and facts.running(PROXY_PROJECT, "coturn")
     plan.engine_start = facts.docker and not facts.engine
     proxy_running = facts.running(PROXY_PROJECT, "nginx")
     plan.proxy_up = "proxy:stack" in triggers or not proxy_running

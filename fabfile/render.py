@@ -78,6 +78,7 @@ class DesiredState:
     acme: object = None  # the inventory's Acme settings when ACME is enabled
     postgres_images: dict = field(default_factory=dict)  # server_name -> its PostgreSQL image
     synapse_images: dict = field(default_factory=dict)  # server_name -> its Synapse image
+    turn: object = None  # this host's TURN server (fabfile/turn.py Turn), when it runs one
 
     @property
     def layout(self) -> Layout:
@@ -91,7 +92,8 @@ class DesiredState:
 
     def image_triggers(self, ref: str) -> set[str]:
         """What must be recreated when the image behind `ref` changes."""
-        out = {"proxy:stack"} if ref in (self.image_refs.get("nginx"), self.image_refs.get("admin_ui")) else set()
+        proxy = (self.image_refs.get("nginx"), self.image_refs.get("admin_ui"), self.image_refs.get("coturn"))
+        out = {"proxy:stack"} if ref in proxy else set()
         out |= {f"synapse:{hs.server_name}:stack" for hs in self.homeservers
                 if ref in (self.synapse_image(hs), self.postgres_image(hs))}
         return out
@@ -213,8 +215,10 @@ def render_host(
     host = inv.hosts[host_name]
     lay = Layout(host.base_dir)
     servers = sorted(inv.homeservers_on(host_name), key=lambda hs: hs.server_name)
-    images = {name: inv.image(name) for name in ("synapse", "postgres", "nginx", "certbot", "admin_ui")}
+    images = {name: inv.image(name) for name in ("synapse", "postgres", "nginx", "certbot", "admin_ui", "coturn")}
     admin_uis = [hs for hs in servers if hs.admin_ui.enabled]
+    from . import turn as turn_mod  # (turn.py imports the inventory, not this module)
+    turn = turn_mod.settings(inv, host_name, servers, cert_names)
     common = {"host": host, "network": NETWORK, "images": images}
     postgres_images = {hs.server_name: (keep_postgres or {}).get(hs.server_name)
                        or hs.postgres.image or images["postgres"] for hs in servers}
@@ -256,7 +260,13 @@ def render_host(
         acme_ca_bundle=inv.acme.ca_bundle is not None,
         homeserver_networks=[synapse_network(hs) for hs in servers],
         admin_uis={admin_ui_service(hs): hs for hs in admin_uis},
+        turn=turn,
     )
+    if turn:
+        dirs.append(RemoteDir(lay.turn, 0o750))
+        add(f"{lay.turn}/turnserver.conf", "reverse_proxy/coturn/turnserver.conf.j2", "turn:restart",
+            turn_hostname=turn.hostname, cert_name=turn.cert_name, relay=turn.relay,
+            secret_in_container="/run/secrets/turn_shared_secret")
     if inv.acme.ca_bundle is not None:
         files.append(
             RemoteFile(
@@ -266,7 +276,7 @@ def render_host(
         )
     if inv.acme.enabled and servers:
         add(lay.bin("renew-certificates"), "reverse_proxy/bin/renew-certificates.j2", mode=0o755,
-            proxy_dir=lay.proxy, servers=servers)
+            proxy_dir=lay.proxy, servers=servers, turn=turn)
         files += _periodic("synapse-fabric-certificates", proxy_dir=lay.proxy)
     if host.firewall.enabled:
         from . import firewall  # (firewall.py imports the inventory, not this module)
@@ -354,7 +364,7 @@ def render_host(
         root = lay.synapse(sn)
         ctx = {"hs": hs, "upstream": synapse_upstream(hs), "project": synapse_project(hs),
                "postgres_image": postgres_images[sn], "synapse_image": synapse_images[sn],
-               "hs_network": synapse_network(hs)}
+               "hs_network": synapse_network(hs), "turn": turn}
         dirs += [
             RemoteDir(root),
             RemoteDir(lay.data(sn), 0o750, SYNAPSE_UID),
@@ -390,10 +400,13 @@ def render_host(
         files=tuple(sorted(files, key=lambda f: f.path)),
         homeservers=tuple(servers),
         forwarded=tuple(forwarded),
-        image_refs={k: v for k, v in images.items() if k != "admin_ui" or admin_uis},
+        image_refs={k: v for k, v in images.items()
+                    if (k != "admin_ui" or admin_uis) and (k != "coturn" or turn)},
+        turn=turn,
         acme=inv.acme if inv.acme.enabled else None,
         postgres_images=postgres_images,
         synapse_images=synapse_images,
         images=tuple(sorted({images["nginx"], images["certbot"]} | ({images["admin_ui"]} if admin_uis else set())
+                            | ({images["coturn"]} if turn else set())
                             | {*synapse_images.values(), *postgres_images.values()})),
     )

@@ -63,6 +63,8 @@ DEFAULT_IMAGES = {
     # whose admin_ui is enabled. It is on ghcr.io, not Docker Hub: a host with
     # `images: pull` must reach ghcr.io (a Docker Hub mirror does not serve it).
     "admin_ui": "ghcr.io/etkecc/ketesa:v1.0.0",
+    # coturn's own image: deployed only on hosts whose turn is enabled.
+    "coturn": "coturn/coturn:4.7.0",
 }
 
 # name[:tag][@sha256:<64 hex>], lower-case registry/repository path components.

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from . import docker, element, proxy, synapse
+from . import docker, element, proxy, synapse, turn
 from .errors import RemoteError
 from .layout import FIREWALL_DIR, SYSTEMD_DIR
 from .shell import program
@@ -128,6 +128,8 @@ def write(plan, owed: list[str], reload_confs: list[str]) -> Action:
             lines.append(f"mv -f {p} {p}{proxy.BACKUP}" if path in reload_confs else f"rm -f {p}")
         lines += [synapse.secrets_script(lay, by_name[sn]) for sn in plan.secrets]
         lines += [synapse.chown_data_script(lay, by_name[sn]) for sn in plan.chown_data]
+        if plan.turn_secret:
+            lines.append(turn.secret_script(lay))
         run.remote.run("\n".join(lines) + "\n", stdin=_tar(files, ".sfab-new") if files else None,
                        what="write files")
 
@@ -200,6 +202,16 @@ def synapse_restart(hs, why: str) -> Action:
             run.touched.append(project)
     # (after an `up` too: `up` recreates Synapse only when its compose entry changed)
     return Action(f"restart Synapse of {sn}", why, how, f"{sn} (restart)")
+
+
+def turn_restart(why: str, only_if=None) -> Action:
+    """coturn reads its config, secret and certificate when it starts."""
+    def how(run: Run) -> None:
+        run.log("restarting coturn")
+        c = docker.container(PROXY_PROJECT, turn.SERVICE)
+        run.remote.run(f'c={c}; [ -z "$c" ] || docker restart $c >/dev/null', what="coturn restart")
+        run.restarted.append("coturn (restart)")
+    return Action("restart coturn", why, how, "coturn (restart)", only_if)
 
 
 def wait_healthy() -> Action:
@@ -295,8 +307,9 @@ def actions(plan) -> list[Action]:
     conf_d = f"{lay.nginx_conf_d}/"
     reload_confs = ([f.path for f in plan.files if f.trigger == "proxy:reload"]
                     + [p for p in plan.remove if p.startswith(conf_d)]) if plan.nginx_reload else []
-    owed = sorted(t for t in plan.triggers if t.split(":")[0] in ("proxy", "synapse", "firewall"))
-    if plan.dirs or plan.files or plan.remove or plan.secrets or plan.chown_data or plan.placeholder_certs or owed:
+    owed = sorted(t for t in plan.triggers if t.split(":")[0] in ("proxy", "synapse", "firewall", "turn"))
+    if (plan.dirs or plan.files or plan.remove or plan.secrets or plan.chown_data or plan.placeholder_certs or owed
+            or plan.turn_secret):
         out.append(write(plan, owed, reload_confs))
     # the firewall before any stack starts: a port is never published unfiltered
     if plan.firewall:
@@ -318,11 +331,15 @@ def actions(plan) -> list[Action]:
         elif if_pulled(f"synapse:{sn}:stack"):
             out.append(synapse_up(lay, hs, "when the pull brings a new image", if_pulled(f"synapse:{sn}:stack")))
     out += [synapse_restart(by_name[sn], why(f"synapse:{sn}:restart")) for sn in plan.synapse_restart]
+    if plan.turn_restart:
+        out.append(turn_restart(why("turn:restart")))
     out.append(wait_healthy())
     out += [install_cert(lay, sn) for sn in plan.install_cert]
     out += [issue_cert(lay, by_name[sn], state.acme) for sn in plan.issue]
     if plan.install_cert or plan.issue:
         out.append(reload_for_certificates())
+        if state.turn and any(sn == state.turn.cert_name for sn in plan.install_cert + plan.issue):
+            out.append(turn_restart("when its certificate is new", lambda run: run.certificates > 0))
     out += [element_install(lay, site, why(f"element:{site}", "no release installed")) for site in plan.element_install]
     if plan.timers or any(p.startswith(SYSTEMD_DIR) for p in plan.remove):
         out.append(timers(plan.timers))

@@ -89,6 +89,7 @@ SPECS: dict[str, Spec] = {s.name: s for s in [
     Spec("nginx", "nginx:1.30"),
     Spec("certbot", "certbot/certbot:v5.8.0", wheels=["certbot==5.8.0"]),
     Spec("admin-ui", "ghcr.io/etkecc/ketesa:v1.0.0", base="nginx"),
+    Spec("coturn", "coturn/coturn:4.7.0"),
     Spec("host", "synapse-fabric/sandbox-host:{hash12}", base="base"),
     Spec("host13", "synapse-fabric/sandbox-host13:{hash12}"),
     Spec("infra", "synapse-fabric/sandbox-infra:{hash12}", base="base"),
