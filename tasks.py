@@ -321,6 +321,15 @@ def uninstall(c, homeserver=None, host=None, no_backup=False):
             uninstall_mod.uninstall_host(inv, host, not no_backup, typed, log)
 
 
+@task
+def dns(c):
+    """Print the DNS records hosts.yaml needs (zone-file lines): every public name, and SRV delegations."""
+    from fabfile.dns import records
+
+    inv = load_inventory(c)
+    print("\n".join(records(inv)))
+
+
 @task(help={"homeserver": "only this homeserver (server_name)"})
 def check(c, homeserver=None):
     """Self-check DNS, certificates, delegation, federation, exposure, TURN and backups' age."""
@@ -337,5 +346,5 @@ def check(c, homeserver=None):
 
 
 ns = Collection(deploy, register_user, reset_password, users, deactivate_user, make_admin, registration_token,
-                purge_remote_media, purge_history, logs, upgrade, upgrade_postgres, backup, backups, restore, uninstall, migrate_host, element_update, check)
+                purge_remote_media, purge_history, logs, upgrade, upgrade_postgres, backup, backups, restore, uninstall, migrate_host, element_update, dns, check)
 ns.configure(CONFIG_DEFAULTS)

@@ -54,10 +54,12 @@ class Prober:
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return []
 
-    def tls(self, name: str, port: int = 443) -> tuple[ssl.SSLSocket, dict]:
-        ips = self.resolve(name)
+    def tls(self, name: str, port: int = 443, via: Optional[str] = None) -> tuple[ssl.SSLSocket, dict]:
+        """TLS to `name` (its certificate checked for it), at the address of `via`
+        when given (an SRV target) and of `name` otherwise."""
+        ips = self.resolve(via or name)
         if not ips:
-            raise OSError(f"{name} does not resolve")
+            raise OSError(f"{via or name} does not resolve")
         raw = socket.create_connection((ips[0], port), timeout=10)
         sock = self.ctx.wrap_socket(raw, server_hostname=name)
         return sock, sock.getpeercert()
@@ -72,8 +74,41 @@ class Prober:
             s.connect((ips[0], 443))  # UDP: picks the route, sends nothing
             return s.getsockname()[0]
 
-    def get(self, name: str, path: str, port: int = 443) -> tuple[int, dict, bytes]:
-        sock, _ = self.tls(name, port)
+    def srv(self, name: str) -> list[tuple[str, int]]:
+        """The targets of SRV `name` in the order to try them (priority, then weight)."""
+        try:
+            answers = self.resolver.resolve(name, "SRV")
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return []
+        return [(str(r.target).rstrip("."), r.port) for r in sorted(answers, key=lambda r: (r.priority, -r.weight))]
+
+    def server_of(self, server_name: str) -> tuple[str, int, Optional[str], str]:
+        """Where a remote homeserver sends federation requests for `server_name`, as
+        Synapse resolves it: `.well-known/matrix/server` first, then SRV
+        `_matrix-fed._tcp` (then the legacy `_matrix._tcp`), else port 8448.
+        Returns (TLS name and Host, port, address to connect to or None, how)."""
+        try:
+            status, _, body = self.get(server_name, "/.well-known/matrix/server")
+        except OSError:
+            status, body = 0, b""
+        delegated = _json(body).get("m.server") if status == 200 else None
+        if delegated:
+            name, _, port = delegated.partition(":")
+            if port:
+                return name, int(port), None, f"well-known {delegated}"
+            server_name = name  # a delegated name without a port is resolved again by SRV
+        for record in ("_matrix-fed._tcp", "_matrix._tcp"):
+            try:
+                targets = self.srv(f"{record}.{server_name}")
+            except dns.exception.DNSException:
+                targets = []
+            if targets:
+                target, port = targets[0]
+                return server_name, port, target, f"SRV {record}.{server_name} -> {target}:{port}"
+        return server_name, 8448, None, f"{server_name}:8448 (no well-known, no SRV)"
+
+    def get(self, name: str, path: str, port: int = 443, via: Optional[str] = None) -> tuple[int, dict, bytes]:
+        sock, _ = self.tls(name, port, via)
         conn = http.client.HTTPConnection(name, port, timeout=10)
         conn.sock = sock
         try:
@@ -128,12 +163,28 @@ def check_homeserver(inv: Inventory, hs: Homeserver) -> list[Row]:
 
     want_server = f"{hs.hostname}:{8448 if hs.federation.port_8448 else 443}"
 
+    srv = hs.federation.delegation == "srv"
+
     def well_known_server():
         status, _, body = p.get(hs.server_name, "/.well-known/matrix/server")
         got = _json(body).get("m.server")
         if status != 200 or got != want_server:
             return f"HTTP {status}, m.server={got!r}, expected {want_server!r}"
-    row("well-known server", well_known_server)
+
+    def srv_delegation():
+        status, _, _ = p.get(hs.server_name, "/.well-known/matrix/server")
+        if status == 200:
+            return "a .well-known/matrix/server answers: servers use it before SRV"
+        targets = p.srv(f"_matrix-fed._tcp.{hs.server_name}")
+        want = want_server.split(":")
+        if not targets or [targets[0][0], str(targets[0][1])] != want:
+            got = ", ".join(f"{t}:{port}" for t, port in targets) or "no record"
+            return (f"_matrix-fed._tcp.{hs.server_name} SRV: {got}, expected {want_server} "
+                    f"(`inv dns` prints the record)")
+    if hs.federation.enabled and srv:
+        row("delegation by SRV", srv_delegation)
+    else:
+        row("well-known server", well_known_server)
 
     def well_known_client():
         status, headers, body = p.get(hs.server_name, "/.well-known/matrix/client")
@@ -152,14 +203,12 @@ def check_homeserver(inv: Inventory, hs: Homeserver) -> list[Row]:
 
     if hs.federation.enabled:
         def federation():
-            # as a remote server: delegation first, then the delegated name
-            _, _, body = p.get(hs.server_name, "/.well-known/matrix/server")
-            target = _json(body).get("m.server", f"{hs.server_name}:8448")
-            name, _, port = target.partition(":")
-            status, _, body = p.get(name, "/_matrix/federation/v1/version", int(port or 8448))
+            # as a remote server resolves it: well-known, then SRV, then :8448
+            name, port, via, target = p.server_of(hs.server_name)
+            status, _, body = p.get(name, "/_matrix/federation/v1/version", port, via)
             if status != 200 or "server" not in _json(body):
                 return f"HTTP {status} from {target}/_matrix/federation/v1/version"
-            status, _, body = p.get(name, "/_matrix/key/v2/server", int(port or 8448))
+            status, _, body = p.get(name, "/_matrix/key/v2/server", port, via)
             keys = _json(body)
             if status != 200 or keys.get("server_name") != hs.server_name or not keys.get("verify_keys"):
                 return f"server keys at {target}: HTTP {status}, server_name={keys.get('server_name')!r}"

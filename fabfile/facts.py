@@ -165,7 +165,7 @@ def managed_dirs(state: DesiredState) -> list[str]:
 def owned_dirs(state: DesiredState) -> list[str]:
     """Directories whose every file is ours (files that cannot carry MARKER, like
     JSON): one no longer rendered is removed (an admin UI turned off)."""
-    return [state.layout.admin_ui]
+    return [state.layout.admin_ui] + [f"{state.layout.well_known(hs.server_name)}/matrix" for hs in state.homeservers]
 
 
 def timers(state: DesiredState) -> list[str]:

@@ -309,11 +309,13 @@ def render_host(
         files.append(RemoteFile(f"{lay.certs(sn)}/names", ("\n".join(cert_names(hs)) + "\n").encode(),
                                 0o644, ROOT, f"acme:{sn}"))
         add(lay.vhost(hs.hostname), "reverse_proxy/nginx/conf.d/homeserver.conf.j2", "proxy:reload", **ctx)
+        srv = hs.federation.enabled and hs.federation.delegation == "srv"
         if hs.hostname != sn:
-            add(lay.vhost(sn), "reverse_proxy/nginx/conf.d/delegation.conf.j2", "proxy:reload", **ctx)
+            add(lay.vhost(sn), "reverse_proxy/nginx/conf.d/delegation.conf.j2", "proxy:reload", srv=srv, **ctx)
         wk = lay.well_known(sn)
         dirs += [RemoteDir(wk), RemoteDir(f"{wk}/matrix")]
-        add(f"{wk}/matrix/server", "reverse_proxy/well-known/matrix/server.j2", **ctx)
+        if not srv:
+            add(f"{wk}/matrix/server", "reverse_proxy/well-known/matrix/server.j2", **ctx)
         add(f"{wk}/matrix/client", "reverse_proxy/well-known/matrix/client.j2", **ctx)
         if hs.element.enabled:
             eh = hs.element.hostname

@@ -232,6 +232,10 @@ class Federation(_Model):
     enabled: bool = True
     # Also serve federation on 8448 (besides 443 through delegation).
     port_8448: bool = False
+    # How other servers find this one: `.well-known/matrix/server` on the server_name
+    # (default), or a DNS SRV record `_matrix-fed._tcp.<server_name>` the operator sets
+    # (`inv dns` prints it); then the server_name's own vhost serves federation.
+    delegation: Literal["well_known", "srv"] = "well_known"
     # Only federate with these domains (None: with everyone).
     allow_domains: Optional[list[str]] = None
     # CA bundle (PEM) that Synapse trusts for outbound federation, in addition

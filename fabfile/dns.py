@@ -1,0 +1,31 @@
+"""The DNS records the inventory needs, as zone-file lines (`inv dns`): an A (or
+AAAA, or CNAME for a host known by name) record for every public name of each
+homeserver, pointing at its host, and for a homeserver delegated by SRV its
+`_matrix-fed._tcp` record. Pure: it reads hosts.yaml, asks no DNS server."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from .inventory import Inventory
+from .render import cert_names
+
+TTL = 3600
+
+
+def records(inv: Inventory) -> list[str]:
+    lines = []
+    for sn, hs in sorted(inv.homeservers.items()):
+        address = inv.hosts[hs.host].address
+        try:
+            kind = "AAAA" if ipaddress.ip_address(address).version == 6 else "A"
+            value = address
+        except ValueError:
+            kind, value = "CNAME", f"{address}."
+        lines.append(f"; {sn} (on {hs.host})")
+        for name in cert_names(hs):
+            lines.append(f"{name}. {TTL} IN {kind} {value}")
+        if hs.federation.enabled and hs.federation.delegation == "srv":
+            port = 8448 if hs.federation.port_8448 else 443
+            lines.append(f"_matrix-fed._tcp.{sn}. {TTL} IN SRV 10 5 {port} {hs.hostname}.")
+    return lines
