@@ -23,7 +23,7 @@ import dns.exception
 import dns.resolver
 
 from .inventory import Homeserver, Inventory
-from .render import cert_names
+from .render import public_names
 
 CLOSED_PORTS = (5432, 8008, 8009)
 MIN_DAYS = 14
@@ -139,15 +139,18 @@ def check_homeserver(inv: Inventory, hs: Homeserver) -> list[Row]:
             problem = f"{type(exc).__name__}: {exc}"
         rows.append(Row(hs.server_name, check, problem is None, problem or ""))
 
-    names = cert_names(hs)
+    names = public_names(hs)
 
     for name in names:
         def dns_check(name=name):
+            # the server_name of a homeserver whose federation another host serves points there
+            owner = hs.federation.via if hs.federation.via and name == hs.server_name else hs.host
+            at = inv.hosts[owner].address
             ips = p.resolve(name)
             if not ips:
                 return "does not resolve"
-            if _is_ip(host.address) and ips != [host.address]:
-                return f"resolves to {', '.join(ips)}, not only to {hs.host} ({host.address})"
+            if _is_ip(at) and ips != [at]:
+                return f"resolves to {', '.join(ips)}, not only to {owner} ({at})"
             return None
         row(f"DNS {name}", dns_check)
 
@@ -161,7 +164,8 @@ def check_homeserver(inv: Inventory, hs: Homeserver) -> list[Row]:
             return None
         row(f"certificate {name}", cert_check)
 
-    want_server = f"{hs.hostname}:{8448 if hs.federation.port_8448 else 443}"
+    want_server = (f"{hs.server_name}:443" if hs.federation.via
+                   else f"{hs.hostname}:{8448 if hs.federation.port_8448 else 443}")
 
     srv = hs.federation.delegation == "srv"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ipaddress
 
 from .inventory import Inventory
-from .render import cert_names
+from .render import public_names
 
 TTL = 3600
 
@@ -16,16 +16,20 @@ TTL = 3600
 def records(inv: Inventory) -> list[str]:
     lines = []
     for sn, hs in sorted(inv.homeservers.items()):
-        address = inv.hosts[hs.host].address
-        try:
-            kind = "AAAA" if ipaddress.ip_address(address).version == 6 else "A"
-            value = address
-        except ValueError:
-            kind, value = "CNAME", f"{address}."
-        lines.append(f"; {sn} (on {hs.host})")
-        for name in cert_names(hs):
-            lines.append(f"{name}. {TTL} IN {kind} {value}")
+        lines.append(f"; {sn} (on {hs.host}" + (f", federation through {hs.federation.via})"
+                                                 if hs.federation.via else ")"))
+        for name in public_names(hs):
+            # the server_name of a homeserver whose federation another host serves points there
+            host = hs.federation.via if hs.federation.via and name == sn else hs.host
+            lines.append(f"{name}. {TTL} IN {_record(inv.hosts[host].address)}")
         if hs.federation.enabled and hs.federation.delegation == "srv":
             port = 8448 if hs.federation.port_8448 else 443
             lines.append(f"_matrix-fed._tcp.{sn}. {TTL} IN SRV 10 5 {port} {hs.hostname}.")
     return lines
+
+
+def _record(address: str) -> str:
+    try:
+        return f"{'AAAA' if ipaddress.ip_address(address).version == 6 else 'A'} {address}"
+    except ValueError:
+        return f"CNAME {address}."

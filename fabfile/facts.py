@@ -126,8 +126,8 @@ def generated_paths(state: DesiredState) -> list[str]:
 
 def cert_paths(state: DesiredState) -> list[str]:
     lay = state.layout
-    return [f"{lay.certs(hs.server_name)}/{name}" for hs in state.homeservers
-            for name in ("fullchain.pem", "privkey.pem")] + [lay.acme_live(hs.server_name) for hs in state.homeservers]
+    return [f"{lay.certs(sn)}/{name}" for sn in state.certificates
+            for name in ("fullchain.pem", "privkey.pem")] + [lay.acme_live(sn) for sn in state.certificates]
 
 
 MARKER = "Managed by synapse-fabric"

@@ -34,9 +34,11 @@ def openings(inv: Inventory, host_name: str) -> Openings:
     host = inv.hosts[host_name]
     fw = host.firewall
     served = inv.homeservers_on(host_name) + inv.forwarded_from(host_name)
-    tcp = set(fw.ssh_ports or [host.port]) | set(WEB) | set(fw.open_tcp)
-    if any(hs.federation.enabled and hs.federation.port_8448 for hs in served):
-        tcp.add(8448)
+    tcp = set(fw.ssh_ports or [host.port]) | set(fw.open_tcp)
+    if fw.public_web:
+        tcp |= set(WEB)
+        if any(hs.federation.enabled and hs.federation.port_8448 for hs in served):
+            tcp.add(8448)
     udp = set(fw.open_udp)
     relay = None
     if host.turn.enabled:

@@ -212,6 +212,20 @@ def _cross_check(inv: Inventory, path: Path, lines: dict) -> None:
         if hs.migrated_from is not None and (hs.migrated_from not in inv.hosts or hs.migrated_from == hs.host):
             fail(("homeservers", key, "migrated_from"),
                  f"{hs.migrated_from!r} must be another host of this inventory (known hosts: {', '.join(inv.hosts)})")
+        via = hs.federation.via
+        if via is not None:
+            if via not in inv.hosts or via == hs.host:
+                fail(("homeservers", key, "federation", "via"),
+                     f"{via!r} must be another host of this inventory, with a public address (known hosts: "
+                     f"{', '.join(inv.hosts)})")
+            if hs.hostname == hs.server_name:
+                fail(("homeservers", key, "federation", "via"),
+                     f"the server_name {key!r} is served by {via}, so the homeserver needs a public_hostname "
+                     "of its own for its clients")
+            if hs.federation.delegation == "srv" or not hs.federation.enabled:
+                fail(("homeservers", key, "federation", "via"),
+                     "federation through another host is delegated by its .well-known (not SRV) and needs "
+                     "federation enabled")
         names = [(("homeservers", key), hs.server_name), (("homeservers", key, "public_hostname"), hs.hostname)]
         for site in ("element", "admin_ui"):
             own = getattr(hs, site)

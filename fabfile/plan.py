@@ -190,6 +190,7 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
         if sn in facts.wrong_owner:
             plan.chown_data.append(sn)
             plan.changes.append(Change("chown", lay.data(sn), f"{facts.wrong_owner[sn]} not 991:991"))
+    for sn in state.certificates:  # the homeservers' own, and those of federation served here
         if {f"{lay.certs(sn)}/fullchain.pem", f"{lay.certs(sn)}/privkey.pem"} - certs:
             plan.placeholder_certs.append(sn)
             plan.changes.append(Change("create", f"{lay.certs(sn)}/", "temporary self-signed certificate"))
@@ -203,8 +204,7 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
             trigger(f"synapse:{hs.server_name}:restart", "a new TURN shared secret")
 
     if state.acme:
-        for hs in state.homeservers:
-            sn = hs.server_name
+        for sn in state.certificates:
             pending = lay.acme_live(sn) not in facts.stats
             if pending or sn in plan.placeholder_certs or f"acme:{sn}" in triggers:
                 plan.issue.append(sn)

@@ -48,11 +48,11 @@ def certificates_program(lay: Layout) -> str:
     return shlex.quote(lay.bin("renew-certificates"))
 
 
-def issue_script(lay: Layout, hs, names: list[str], acme) -> str:
+def issue_script(lay: Layout, sn: str, names: list[str], acme) -> str:
     """Ask the ACME CA for one certificate covering `names` (HTTP-01 through the
     webroot nginx serves), once: a failure stops with the CA's own error and is
     never retried in a loop. On success the certificate replaces the temporary one."""
-    args = [hs.server_name, acme.directory_url, acme.email or "", *names]
+    args = [sn, acme.directory_url, acme.email or "", *names]
     return f"{certificates_program(lay)} --issue {' '.join(shlex.quote(a) for a in args)}"
 
 

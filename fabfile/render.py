@@ -78,6 +78,8 @@ class DesiredState:
     acme: object = None  # the inventory's Acme settings when ACME is enabled
     postgres_images: dict = field(default_factory=dict)  # server_name -> its PostgreSQL image
     synapse_images: dict = field(default_factory=dict)  # server_name -> its Synapse image
+    proxied: tuple[Homeserver, ...] = field(default=())  # homeservers whose federation this host serves
+    certificates: dict = field(default_factory=dict)  # cert name -> the names it covers, for this host
     turn: object = None  # this host's TURN server (fabfile/turn.py Turn), when it runs one
 
     @property
@@ -128,14 +130,20 @@ def url_host(address: str) -> str:
     return f"[{address}]" if ":" in address else address
 
 
-def cert_names(hs: Homeserver) -> list[str]:
-    """Every public name of a homeserver; one certificate (named after the
-    server_name) covers them all."""
+def public_names(hs: Homeserver) -> list[str]:
+    """Every public name of a homeserver."""
     names = [hs.server_name, hs.hostname]
     for site in (hs.element, hs.admin_ui):
         if site.enabled:
             names.append(site.hostname)
     return list(dict.fromkeys(names))
+
+
+def cert_names(hs: Homeserver) -> list[str]:
+    """The names its own host serves; one certificate (named after the server_name)
+    covers them all. Not the server_name when another host serves its federation
+    (federation.via): that host has the certificate for it."""
+    return [n for n in public_names(hs) if not (hs.federation.via and n == hs.server_name)]
 
 
 def _bytecode_cache() -> jinja2.BytecodeCache | None:
@@ -274,9 +282,10 @@ def render_host(
                 _read_local(inv.acme.ca_bundle, "acme.ca_bundle", read),
             )
         )
-    if inv.acme.enabled and servers:
+    via_here = [hs.server_name for hs in inv.homeservers.values() if hs.federation.via == host_name]
+    if inv.acme.enabled and (servers or via_here):
         add(lay.bin("renew-certificates"), "reverse_proxy/bin/renew-certificates.j2", mode=0o755,
-            proxy_dir=lay.proxy, servers=servers, turn=turn)
+            proxy_dir=lay.proxy, cert_names=sorted([hs.server_name for hs in servers] + via_here), turn=turn)
         files += _periodic("synapse-fabric-certificates", proxy_dir=lay.proxy)
     if host.firewall.enabled:
         from . import firewall  # (firewall.py imports the inventory, not this module)
@@ -310,13 +319,14 @@ def render_host(
                                 0o644, ROOT, f"acme:{sn}"))
         add(lay.vhost(hs.hostname), "reverse_proxy/nginx/conf.d/homeserver.conf.j2", "proxy:reload", **ctx)
         srv = hs.federation.enabled and hs.federation.delegation == "srv"
-        if hs.hostname != sn:
-            add(lay.vhost(sn), "reverse_proxy/nginx/conf.d/delegation.conf.j2", "proxy:reload", srv=srv, **ctx)
-        wk = lay.well_known(sn)
-        dirs += [RemoteDir(wk), RemoteDir(f"{wk}/matrix")]
-        if not srv:
-            add(f"{wk}/matrix/server", "reverse_proxy/well-known/matrix/server.j2", **ctx)
-        add(f"{wk}/matrix/client", "reverse_proxy/well-known/matrix/client.j2", **ctx)
+        if not hs.federation.via:  # else the server_name is served by that host
+            if hs.hostname != sn:
+                add(lay.vhost(sn), "reverse_proxy/nginx/conf.d/delegation.conf.j2", "proxy:reload", srv=srv, **ctx)
+            wk = lay.well_known(sn)
+            dirs += [RemoteDir(wk), RemoteDir(f"{wk}/matrix")]
+            if not srv:
+                add(f"{wk}/matrix/server", "reverse_proxy/well-known/matrix/server.j2", **ctx)
+            add(f"{wk}/matrix/client", "reverse_proxy/well-known/matrix/client.j2", **ctx)
         if hs.element.enabled:
             eh = hs.element.hostname
             site = lay.element_site(eh)
@@ -343,6 +353,27 @@ def render_host(
         files.append(RemoteFile(lay.bin("element-update"), shell.script("element-update.sh"), 0o755))
         files.append(RemoteFile(lay.element_settings, element_settings(sites)))
         files += _periodic("synapse-fabric-element", proxy_dir=lay.proxy)
+
+    # -- homeservers on hosts without a public address whose federation this host serves
+    proxied = sorted((hs for hs in inv.homeservers.values() if hs.federation.via == host_name),
+                     key=lambda hs: hs.server_name)
+    for hs in proxied:
+        sn = hs.server_name
+        dirs.append(RemoteDir(lay.certs(sn), 0o700))
+        files.append(RemoteFile(f"{lay.certs(sn)}/names", f"{sn}\n".encode(), 0o644, ROOT, f"acme:{sn}"))
+        upstream_ca = "/etc/ssl/certs/ca-certificates.crt"
+        if hs.federation.trusted_ca:
+            upstream_ca = f"/etc/nginx/upstream-ca/{sn}.pem"
+            files.append(RemoteFile(
+                lay.upstream_ca(sn),
+                _read_local(hs.federation.trusted_ca, f"homeservers.{sn}.federation.trusted_ca", read),
+                trigger="proxy:reload"))
+        add(lay.vhost(f"{sn}-via"), "reverse_proxy/nginx/conf.d/federation-via.conf.j2", "proxy:reload",
+            hs=hs, cert_name=sn, target=url_host(inv.hosts[hs.host].address), upstream_ca=upstream_ca)
+        wk = lay.well_known(sn)
+        dirs += [RemoteDir(wk), RemoteDir(f"{wk}/matrix")]
+        files.append(RemoteFile(f"{wk}/matrix/server", (json.dumps({"m.server": f"{sn}:443"}) + "\n").encode()))
+        add(f"{wk}/matrix/client", "reverse_proxy/well-known/matrix/client.j2", hs=hs)
 
     # -- homeservers that moved away: their names are forwarded to the new host
     forwarded = sorted(inv.forwarded_from(host_name), key=lambda hs: hs.server_name)
@@ -402,6 +433,9 @@ def render_host(
         files=tuple(sorted(files, key=lambda f: f.path)),
         homeservers=tuple(servers),
         forwarded=tuple(forwarded),
+        proxied=tuple(proxied),
+        certificates={**{hs.server_name: tuple(cert_names(hs)) for hs in servers},
+                      **{hs.server_name: (hs.server_name,) for hs in proxied}},
         image_refs={k: v for k, v in images.items()
                     if (k != "admin_ui" or admin_uis) and (k != "coturn" or turn)},
         turn=turn,

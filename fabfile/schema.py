@@ -130,6 +130,9 @@ class Firewall(_Model):
     ssh_ports: list[int] = []
     # Networks let in on every port (a private network between hosts, a VPN).
     allow_from: list[str] = []
+    # false: 80, 443 and 8448 only from allow_from (a host on a private network,
+    # its federation served by another host: homeservers.X.federation.via).
+    public_web: bool = True
     # More ports to open to everyone.
     open_tcp: list[int] = []
     open_udp: list[int] = []
@@ -236,6 +239,12 @@ class Federation(_Model):
     # (default), or a DNS SRV record `_matrix-fed._tcp.<server_name>` the operator sets
     # (`inv dns` prints it); then the server_name's own vhost serves federation.
     delegation: Literal["well_known", "srv"] = "well_known"
+    # An inventory host with a public address that serves this homeserver's
+    # federation (its server_name points there): for a homeserver whose own host
+    # has none, or is reached by clients only on a private network. That host
+    # terminates TLS for the server_name and forwards only /_matrix/federation and
+    # /_matrix/key to this homeserver's host; it serves no client API.
+    via: Optional[str] = None
     # Only federate with these domains (None: with everyone).
     allow_domains: Optional[list[str]] = None
     # CA bundle (PEM) that Synapse trusts for outbound federation, in addition

@@ -19,7 +19,7 @@ from . import docker, element, proxy, synapse, turn
 from .errors import RemoteError
 from .layout import FIREWALL_DIR, SYSTEMD_DIR
 from .shell import program
-from .render import HIDDEN, PROXY_PROJECT, RemoteFile, cert_names, synapse_project
+from .render import HIDDEN, PROXY_PROJECT, RemoteFile, synapse_project
 
 from .remote import Remote
 
@@ -104,7 +104,7 @@ def write(plan, owed: list[str], reload_confs: list[str]) -> Action:
     def how(run: Run) -> None:
         files = list(plan.files)
         for sn in plan.placeholder_certs:  # made here: a key is never part of a plan
-            chain, key = proxy.placeholder_cert(cert_names(by_name[sn]))
+            chain, key = proxy.placeholder_cert(list(state.certificates[sn]))
             files += [RemoteFile(f"{lay.certs(sn)}/fullchain.pem", chain, 0o644),
                       RemoteFile(f"{lay.certs(sn)}/privkey.pem", key, 0o600, secret=HIDDEN)]
         lines = ["set -e"]
@@ -228,15 +228,13 @@ def install_cert(lay, sn: str) -> Action:
     return Action(f"install certbot's certificate of {sn}", "nginx serves another one", how)
 
 
-def issue_cert(lay, hs, acme) -> Action:
-    sn = hs.server_name
-
+def issue_cert(lay, sn: str, names: list[str], acme) -> Action:
     def how(run: Run) -> None:
         run.log(f"{sn}: asking the ACME CA ({acme.directory}) for a certificate")
-        run.remote.run(proxy.issue_script(lay, hs, cert_names(hs), acme), what=f"{sn}: certificate",
+        run.remote.run(proxy.issue_script(lay, sn, names, acme), what=f"{sn}: certificate",
                        timeout=900)
         run.certificates += 1
-    return Action(f"ask the ACME CA for a certificate of {sn} ({', '.join(cert_names(hs))})",
+    return Action(f"ask the ACME CA for a certificate of {sn} ({', '.join(names)})",
                   "none yet, or its names changed", how)
 
 
@@ -335,7 +333,7 @@ def actions(plan) -> list[Action]:
         out.append(turn_restart(why("turn:restart")))
     out.append(wait_healthy())
     out += [install_cert(lay, sn) for sn in plan.install_cert]
-    out += [issue_cert(lay, by_name[sn], state.acme) for sn in plan.issue]
+    out += [issue_cert(lay, sn, list(state.certificates[sn]), state.acme) for sn in plan.issue]
     if plan.install_cert or plan.issue:
         out.append(reload_for_certificates())
         if state.turn and any(sn == state.turn.cert_name for sn in plan.install_cert + plan.issue):

@@ -28,9 +28,10 @@ from .docker import COMPOSE_FN
 from .errors import TaskError
 from .facts import PERIODIC_JOBS
 from .inventory import Homeserver, Inventory, rewrite
-from .layout import BASE_RECORD, CRON_DIR, SYSTEMD_DIR, Layout
+from .layout import BASE_RECORD, CRON_DIR, FIREWALL_DIR, SYSTEMD_DIR, Layout
 from .remote import Remote, locked
-from .render import cert_names, render_host, synapse_network
+from .render import FIREWALL_UNIT, public_names, render_host, synapse_network
+from .shell import program
 from .report import LineWriter, Reporter
 
 Log = Callable[[str], None]
@@ -122,7 +123,7 @@ def uninstall_homeserver(inv: Inventory, sn: str, backup: bool, confirm: Confirm
     if snap:
         log(f"Its last snapshot is {snap[:8]} in {backup_mod.repository(inv, hs.host)} "
             f"(repository password: {kept}); `inv backups --homeserver {sn}` lists it while hosts.yaml names it.")
-    log(f"Remove the DNS records of {', '.join(cert_names(hs))} when nothing should reach them any more.")
+    log(f"Remove the DNS records of {', '.join(public_names(hs))} when nothing should reach them any more.")
 
 
 def uninstall_host(inv: Inventory, host_name: str, backup: bool, confirm: Confirm, log: Log) -> None:
@@ -138,7 +139,8 @@ def uninstall_host(inv: Inventory, host_name: str, backup: bool, confirm: Confir
     _refuse_migrations(inv, servers)
     _confirmed(servers, f"everything synapse-fabric put on {host.name}", backup, confirm)
     lay = Layout(host.base_dir)
-    units = [f"{job}.{kind}" for job in PERIODIC_JOBS for kind in ("timer", "service")]
+    units = [f"{job}.{kind}" for job in PERIODIC_JOBS for kind in ("timer", "service")] + [FIREWALL_UNIT]
+    crons = [*PERIODIC_JOBS, "synapse-fabric-firewall"]
     with locked(inv, host) as remote:
         snaps = {hs.server_name: _take_down(remote, inv, hs, backup, log) for hs in servers}
         base = shlex.quote(lay.base)
@@ -148,12 +150,14 @@ def uninstall_host(inv: Inventory, host_name: str, backup: bool, confirm: Confir
             f"if [ \"$(cat /proc/1/comm)\" = systemd ]; then systemctl disable --now {' '.join(units)} "
             f">/dev/null 2>&1 || true; fi\n"
             f"rm -f {' '.join(shlex.quote(f'{SYSTEMD_DIR}/{u}') for u in units)} "
-            f"{' '.join(shlex.quote(f'{CRON_DIR}/{job}') for job in PERIODIC_JOBS)}\n"
+            f"{' '.join(shlex.quote(f'{CRON_DIR}/{job}') for job in crons)}\n"
             f"if [ \"$(cat /proc/1/comm)\" = systemd ]; then systemctl daemon-reload; fi\n"
             f"for n in $(docker network ls -q --filter name=^synapse-fabric); do docker network rm \"$n\" "
             f">/dev/null 2>&1 || true; done\n"
-            f"rm -rf {base} {shlex.quote(BASE_RECORD)}",
-            what=f"{host.name}: reverse proxy, timers and {lay.base} removed", timeout=600)
+            f"rm -rf {base} {shlex.quote(BASE_RECORD)}\n"
+            # the firewall's chains, rules and program (the host is as open as before it)
+            + program("firewall.sh", action="off", dir=FIREWALL_DIR),
+            what=f"{host.name}: reverse proxy, timers, firewall and {lay.base} removed", timeout=600)
         if backup and servers:
             kept = backup_mod.keep_password(remote, host)
 
