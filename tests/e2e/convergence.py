@@ -196,10 +196,11 @@ def divergences(inventory: Path) -> list[str]:
             + "".join(f"printf 'T {t} %s %s\\n' \"$(systemctl is-enabled {t} 2>/dev/null)\" "
                       f"\"$(systemctl is-active {t} 2>/dev/null)\"\n"
                       for t in ([f.path.rsplit('/', 1)[1] for f in files if f.path.endswith('.timer')] if systemd else []))
+            + "{ iptables -S INPUT; iptables -S DOCKER-USER; } 2>/dev/null | grep -c -- '-j SFAB-' | sed 's/^/W /'\n"
             + "".join(f"printf 'E {hs.element.hostname} %s\\n' \"$(readlink {base}/reverse_proxy/element/"
                       f"{hs.element.hostname}/current)\"\n" for hs in state.homeservers if hs.element.enabled)
         )
-        seen_files, listed, containers, timers, element = {}, set(), {}, {}, {}
+        seen_files, listed, containers, timers, element, hooks = {}, set(), {}, {}, {}, 0
         for line in on_host(host, script).splitlines():
             kind_, _, rest = line.partition(" ")
             if kind_ == "F":
@@ -213,6 +214,8 @@ def divergences(inventory: Path) -> list[str]:
             elif kind_ == "T":
                 unit, enabled, active = (rest.split(" ") + ["", ""])[:3]
                 timers[unit] = (enabled, active)
+            elif kind_ == "W":
+                hooks = int(rest.split()[-1])
             elif kind_ == "E":
                 name, _, target = rest.partition(" ")
                 element[name] = target
@@ -228,6 +231,8 @@ def divergences(inventory: Path) -> list[str]:
         for p in sorted(listed - desired):
             found.append(f"{host}: {p} is left over (render does not name it)")
         wanted = {(PROXY_PROJECT, "nginx"): state.image_refs["nginx"]}
+        if state.turn:
+            wanted[(PROXY_PROJECT, "coturn")] = state.image_refs["coturn"]
         for hs in state.homeservers:
             wanted[(synapse_project(hs), "synapse")] = state.image_refs["synapse"]
             wanted[(synapse_project(hs), "postgres")] = state.postgres_image(hs)
@@ -238,6 +243,9 @@ def divergences(inventory: Path) -> list[str]:
         for key, (status, _) in containers.items():
             if key not in wanted and status == "running":
                 found.append(f"{host}: {key[0]}/{key[1]} runs but render does not name it")
+        want_hooks = 2 if state.host.firewall.enabled else 0  # INPUT -> SFAB-INPUT, DOCKER-USER -> SFAB-FORWARD
+        if hooks != want_hooks:
+            found.append(f"{host}: {hooks} firewall hook(s) in INPUT/DOCKER-USER (want {want_hooks})")
         for unit, state_ in timers.items():
             if state_ != ("enabled", "active"):
                 found.append(f"{host}: timer {unit} is {state_[0] or 'absent'}/{state_[1] or 'inactive'}")

@@ -2,8 +2,8 @@
 outside: this machine connects to every TCP port of the host, before and after.
 
 Before: a port Docker publishes and a port a host process listens on answer.
-After: only SSH, 80 and 443 do (no homeserver here serves 8448), Docker's published
-port included, SSH still works, and a second deploy changes nothing. A firewall
+After: only SSH, 80, 443 and coturn's 3478 and 5349 do (no homeserver here serves
+8448), Docker's published port included, SSH still works, and a second deploy changes nothing. A firewall
 that would close sshd's port is refused before anything changes. Off again: our
 chains, rules, program and boot unit are gone.
 """
@@ -18,6 +18,7 @@ from tests.sandbox.portscan import open_tcp_ports
 pytestmark = pytest.mark.e2e
 
 ALLOWED = [22, 80, 443]
+VPS1 = [22, 80, 443, 3478, 5349]  # vps1 runs coturn too (TURN, and TURN over TLS)
 PUBLISHED, HOST_PORT = 18080, 18081
 LISTENERS = f"""
 docker rm -f sfab-probe-published sfab-probe-host >/dev/null 2>&1 || true
@@ -52,14 +53,14 @@ def test_firewall_closes_every_port_but_ssh_and_https_docker_included(deployed):
 
         before = open_tcp_ports(address)
         print(f"vps1 without the firewall: {before}")
-        assert set(ALLOWED + [PUBLISHED, HOST_PORT]) <= set(before)
+        assert set(VPS1 + [PUBLISHED, HOST_PORT]) <= set(before)
 
         res = run(["inv", "deploy", "--host", "vps1"])
         assert res.returncode == 0, res.stdout + res.stderr
         assert "firewall: loading the rules" in res.stdout
         after = open_tcp_ports(address)
         print(f"vps1 with the firewall: {after}")
-        assert after == ALLOWED
+        assert after == VPS1
         # what is closed to the outside still serves the host itself
         on_host("vps1", f"curl -fs -o /dev/null http://127.0.0.1:{PUBLISHED}/ && "
                         f"curl -fs -o /dev/null http://127.0.0.1:{HOST_PORT}/")
@@ -81,7 +82,7 @@ def test_a_firewall_closing_sshd_is_refused(deployed):
         assert res.returncode == 1, res.stdout + res.stderr  # found on the host: that host fails
         out = res.stdout + res.stderr
         assert "would close the SSH port(s) 22" in out and "firewall.ssh_ports" in out, out
-        assert "0 changed" not in out and open_tcp_ports(sb.HOSTS["vps1"].ip, range(1, 1024)) == ALLOWED
+        assert "0 changed" not in out and open_tcp_ports(sb.HOSTS["vps1"].ip, range(1, 1024)) == ALLOWED  # below 1024
     finally:
         bad.unlink(missing_ok=True)
 

@@ -54,7 +54,7 @@ def test_systemd_host_comes_back_by_itself(deployed, cafile):
         assert unit in timers, timers
         assert on_host("vps1", f"systemctl is-active {unit}").strip() == "active"
     # the firewall came back before Docker published anything (its boot unit)
-    assert open_tcp_ports(sb.HOSTS["vps1"].ip) == [22, 80, 443]
+    assert open_tcp_ports(sb.HOSTS["vps1"].ip) == [22, 80, 443, 3478, 5349]  # 3478, 5349: coturn
     # what was written before the reboot is still there
     assert isinstance(login(cafile, user, password), LoginResponse)
     # and a deploy finds nothing to do
