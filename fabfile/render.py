@@ -354,6 +354,17 @@ def render_host(
         files.append(RemoteFile(lay.element_settings, element_settings(sites)))
         files += _periodic("synapse-fabric-element", proxy_dir=lay.proxy)
 
+    def trust_upstream(hs) -> str:
+        """The CA bundle nginx verifies another host's certificate with when it passes
+        a homeserver's requests on: its federation.trusted_ca when set."""
+        if not hs.federation.trusted_ca:
+            return "/etc/ssl/certs/ca-certificates.crt"
+        files.append(RemoteFile(
+            lay.upstream_ca(hs.server_name),
+            _read_local(hs.federation.trusted_ca, f"homeservers.{hs.server_name}.federation.trusted_ca", read),
+            trigger="proxy:reload"))
+        return f"/etc/nginx/upstream-ca/{hs.server_name}.pem"
+
     # -- homeservers on hosts without a public address whose federation this host serves
     proxied = sorted((hs for hs in inv.homeservers.values() if hs.federation.via == host_name),
                      key=lambda hs: hs.server_name)
@@ -361,13 +372,7 @@ def render_host(
         sn = hs.server_name
         dirs.append(RemoteDir(lay.certs(sn), 0o700))
         files.append(RemoteFile(f"{lay.certs(sn)}/names", f"{sn}\n".encode(), 0o644, ROOT, f"acme:{sn}"))
-        upstream_ca = "/etc/ssl/certs/ca-certificates.crt"
-        if hs.federation.trusted_ca:
-            upstream_ca = f"/etc/nginx/upstream-ca/{sn}.pem"
-            files.append(RemoteFile(
-                lay.upstream_ca(sn),
-                _read_local(hs.federation.trusted_ca, f"homeservers.{sn}.federation.trusted_ca", read),
-                trigger="proxy:reload"))
+        upstream_ca = trust_upstream(hs)
         add(lay.vhost(f"{sn}-via"), "reverse_proxy/nginx/conf.d/federation-via.conf.j2", "proxy:reload",
             hs=hs, cert_name=sn, target=url_host(inv.hosts[hs.host].address), upstream_ca=upstream_ca)
         wk = lay.well_known(sn)
@@ -380,13 +385,7 @@ def render_host(
     for hs in forwarded:
         sn = hs.server_name
         dirs.append(RemoteDir(lay.certs(sn), 0o700))
-        upstream_ca = "/etc/ssl/certs/ca-certificates.crt"
-        if hs.federation.trusted_ca:
-            upstream_ca = f"/etc/nginx/upstream-ca/{sn}.pem"
-            files.append(RemoteFile(
-                lay.upstream_ca(sn),
-                _read_local(hs.federation.trusted_ca, f"homeservers.{sn}.federation.trusted_ca", read),
-                trigger="proxy:reload"))
+        upstream_ca = trust_upstream(hs)
         add(lay.vhost(f"{sn}-forward"), "reverse_proxy/nginx/conf.d/forward.conf.j2", "proxy:reload",
             hs=hs, names=cert_names(hs), target=url_host(inv.hosts[hs.host].address), cert_name=sn,
             upstream_ca=upstream_ca)
