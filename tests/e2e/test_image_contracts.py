@@ -28,12 +28,13 @@ def _config(ref: str) -> dict:
 
 @pytest.fixture(scope="module")
 def tags(sandbox_prepared) -> dict[str, str]:
-    return {name: images.tag_of(name) for name in ("synapse", "postgres", "postgres15", "nginx", "certbot", "admin-ui")}
+    return {name: images.tag_of(name) for name in ("synapse", "postgres", "postgres15", "nginx", "certbot", "admin-ui",
+                                                  "coturn")}
 
 
 def test_stand_ins_carry_the_default_references(tags):
     # what the product deploys by default is what the sandbox tests
-    assert {tags["synapse"], tags["postgres"], tags["nginx"], tags["certbot"], tags["admin-ui"]} \
+    assert {tags["synapse"], tags["postgres"], tags["nginx"], tags["certbot"], tags["admin-ui"], tags["coturn"]} \
         == set(DEFAULT_IMAGES.values())
 
 
@@ -154,3 +155,16 @@ def test_admin_ui_image_contract(tags):
               "printf 'GET %s HTTP/1.0\\r\\n\\r\\n' \"$p\" >&3; head -1 <&3; done")
     out = _docker("run", "--rm", "--entrypoint", "bash", tags["admin-ui"], "-c", script).stdout
     assert [line.strip() for line in out.splitlines() if line.startswith("HTTP/")] == ["HTTP/1.1 200 OK"] * 3, out
+
+
+def test_coturn_image_contract(tags):
+    cfg = _config(tags["coturn"])
+    assert cfg["User"] == "nobody:nogroup" and cfg["Entrypoint"] == ["docker-entrypoint.sh"]
+    assert {"3478/tcp", "3478/udp", "5349/tcp", "5349/udp"} <= set(cfg["ExposedPorts"])
+    # what the compose file relies on: a POSIX shell and turnserver; the test client beside it
+    out = _docker("run", "--rm", "--entrypoint", "/bin/sh", tags["coturn"], "-c",
+                  "command -v turnserver; command -v turnutils_uclient").stdout
+    assert "/turnserver" in out and "/turnutils_uclient" in out, out
+    # options given to the entrypoint go to turnserver
+    out = _docker("run", "--rm", tags["coturn"], "--version", check=False)
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr
