@@ -158,9 +158,9 @@ class Turn(_Model):
     """coturn on this host, for the calls of the homeservers it runs (fabfile/turn.py)."""
 
     enabled: bool = False
-    # The name clients reach TURN by; it must be one of a homeserver's public names
-    # on this host (its certificate covers it). Default: the first homeserver's
-    # public_hostname.
+    # The name clients reach TURN by (required): one of the public names of a
+    # homeserver on this host, whose certificate coturn serves. Named, not derived:
+    # a homeserver added later must not move every Synapse's turn_uris.
     hostname: Optional[str] = None
     # UDP ports coturn relays media through (both ends included).
     relay_ports: str = "49152-49251"
@@ -177,6 +177,13 @@ class Turn(_Model):
         if not m or not (1024 <= int(m[1]) <= int(m[2]) <= 65535):
             raise ValueError(f"{v!r} must be a port range like 49152-49251 (1024-65535, low-high)")
         return f"{int(m[1])}-{int(m[2])}"
+
+    @model_validator(mode="after")
+    def _named(self):
+        if self.enabled and not self.hostname:
+            raise ValueError("turn.hostname is required when turn.enabled is true: the name clients reach TURN "
+                             "by, one of the public names of a homeserver on this host")
+        return self
 
     @property
     def relay_range(self) -> tuple[int, int]:

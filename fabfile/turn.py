@@ -41,7 +41,7 @@ def settings(inv: Inventory, host_name: str, servers: list[Homeserver], cert_nam
     host = inv.hosts[host_name]
     if not host.turn.enabled or not servers:
         return None
-    name = host.turn.hostname or servers[0].hostname
+    name = host.turn.hostname
     owner = next((hs for hs in servers if name in cert_names(hs)), None)
     if owner is None:
         raise InventoryError(

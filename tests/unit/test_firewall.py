@@ -17,7 +17,7 @@ hosts:
       enabled: true
       allow_from: [10.0.0.0/8, "fd00::/8"]
       open_udp: [51820]
-    turn: {enabled: true, relay_ports: 50000-50010}
+    turn: {enabled: true, hostname: matrix.one.example, relay_ports: 50000-50010}
   bare: {address: 203.0.113.20}
 homeservers:
   one.example: {host: web, federation: {port_8448: true}}
