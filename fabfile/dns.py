@@ -1,7 +1,7 @@
 """The DNS records the inventory needs, as zone-file lines (`inv dns`): an A (or
 AAAA, or CNAME for a host known by name) record for every public name of each
 homeserver, pointing at its host, and for a homeserver delegated by SRV its
-`_matrix-fed._tcp` record. Pure: it reads hosts.yaml, asks no DNS server."""
+`_matrix-fed._tcp` record; a TURN name of its own, pointing at its host. Pure: it reads hosts.yaml, asks no DNS server."""
 
 from __future__ import annotations
 
@@ -25,6 +25,10 @@ def records(inv: Inventory) -> list[str]:
         if hs.federation.enabled and hs.federation.delegation == "srv":
             port = 8448 if hs.federation.port_8448 else 443
             lines.append(f"_matrix-fed._tcp.{sn}. {TTL} IN SRV 10 5 {port} {hs.hostname}.")
+    for name, host in sorted(inv.hosts.items()):
+        if host.turn.enabled and not any(host.turn.hostname in public_names(hs) for hs in inv.homeservers_on(name)):
+            lines.append(f"; TURN of {name}")
+            lines.append(f"{host.turn.hostname}. {TTL} IN {_record(host.address)}")
     return lines
 
 

@@ -242,6 +242,12 @@ def _cross_check(inv: Inventory, path: Path, lines: dict) -> None:
             if owner is not None and owner != key:
                 fail(loc, f"hostname {name!r} is already claimed by homeserver {owner!r}")
             claimed[name] = key
+    for name, host in inv.hosts.items():
+        owner = claimed.get(host.turn.hostname) if host.turn.enabled else None
+        if owner is not None and inv.homeservers[owner].host != name:
+            fail(("hosts", name, "turn", "hostname"),
+                 f"{host.turn.hostname!r} is a name of homeserver {owner!r}, which runs on "
+                 f"{inv.homeservers[owner].host}: TURN of {name} needs a name of its own or of a homeserver on {name}")
     # a.b-c.org and a-b.c.org share a compose project name (dots become '-'): on one
     # host, one tenant's stack would take over the other's
     slugs: dict[tuple[str, str], str] = {}

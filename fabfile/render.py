@@ -272,6 +272,12 @@ def render_host(
     )
     if turn:
         dirs.append(RemoteDir(lay.turn, 0o750))
+        if turn.cert_name == turn.hostname:  # a name of its own: its own certificate
+            dirs.append(RemoteDir(lay.certs(turn.hostname), 0o700))
+            files.append(RemoteFile(f"{lay.certs(turn.hostname)}/names", f"{turn.hostname}\n".encode(),
+                                    0o644, ROOT, f"acme:{turn.hostname}"))
+            add(lay.vhost(f"turn-{turn.hostname}"), "reverse_proxy/nginx/conf.d/acme-only.conf.j2", "proxy:reload",
+                acme_name=turn.hostname, purpose=f"coturn's TLS certificate (hosts.{host_name}.turn)")
         add(f"{lay.turn}/turnserver.conf", "reverse_proxy/coturn/turnserver.conf.j2", "turn:restart",
             turn_hostname=turn.hostname, cert_name=turn.cert_name, relay=turn.relay,
             secret_in_container="/run/secrets/turn_shared_secret")
@@ -282,10 +288,12 @@ def render_host(
                 _read_local(inv.acme.ca_bundle, "acme.ca_bundle", read),
             )
         )
-    via_here = [hs.server_name for hs in inv.homeservers.values() if hs.federation.via == host_name]
-    if inv.acme.enabled and (servers or via_here):
+    own_certs = [hs.server_name for hs in inv.homeservers.values() if hs.federation.via == host_name]
+    if turn and turn.cert_name == turn.hostname:
+        own_certs.append(turn.hostname)
+    if inv.acme.enabled and (servers or own_certs):
         add(lay.bin("renew-certificates"), "reverse_proxy/bin/renew-certificates.j2", mode=0o755,
-            proxy_dir=lay.proxy, cert_names=sorted([hs.server_name for hs in servers] + via_here), turn=turn)
+            proxy_dir=lay.proxy, cert_names=sorted([hs.server_name for hs in servers] + own_certs), turn=turn)
         files += _periodic("synapse-fabric-certificates", proxy_dir=lay.proxy)
     if host.firewall.enabled:
         from . import firewall  # (firewall.py imports the inventory, not this module)
@@ -434,7 +442,8 @@ def render_host(
         forwarded=tuple(forwarded),
         proxied=tuple(proxied),
         certificates={**{hs.server_name: tuple(cert_names(hs)) for hs in servers},
-                      **{hs.server_name: (hs.server_name,) for hs in proxied}},
+                      **{hs.server_name: (hs.server_name,) for hs in proxied},
+                      **({turn.hostname: (turn.hostname,)} if turn and turn.cert_name == turn.hostname else {})},
         image_refs={k: v for k, v in images.items()
                     if (k != "admin_ui" or admin_uis) and (k != "coturn" or turn)},
         turn=turn,

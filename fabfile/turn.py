@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import InventoryError
 from .inventory import Homeserver, Inventory
 from .layout import SYNAPSE_UID, Layout
 from .shell import program
@@ -37,18 +36,17 @@ class Turn:
 
 
 def settings(inv: Inventory, host_name: str, servers: list[Homeserver], cert_names) -> Turn | None:
-    """The TURN server of `host_name`, or None when it runs none."""
+    """The TURN server of `host_name`, or None when it runs none. Its TLS certificate
+    is that of the homeserver on this host whose names include turn.hostname, or
+    else one of its own (the name points at this host and stays when homeservers
+    move away)."""
     host = inv.hosts[host_name]
-    if not host.turn.enabled or not servers:
+    if not host.turn.enabled:
         return None
     name = host.turn.hostname
     owner = next((hs for hs in servers if name in cert_names(hs)), None)
-    if owner is None:
-        raise InventoryError(
-            f"{inv.path}: hosts.{host_name}.turn.hostname {name!r} is not a public name of a homeserver on "
-            f"{host_name} (their certificates cover: "
-            f"{', '.join(n for hs in servers for n in cert_names(hs))}); coturn serves TLS with one of them")
-    return Turn(name, owner.server_name, host.turn.relay_range, Layout(host.base_dir).turn_secret)
+    return Turn(name, owner.server_name if owner else name, host.turn.relay_range,
+                Layout(host.base_dir).turn_secret)
 
 
 def secret_script(lay: Layout) -> str:

@@ -5,7 +5,7 @@ coturn and Synapse.
 A user logs in, asks Synapse for TURN credentials (/voip/turnServer) as a client
 does before a call, and allocates a real relay on coturn with them from this machine
 (outside the host, through its firewall): over UDP on 3478 and over TLS on 5349 (the
-homeserver's ACME certificate checked against the TURN name). Wrong credentials are
+ACME certificate of turn.one.test, its own name, checked). Wrong credentials are
 refused. `inv check` proves the same.
 """
 from __future__ import annotations
@@ -44,14 +44,14 @@ def _credentials(cafile, server="one.test", host="matrix.one.test"):
 @pytest.mark.parametrize("server, host", [("one.test", "matrix.one.test"), ("three.test", "matrix.three.test")])
 def test_synapse_credentials_allocate_a_relay_on_coturn(deployed, cafile, server, host):
     creds = _credentials(cafile, server, host)
-    assert creds["uris"] == ["turns:matrix.one.test:5349?transport=udp", "turns:matrix.one.test:5349?transport=tcp",
-                             "turn:matrix.one.test:3478?transport=udp", "turn:matrix.one.test:3478?transport=tcp"]
+    assert creds["uris"] == ["turns:turn.one.test:5349?transport=udp", "turns:turn.one.test:5349?transport=tcp",
+                             "turn:turn.one.test:3478?transport=udp", "turn:turn.one.test:3478?transport=tcp"]
     assert 3000 <= creds["ttl"] <= 3600 and creds["username"].endswith(f":@{creds['username'].split('@')[1]}")
     vps1 = sb.HOSTS["vps1"].ip
     relayed = allocate(vps1, 3478, creds["username"], creds["password"])
     assert relayed[0] == vps1 and relayed[1] in RELAY, relayed
     ctx = ssl.create_default_context(cafile=str(ROOTS))
-    relayed = allocate(vps1, 5349, creds["username"], creds["password"], tls=(ctx, "matrix.one.test"))
+    relayed = allocate(vps1, 5349, creds["username"], creds["password"], tls=(ctx, "turn.one.test"))
     assert relayed[0] == vps1 and relayed[1] in RELAY, relayed
 
 

@@ -89,6 +89,7 @@ DNS_RECORDS: dict[str, str] = {
     "one.test": HOSTS["vps1"].ip,
     "matrix.one.test": HOSTS["vps1"].ip,
     "element.one.test": HOSTS["vps1"].ip,
+    "turn.one.test": HOSTS["vps1"].ip,  # vps1's coturn (hosts.yaml hosts.vps1.turn)
     "three.test": HOSTS["vps1"].ip,
     "matrix.three.test": HOSTS["vps1"].ip,
     "two.test": HOSTS["vps2"].ip,

@@ -44,8 +44,23 @@ def test_coturn_and_every_synapse_share_one_secret_file_and_no_secret_is_rendere
     assert "coturn/coturn:4.7.0" in s.images
 
 
-def test_turn_needs_a_hostname_of_one_of_its_homeservers():
+def test_turn_needs_a_hostname_and_uses_a_homeservers_certificate_or_its_own():
     with pytest.raises(InventoryError, match="turn.hostname is required"):
         parse(textwrap.dedent(INV).replace("hostname: matrix.one.example, ", ""))
-    with pytest.raises(InventoryError, match="is not a public name of a homeserver on web"):
-        state(INV.replace("hostname: matrix.one.example", "hostname: turn.elsewhere.example"))
+    # a name of its own: a certificate of its own, asked for over HTTP on that name
+    own = state(INV.replace("hostname: matrix.one.example", "hostname: turn.example"))
+    assert own.certificates["turn.example"] == ("turn.example",)
+    assert own.turn.cert_name == "turn.example"
+    assert "server_name turn.example;" in own.file("/opt/matrix/reverse_proxy/nginx/conf.d/turn-turn.example.conf").content.decode()
+    compose = yaml.safe_load(own.file("/opt/matrix/reverse_proxy/docker-compose.yml").content)
+    assert "./certs/turn.example:/certs:ro" in compose["services"]["coturn"]["volumes"]
+
+
+def test_a_turn_name_of_a_homeserver_elsewhere_is_refused_and_inv_dns_prints_its_own():
+    from fabfile.dns import records
+    text = textwrap.dedent(INV) + "  three.example: {host: other}\n"
+    text = text.replace("hosts:\n", "hosts:\n  other: {address: 203.0.113.30}\n")
+    with pytest.raises(InventoryError, match="is a name of homeserver 'three.example'"):
+        parse(text.replace("hostname: matrix.one.example", "hostname: matrix.three.example"))
+    own = parse(text.replace("hostname: matrix.one.example", "hostname: turn.example"))
+    assert "turn.example. 3600 IN A 203.0.113.10" in records(own)
