@@ -27,10 +27,10 @@ NAMES = {
 }
 
 
-def register(hs: str, user: str, password: str) -> None:
+def register(hs: str, user: str, password: str, inventory=INVENTORY) -> None:
     res = subprocess.run([str(BIN / "inv"), "register-user", "--homeserver", hs, "--user", user,
                           "--password-file", "-"], cwd=REPO, input=password.encode(), capture_output=True,
-                         env={**os.environ, "INVOKE_INVENTORY": str(INVENTORY)}, timeout=120)
+                         env={**os.environ, "INVOKE_INVENTORY": str(inventory)}, timeout=120)
     assert res.returncode == 0, res.stderr
 
 
@@ -66,12 +66,12 @@ def _bodies(resp: SyncResponse, room_id: str) -> list[str]:
     return [getattr(e, "body", None) for e in room.timeline.events] if room else []
 
 
-def converse(hs_a: str, hs_b: str, tag: str) -> None:
+def converse(hs_a: str, hs_b: str, tag: str, inventory=INVENTORY) -> None:
     """A user of hs_a invites a user of hs_b into a new room over federation; the
     invite arrives, the second joins, both send and each reads the other's message."""
     alice, bob = f"alice-{tag}-{RUN}", f"bob-{tag}-{RUN}"
-    register(hs_a, alice, "alice pw")
-    register(hs_b, bob, "bob pw")
+    register(hs_a, alice, "alice pw", inventory)
+    register(hs_b, bob, "bob pw", inventory)
 
     async def scenario():
         async with SandboxClient(f"https://matrix.{hs_a}", ROOTS) as a, \

@@ -62,7 +62,7 @@ def test_a_homeserver_without_public_address_federates_through_a_proxy_host(depl
         assert https_get(SN, "/_matrix/client/versions")[0] == 404
         assert https_get(SN, "/_synapse/admin/v1/server_version")[0] == 404
 
-        converse("two.test", SN, "via")
+        converse("two.test", SN, "via", inv)
         res = run(["inv", "check", "--homeserver", SN], inv, timeout=300)
         assert res.returncode == 0, res.stdout
     finally:

@@ -309,10 +309,16 @@ class Updater:
         return run_script(*args, config=self.config, prefix=self.prefix, timeout=timeout)
 
     def start(self, **options) -> subprocess.Popen:
-        """A run in the background (no arguments)."""
+        """A run in the background (no arguments), with SIGINT and SIGQUIT at their
+        defaults as on a terminal or under systemd: a test suite started as an
+        asynchronous command of a shell without job control inherits them ignored,
+        and a shell cannot trap a signal ignored when it started."""
+        def default_signals():
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGQUIT, signal.SIG_DFL)
         return subprocess.Popen(["dash", str(self.script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env={**os.environ, "LC_ALL": "C", "ELEMENT_UPDATE_CONFIG": str(self.config)},
-                                **options)
+                                preexec_fn=default_signals, **options)
 
     def ok(self, *args):
         res = self.run(*args)
