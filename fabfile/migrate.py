@@ -304,6 +304,11 @@ def migrate(inv: Inventory, sn: str, to: str | None, dry_run: bool, abort: bool,
         raise TaskError(f"no host {to!r} in the inventory (known hosts: {', '.join(inv.hosts)})")
     if to == hs.host:
         raise TaskError(f"{sn} already runs on {to}")
+    if hs.federation.via and not marked_to:
+        raise TaskError(f"{sn}'s federation is served by {hs.federation.via} (federation.via), which "
+                        f"`inv migrate-host` does not move along yet: it would keep passing requests to {hs.host}. "
+                        "Move it without a public address by backup and restore (inv restore --to), then "
+                        f"`inv deploy --host {hs.federation.via}`")
     m = Migration(inv, hs, to, log)
     m.open()
     try:

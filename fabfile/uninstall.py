@@ -100,6 +100,22 @@ def _leftovers(hs: Homeserver, lay: Layout) -> list[str]:
     return paths
 
 
+def _release_proxies(inv: Inventory, after: Inventory, servers: list[Homeserver], log: Log) -> None:
+    """The hosts that served the federation of `servers` (federation.via): converged
+    without them, then their certificate, well-known and upstream CA removed."""
+    for via in sorted({hs.federation.via for hs in servers if hs.federation.via}):
+        host = inv.hosts[via]
+        lay = Layout(host.base_dir)
+        gone = [hs for hs in servers if hs.federation.via == via]
+        with locked(inv, host) as remote:
+            state = render_host(after, via)
+            converge(remote, state, local_images(after, [state]), Reporter(LineWriter(log)), HostResult(via))
+            paths = [p for hs in gone for p in _leftovers(hs, lay) + [lay.upstream_ca(hs.server_name)]]
+            remote.run(f"rm -rf {' '.join(shlex.quote(p) for p in paths)}",
+                       what=f"{', '.join(hs.server_name for hs in gone)}: certificate and well-known removed from {via}")
+        log(f"{via} no longer serves {', '.join(hs.server_name for hs in gone)}")
+
+
 def uninstall_homeserver(inv: Inventory, sn: str, backup: bool, confirm: Confirm, log: Log) -> None:
     """Stop and remove one homeserver from its host (after a snapshot, or with the
     operator's typed confirmation); the host's other homeservers keep running."""
@@ -118,6 +134,7 @@ def uninstall_homeserver(inv: Inventory, sn: str, backup: bool, confirm: Confirm
                    what=f"{sn}: certificate, well-known and network removed")
         if backup:
             kept = backup_mod.keep_password(remote, host)
+    _release_proxies(inv, after, [hs], log)
     rewrite(inv.path, lambda doc: doc["homeservers"].pop(sn))
     log(f"done: {sn} is gone from {hs.host}; the others there keep serving. {inv.path} no longer names it.")
     if snap:
@@ -160,6 +177,9 @@ def uninstall_host(inv: Inventory, host_name: str, backup: bool, confirm: Confir
             what=f"{host.name}: reverse proxy, timers, firewall and {lay.base} removed", timeout=600)
         if backup and servers:
             kept = backup_mod.keep_password(remote, host)
+    after = _without(inv, {hs.server_name for hs in servers})
+    _release_proxies(inv, after.model_copy(update={"hosts": {k: v for k, v in after.hosts.items() if k != host.name}}),
+                     servers, log)
 
     def change(doc):
         for hs in servers:

@@ -66,14 +66,25 @@ def test_a_homeserver_without_public_address_federates_through_a_proxy_host(depl
         res = run(["inv", "check", "--homeserver", SN], inv, timeout=300)
         assert res.returncode == 0, res.stdout
     finally:
+        # everything of seven.test goes: vps3 (its firewall too) and what vps1 held for it
         res = run(["inv", "uninstall", "--host", "vps3"], inv)
-        assert res.returncode == 0, res.stdout + res.stderr
-        assert on_host("vps3", "iptables -S | grep -c SFAB- || true").strip() == "0"
         inv.unlink(missing_ok=True)
-        res = run(["inv", "deploy", "--host", "vps1"])
-        assert res.returncode == 0, res.stdout + res.stderr
-        on_host("vps1", f"cd /opt/matrix/reverse_proxy && rm -rf well-known/{SN} certs/{SN} nginx/upstream-ca/{SN}.pem "
-                        f"acme/letsencrypt/live/{SN} acme/letsencrypt/archive/{SN} "
-                        f"acme/letsencrypt/renewal/{SN}.conf")
         for name in (SN, f"matrix.{SN}"):
             sb.set_dns(name, None)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "vps1 no longer serves seven.test" in res.stdout
+    assert on_host("vps3", "iptables -S | grep -c SFAB- || true").strip() == "0"
+    left = on_host("vps1", f"cd /opt/matrix/reverse_proxy && ls -d nginx/conf.d/{SN}-via.conf well-known/{SN} "
+                           f"certs/{SN} nginx/upstream-ca/{SN}.pem acme/letsencrypt/live/{SN} 2>/dev/null || true")
+    assert left.strip() == "", left
+    res = run(["inv", "deploy", "--host", "vps1"])
+    assert res.returncode == 0 and "vps1: 0 changed" in res.stdout, res.stdout + res.stderr
+
+
+def test_migrating_a_homeserver_served_through_a_proxy_is_refused(deployed):
+    inv = variant("federation-via-migrate", _private)
+    try:
+        res = run(["inv", "migrate-host", "--homeserver", SN, "--to", "vps2"], inv)
+        assert res.returncode == 2 and "federation is served by vps1" in res.stderr, res.stdout + res.stderr
+    finally:
+        inv.unlink(missing_ok=True)
