@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime
 import shlex
 
-from .docker import container
+from .shell import program
 from .layout import Layout
 from .render import PROXY_PROJECT
 
@@ -64,42 +64,5 @@ def install_cert_script(lay: Layout, sn: str) -> str:
 def reload_script(changed_confs: list[str]) -> str:
     """Test the new config in the running nginx; reload if accepted, otherwise put
     the previous files back (so the old config keeps serving) and fail with
-    nginx's own error."""
-    restore = "\n".join(
-        f"  if [ -e {shlex.quote(p + BACKUP)} ]; then mv -f {shlex.quote(p + BACKUP)} {shlex.quote(p)};"
-        f" else rm -f {shlex.quote(p)}; fi"
-        for p in changed_confs
-    )
-    cleanup = " ".join(shlex.quote(p + BACKUP) for p in changed_confs) or "/dev/null/none"
-    return f"""
-c={container(PROXY_PROJECT, 'nginx')}
-if [ -z "$c" ]; then echo "nginx is not running" >&2; exit 1; fi
-if ! out=$(docker exec "$c" nginx -t 2>&1); then
-{restore}
-  echo "nginx rejected the new configuration; the previous one is still serving:" >&2
-  echo "$out" | grep -v 'test failed' >&2
-  exit 1
-fi
-rm -f {cleanup}
-docker exec "$c" sh -c {shlex.quote(_RELOAD_AND_WAIT)}
-"""
-
-
-# `nginx -s reload` only signals the master, which starts new workers (new config)
-# and only THEN tells the old ones to stop accepting: until an old worker has
-# renamed itself "worker process is shutting down" (or exited) it may still take
-# a new connection with the old config. "Deployed" means every new connection
-# gets the new config, so wait for both: a new worker, and no old one accepting.
-_RELOAD_AND_WAIT = r"""
-workers() { for p in /proc/[0-9]*; do tr '\0' ' ' < $p/cmdline 2>/dev/null | grep -q 'worker process *$' && echo ${p#/proc/}; done; }
-old=$(workers | sort)
-nginx -s reload
-i=0
-while [ $i -lt 200 ]; do
-  now=$(workers | sort)
-  if echo "$now" | grep -vxF "$old" | grep -q . && ! echo "$now" | grep -xF "$old" | grep -q .; then exit 0; fi
-  sleep 0.05; i=$((i+1))
-done
-echo "nginx did not move every worker to the new configuration within 10s" >&2
-exit 1
-"""
+    nginx's own error (fabfile/scripts/nginx-reload.sh)."""
+    return program("nginx-reload.sh", confs=" ".join(changed_confs), backup=BACKUP, project=PROXY_PROJECT)

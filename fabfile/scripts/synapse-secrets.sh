@@ -1,0 +1,22 @@
+# shellcheck shell=sh
+# One homeserver's database password, made ONCE on the host from its own
+# /dev/urandom, and the libpq passfile Synapse reads (fabfile/synapse.py). Never
+# printed, never in argv; an existing secret is never replaced.
+# Inputs: dir (its secrets), pgdata, server_name, db, user, postgres_uid, synapse_uid.
+# shellcheck disable=SC2154 # inputs (fabfile/shell.py)
+umask 077
+mkdir -p "$dir"
+if [ ! -s "$dir/postgres_password" ] && [ -s "$pgdata/PG_VERSION" ]; then
+  echo "$server_name: the database exists but secrets/postgres_password is missing; restore it from a backup (a new password would lock Synapse out)" >&2
+  exit 1
+fi
+if [ ! -s "$dir/postgres_password" ]; then
+  head -c 64 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 40 > "$dir/postgres_password.tmp"
+  mv -f "$dir/postgres_password.tmp" "$dir/postgres_password"
+fi
+if [ ! -s "$dir/pgpass" ]; then
+  { printf 'postgres:5432:%s:%s:' "$db" "$user"; cat "$dir/postgres_password"; printf '\n'; } > "$dir/pgpass.tmp"
+  mv -f "$dir/pgpass.tmp" "$dir/pgpass"
+fi
+chown "$postgres_uid" "$dir/postgres_password" && chmod 0400 "$dir/postgres_password"
+chown "$synapse_uid" "$dir/pgpass" && chmod 0400 "$dir/pgpass"
