@@ -274,14 +274,20 @@ def turn_rows(inv: Inventory, servers: list[Homeserver]) -> list[Row]:
         host = inv.hosts[hs.host]
         if not host.turn.enabled:
             continue
-        try:
-            remote = open_remote(inv, host)
+        creds, problems = None, []
+        for _ in range(2):  # once more after a failure: a container restarting is not a broken TURN
             try:
-                creds = admin.call(remote, hs, "GET", "/_matrix/client/v3/voip/turnServer")
-            finally:
-                remote.close()
-        except SfabError as exc:
-            rows.append(Row(hs.server_name, "TURN credentials from Synapse", False, str(exc).splitlines()[0]))
+                remote = open_remote(inv, host)
+                try:
+                    creds = admin.call(remote, hs, "GET", "/_matrix/client/v3/voip/turnServer")
+                    break
+                finally:
+                    remote.close()
+            except SfabError as exc:
+                problems.append(" | ".join(line.strip() for line in str(exc).splitlines() if line.strip())[-400:])
+                time.sleep(2)
+        if creds is None:
+            rows.append(Row(hs.server_name, "TURN credentials from Synapse", False, " ; then: ".join(problems)))
             continue
         uris = creds.get("uris") or []
         rows.append(Row(hs.server_name, "TURN credentials from Synapse", bool(uris and creds.get("password")),
