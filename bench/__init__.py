@@ -21,6 +21,17 @@ def write_figures(name: str, figures: dict) -> int:
     return 0
 
 
+def place_homeserver(sn: str, host: str) -> None:
+    """Point a benchmark's homeserver names at `host` and forget an earlier run's
+    uninstall record there (it would refuse the deploy)."""
+    from tests.e2e.helpers import on_host
+    from tests.sandbox import sandbox as sb
+
+    for name in (sn, f"matrix.{sn}"):
+        sb.set_dns(name, sb.host_addr(host))
+    on_host(host, f"rm -f /opt/matrix/.synapse-fabric/uninstalled/{sn}")
+
+
 def drop_homeserver(sn: str, inventory: Path) -> None:
     """A benchmark's own homeserver off the sandbox again: uninstalled (no backup, the
     name typed on stdin) with `inventory`, and its sandbox DNS names removed."""

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import drop_homeserver, write_figures
+from bench import drop_homeserver, place_homeserver, write_figures
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -76,7 +76,6 @@ def main() -> int:
     import yaml
 
     from tests.e2e.helpers import on_host
-    from tests.sandbox import sandbox as sb
 
     doc = yaml.safe_load((REPO / "hosts.yaml").read_text())
     doc["homeservers"][SN] = {**{k: doc["homeservers"]["one.test"][k] for k in ("federation", "synapse_settings")},
@@ -84,9 +83,7 @@ def main() -> int:
     doc["backup"] = {"repository": f"rest:http://store.test:8000/{RUN}"}
     inventory = REPO / ".bench-backup.yaml"
     inventory.write_text(yaml.safe_dump(doc, sort_keys=False))
-    for name in (SN, f"matrix.{SN}"):
-        sb.set_dns(name, sb.host_addr("vps1"))
-    on_host("vps1", f"rm -f /opt/matrix/.synapse-fabric/uninstalled/{SN}")  # an earlier run's
+    place_homeserver(SN, "vps1")
     figures: dict = {"homeserver": SN, "host": "vps1 (Debian 13)", "repository": "restic REST server (store.test)"}
     try:
         inv(["deploy", "--host", "vps1"], inventory)

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import drop_homeserver, write_figures
+from bench import drop_homeserver, place_homeserver, write_figures
 from bench.backup import fill, inv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,13 +49,10 @@ def timed(argv, inventory) -> dict:
 
 def main() -> int:
     from tests.e2e.helpers import on_host
-    from tests.sandbox import sandbox as sb
 
     inventory = REPO / ".bench-upgrades.yaml"
     write_inventory(inventory, "matrixdotorg/synapse:v1.162.0")
-    for name in (SN, f"matrix.{SN}"):
-        sb.set_dns(name, sb.host_addr("vps2"))
-    on_host("vps2", f"rm -f /opt/matrix/.synapse-fabric/uninstalled/{SN}")  # an earlier run's
+    place_homeserver(SN, "vps2")
     figures: dict = {"homeserver": SN, "host": "vps2 (Debian 12, images pushed)", "data": "20 MB of media, 200 messages"}
     try:
         inv(["deploy", "--host", "vps2"], inventory)

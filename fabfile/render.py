@@ -227,6 +227,13 @@ def render_host(
     admin_uis = [hs for hs in servers if hs.admin_ui.enabled]
     from . import turn as turn_mod  # (turn.py imports the inventory, not this module)
     turn = turn_mod.settings(inv, host_name, servers, cert_names)
+    # homeservers on hosts without a public address whose federation this host serves
+    proxied = sorted((hs for hs in inv.homeservers.values() if hs.federation.via == host_name),
+                     key=lambda hs: hs.server_name)
+    # every certificate this host holds (cert name -> the names it covers)
+    certificates = {**{hs.server_name: tuple(cert_names(hs)) for hs in servers},
+                    **{hs.server_name: (hs.server_name,) for hs in proxied},
+                    **({turn.hostname: (turn.hostname,)} if turn and turn.cert_name == turn.hostname else {})}
     common = {"host": host, "network": NETWORK, "images": images}
     postgres_images = {hs.server_name: (keep_postgres or {}).get(hs.server_name)
                        or hs.postgres.image or images["postgres"] for hs in servers}
@@ -288,12 +295,9 @@ def render_host(
                 _read_local(inv.acme.ca_bundle, "acme.ca_bundle", read),
             )
         )
-    own_certs = [hs.server_name for hs in inv.homeservers.values() if hs.federation.via == host_name]
-    if turn and turn.cert_name == turn.hostname:
-        own_certs.append(turn.hostname)
-    if inv.acme.enabled and (servers or own_certs):
+    if inv.acme.enabled and certificates:
         add(lay.bin("renew-certificates"), "reverse_proxy/bin/renew-certificates.j2", mode=0o755,
-            proxy_dir=lay.proxy, cert_names=sorted([hs.server_name for hs in servers] + own_certs), turn=turn)
+            proxy_dir=lay.proxy, cert_names=sorted(certificates), turn=turn)
         files += _periodic("synapse-fabric-certificates", proxy_dir=lay.proxy)
     if host.firewall.enabled:
         from . import firewall  # (firewall.py imports the inventory, not this module)
@@ -374,8 +378,6 @@ def render_host(
         return f"/etc/nginx/upstream-ca/{hs.server_name}.pem"
 
     # -- homeservers on hosts without a public address whose federation this host serves
-    proxied = sorted((hs for hs in inv.homeservers.values() if hs.federation.via == host_name),
-                     key=lambda hs: hs.server_name)
     for hs in proxied:
         sn = hs.server_name
         dirs.append(RemoteDir(lay.certs(sn), 0o700))
@@ -441,9 +443,7 @@ def render_host(
         homeservers=tuple(servers),
         forwarded=tuple(forwarded),
         proxied=tuple(proxied),
-        certificates={**{hs.server_name: tuple(cert_names(hs)) for hs in servers},
-                      **{hs.server_name: (hs.server_name,) for hs in proxied},
-                      **({turn.hostname: (turn.hostname,)} if turn and turn.cert_name == turn.hostname else {})},
+        certificates=certificates,
         image_refs={k: v for k, v in images.items()
                     if (k != "admin_ui" or admin_uis) and (k != "coturn" or turn)},
         turn=turn,
