@@ -93,6 +93,38 @@ def migrate_host(c, homeserver, to=None, dry_run=False, finish=False, abort=Fals
 
 
 @task(
+    name="adopt",
+    help={
+        "homeserver": "the homeserver's server_name",
+        "from": "the inventory host its hand-made deployment runs on",
+        "to": "the inventory host to bring it to (default: hosts.yaml's, else --from)",
+        "compose": "its docker-compose.yml on that host (default: found by server_name)",
+        "data": "the directory mounted as its /data (default: found by server_name)",
+        "db": "its PostgreSQL container (default: the database host of its homeserver.yaml)",
+        "dry_run": "print what was found and what would be done; change nothing",
+        "finish": "remove the old, stopped containers (their files stay)",
+        "abort": "bring the old deployment back; the new copy is moved aside",
+    }
+)
+def adopt_homeserver(c, homeserver, from_=None, to=None, compose="", data="", db="", dry_run=False, finish=False,
+                     abort=False):
+    """Bring a homeserver set up by hand under management, keeping its identity."""
+    from fabfile import adopt
+
+    inv = load_inventory(c)
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    with expected_failures():
+        if not from_:
+            raise TaskError("--from HOST is required (the inventory host the homeserver runs on now)")
+        if finish:
+            adopt.finish(inv, homeserver, from_, log)
+        elif abort:
+            adopt.abort(inv, homeserver, from_, log)
+        else:
+            adopt.adopt(inv, homeserver, from_, to, compose, data, db, dry_run, log)
+
+
+@task(
     help={
         "host": "only this inventory host",
         "version": "install this version (default: the newest in the feed)",
@@ -346,5 +378,5 @@ def check(c, homeserver=None):
 
 
 ns = Collection(deploy, register_user, reset_password, users, deactivate_user, make_admin, registration_token,
-                purge_remote_media, purge_history, logs, upgrade, upgrade_postgres, backup, backups, restore, uninstall, migrate_host, element_update, dns, check)
+                purge_remote_media, purge_history, logs, upgrade, upgrade_postgres, backup, backups, restore, uninstall, migrate_host, adopt_homeserver, element_update, dns, check)
 ns.configure(CONFIG_DEFAULTS)

@@ -44,12 +44,13 @@ def snapshot(inventory) -> dict:
             "on_host_seconds": float(m.group(3))}
 
 
-async def fill(megabytes: int, messages: int, sn: str = SN) -> None:
-    """User `bench` (password "bench pw") of `sn` posts files and messages in a new room."""
+async def fill(megabytes: int, messages: int, sn: str = SN, url: str = "") -> None:
+    """User `bench` (password "bench pw") of `sn` posts files and messages in a new room
+    (through `url`, default https://matrix.<sn>)."""
     from nio import LoginResponse
     from tests.sandbox.client import SandboxClient
 
-    async with SandboxClient(f"https://matrix.{sn}", REPO / "tests/sandbox/state/acme-roots.pem") as c:
+    async with SandboxClient(url or f"https://matrix.{sn}", REPO / "tests/sandbox/state/acme-roots.pem") as c:
         assert isinstance(await c.login("bench", "bench pw"), LoginResponse)
         room = (await c.client.room_create(name="bench")).room_id
         for _ in range(megabytes):

@@ -32,7 +32,13 @@ def check(state: DesiredState, facts: Facts, inventory_path, migrating: str = ""
                 f"starting it here would run a second copy with the same signing key. Use the inventory "
                 f"the migration wrote (homeservers.{sn}.host: {gone.get('to', '?')})")
         removed = facts.uninstalled.get(sn)
-        if removed:
+        if removed and removed.get("reason") == "adoption-aborted":
+            problems.append(
+                f"the adoption of {sn} onto {host} was undone on {removed.get('at', '?')} (`inv adopt --abort`: "
+                f"its old deployment serves again), but {inventory_path} still places it on {host}: a deploy "
+                f"would start a new, empty {sn} with a new signing key. Adopt it again (`inv adopt`) or remove "
+                f"homeservers.{sn} from {inventory_path}")
+        elif removed:
             problems.append(
                 f"{sn} was uninstalled from {host} on {removed.get('at', '?')} by `inv uninstall` ("
                 + (f"its last snapshot: {removed['snapshot']} in {removed.get('repository', '?')}"
@@ -41,7 +47,12 @@ def check(state: DesiredState, facts: Facts, inventory_path, migrating: str = ""
                 f"{sn} with a new signing key. Use the inventory the uninstall wrote; to start afresh "
                 f"on purpose, delete {state.layout.uninstalled(sn)} on {host} first")
         moving = facts.migrating.get(sn)
-        if moving:
+        if moving and moving.get("adopt"):
+            problems.append(
+                f"an adoption of {sn} from {moving['adopt']} is in progress (done: {moving.get('phase', '?')}): "
+                f"run `inv adopt --homeserver {sn} --from {moving['adopt']}` again (it rolls the interrupted one "
+                f"back and starts over) or `--abort` before deploying {host}")
+        elif moving:
             problems.append(
                 f"a migration of {sn} from {host} to {moving.get('to', '?')} is in progress (done: "
                 f"{moving.get('phase', '?')}): finish it with `inv migrate-host --homeserver {sn} --to "

@@ -64,12 +64,11 @@ def _converge(remote: Remote, inv: Inventory, log: Log, migrating: str, hold=())
              install=True, hold=hold, migrating=migrating)
 
 
-def load_dump(remote: Remote, hs: Homeserver, dump_dir: str, log: Log, recreate: bool = False,
-              forget_one_time_keys: bool = True) -> str:
-    """pg_restore `dump_dir`/database.pgdump into the homeserver's database, which
-    must be empty (`recreate`: dropped and made again first, UTF8 with C collation and
-    ctype); `forget_one_time_keys`: empty that table after (a backup's restore). The
-    schema version must be the one the dump recorded; returns it."""
+def empty_database(remote: Remote, hs: Homeserver, recreate: bool = False) -> str:
+    """Wait for the homeserver's new PostgreSQL and make sure its database is empty
+    (`recreate`: dropped and made again first, UTF8 with C collation and ctype): a
+    dump is never restored over an existing database. Returns the shell that sets
+    $pg to its container."""
     pg = hs.postgres
     find_pg = f"pg={container(synapse_project(hs), 'postgres')}; "
     # a fresh data directory: the image's first start runs initdb on a temporary
@@ -86,8 +85,19 @@ def load_dump(remote: Remote, hs: Homeserver, dump_dir: str, log: Log, recreate:
                         "\"SELECT count(*) FROM pg_tables WHERE schemaname = 'public'\"",
                         what="the database is empty").out.strip()
     if tables != "0":
-        raise TaskError(f"{hs.server_name}'s database on this host already has {tables} tables: a dump is never "
-                        "restored over an existing database (Synapse's guidance)")
+        raise TaskError(f"{hs.server_name}'s database on {remote.name} already has {tables} tables: a dump is "
+                        "never restored over an existing database (Synapse's guidance)")
+    return find_pg
+
+
+def load_dump(remote: Remote, hs: Homeserver, dump_dir: str, log: Log, recreate: bool = False,
+              forget_one_time_keys: bool = True) -> str:
+    """pg_restore `dump_dir`/database.pgdump into the homeserver's database, which
+    must be empty (`recreate`: dropped and made again first, UTF8 with C collation and
+    ctype); `forget_one_time_keys`: empty that table after (a backup's restore). The
+    schema version must be the one the dump recorded; returns it."""
+    pg = hs.postgres
+    find_pg = empty_database(remote, hs, recreate)
     dump = shlex.quote(f"{dump_dir}/database.pgdump")
     t0 = time.monotonic()
     remote.run(find_pg + f'docker exec -i "$pg" pg_restore -U {pg.user} -d {pg.database} --no-owner '
