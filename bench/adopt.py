@@ -128,7 +128,7 @@ def main() -> int:
             scene._cleanup(inventory, sn, f"docker rm -f handmade-{sn.split('.')[0]} >/dev/null 2>&1; "
                                           f"cd {root} 2>/dev/null && (docker compose down -v || docker-compose down -v) "
                                           f">/dev/null 2>&1; rm -rf {root}")
-        run(["inv", "uninstall", "--host", "vps3"])
+        run(["inv", "uninstall", "--host", "vps3"], inventory)  # it leaves that inventory (a copy)
         inventory.unlink(missing_ok=True)
     return write_figures("adopt", figures)
 
