@@ -78,12 +78,14 @@ def adopt(argv: list[str], inventory: Path, old_url: str, name: str) -> dict:
         secs, out = inv(argv, inventory)
         time.sleep(3)
     said = re.search(r"it was stopped for ([\d.]+)s", out)
-    port = re.search(r"synapse_port_db: ([\d.]+)s", out)
+    first = re.search(r"synapse_port_db, first pass \(while it runs\): ([\d.]+)s", out)
+    final = re.search(r"synapse_port_db, final pass: ([\d.]+)s", out)
     waited = re.search(r"background updates done in ([\d.]+)s", out)
     return {"task_seconds": round(secs, 1),
             "downtime_task_says_seconds": float(said.group(1)) if said else None,
             "downtime_client_sees_seconds": switch.downtime,
-            **({"synapse_port_db_seconds": float(port.group(1))} if port else {}),
+            **({"synapse_port_db_first_pass_seconds (running)": float(first.group(1)),
+                "synapse_port_db_final_pass_seconds (stopped)": float(final.group(1))} if first and final else {}),
             **({"waited_for_background_updates_seconds": float(waited.group(1))} if waited else {})}
 
 

@@ -11,11 +11,12 @@ signing key, database, media, users and their passwords.
     copied     while the old one runs: its data directory (config files, appservice
                registrations, media), the signing key, the adopted homeserver.yaml
                (kept settings; see fabfile/adopt_config.py); the target converged
-               with the homeserver held (its PostgreSQL started, Synapse not)
+               with the homeserver held (its PostgreSQL started, Synapse not);
+               SQLite: synapse_port_db's first pass on a snapshot
     stopped    the old Synapse stopped, its restart policy set to "no" (downtime)
     restored   PostgreSQL: pg_dump | pg_restore, streamed, into a new database with
-               C collation; SQLite: Synapse's synapse_port_db into it; media changed
-               meanwhile copied again; the old database container stopped
+               C collation; SQLite: synapse_port_db's final pass (new rows); media
+               changed meanwhile copied again; the old database container stopped
     started    the target converged: Synapse starts on the old signing key
                (downtime ends)
 
@@ -38,7 +39,7 @@ import yaml
 from . import adopt_config as ac
 from .converge import HostResult, converge
 from .deploy import local_images
-from .docker import COMPOSE_FN
+from .docker import COMPOSE_FN, container
 from .errors import TaskError
 from .inventory import Inventory, load, rewrite
 from .layout import SYNAPSE_UID, Layout
@@ -357,36 +358,64 @@ class Adoption:
         self.src.run(f"docker update --restart=no {q} >/dev/null && docker stop {q} >/dev/null",
                      what="stop the old " + " and ".join(containers), timeout=300)
 
+    @property
+    def sqlite_work(self) -> str:
+        """Where the SQLite copy and synapse_port_db's config stay between the passes."""
+        return f"{self.lay.synapse(self.sn)}/adopt-sqlite"
+
+    def port_sqlite(self, found: Found, config_text: str, final: bool) -> None:
+        """Synapse's documented way off SQLite, in two passes: synapse_port_db first
+        on a snapshot taken while the old Synapse runs (the schema, its background
+        updates and every row so far: no downtime), then, after the stop, again on
+        the final file: it adds the rows that are new and copies the other tables
+        again."""
+        q, work = shlex.quote, self.sqlite_work
+        root = q(self.lay.synapse(self.sn))
+        if not final:
+            pg = self.inv.homeservers[self.sn].postgres
+            # Synapse's guide: the homeserver's own config with the new database in it
+            config = {**yaml.safe_load(config_text), "database": {"name": "psycopg2", "args": {
+                "host": "postgres", "port": 5432, "dbname": pg.database, "user": pg.user,
+                "passfile": "/run/secrets/pgpass"}}}
+            self.dst.run(f"rm -rf {q(work)} && mkdir -p {q(work)} && chmod 700 {q(work)} && umask 077 && "
+                         f"cat > {q(work)}/postgres.yaml", stdin=yaml.safe_dump(config).encode(),
+                         what="synapse_port_db's config")
+            # a consistent copy of a database in use: SQLite's online backup, in the container
+            backup = ("import sqlite3, sys; src = sqlite3.connect('file:' + sys.argv[1] + '?mode=ro', uri=True); "
+                      "dst = sqlite3.connect(sys.argv[2]); src.backup(dst); dst.close()")
+            c, tmp = q(found.syn.container), "/tmp/synapse-fabric-snapshot.db"
+            source = (f"docker exec {c} python -c {q(backup)} {q(found.sqlite_in_container)} {tmp} && "
+                      f"docker exec {c} cat {tmp}; rc=$?; docker exec {c} rm -f {tmp}; exit $rc")
+            what = "copy a snapshot of the SQLite database while it runs"
+        else:
+            source, what = f"cat {q(found.sqlite)}", "copy the final SQLite database"
+        self.pipe(source, f"cat > {q(work)}/homeserver.db.new && mv -f {q(work)}/homeserver.db.new "
+                          f"{q(work)}/homeserver.db", what)
+        t0 = time.monotonic()
+        # it refuses a database with background updates pending (the old Synapse
+        # was let finish them first; see background_updates_done)
+        self.dst.run(COMPOSE_FN + f"cd {root} && compose run --rm --no-deps -T -v {q(work)}:/adopt "
+                     "--entrypoint synapse_port_db synapse --sqlite-database /adopt/homeserver.db "
+                     "--postgres-config /adopt/postgres.yaml </dev/null >/dev/null",
+                     what="synapse_port_db (SQLite to PostgreSQL)", timeout=7200)
+        self.log(f"synapse_port_db, {'final pass' if final else 'first pass (while it runs)'}: "
+                 f"{time.monotonic() - t0:.1f}s")
+        if final:
+            self.dst.run(f"rm -rf {q(work)}", what="the SQLite copy")
+
     def restore(self, found: Found, hs: Homeserver, since: str, config_text: str) -> None:
+        """The database after the stop, then the media written since the first copy."""
         q = shlex.quote
         pg = hs.postgres
-        find_pg = empty_database(self.dst, hs)
+        find_pg = f"pg={container(synapse_project(hs), 'postgres')}; "
         if found.db_kind == "postgres":
+            empty_database(self.dst, hs)
             self.pipe(f"docker exec {q(found.db_container)} pg_dump -Fc -U {q(found.db_user)} -d {q(found.db_name)}",
                       find_pg + f'docker exec -i "$pg" pg_restore -U {pg.user} -d {pg.database} --no-owner --no-acl '
                       "--exit-on-error --single-transaction",
                       "stream the database (pg_dump | pg_restore)")
         else:
-            work = f"{self.lay.synapse(self.sn)}/adopt-sqlite"
-            self.pipe(f"cat {q(found.sqlite)}",
-                      f"rm -rf {q(work)} && mkdir -p {q(work)} && chmod 700 {q(work)} && cat > {q(work)}/homeserver.db",
-                      "copy the SQLite database")
-            # Synapse's guide: the homeserver's own config with the new database in it
-            config = {**yaml.safe_load(config_text), "database": {"name": "psycopg2", "args": {
-                "host": "postgres", "port": 5432, "dbname": pg.database, "user": pg.user,
-                "passfile": "/run/secrets/pgpass"}}}
-            self.dst.run(f"umask 077 && cat > {q(work)}/postgres.yaml", stdin=yaml.safe_dump(config).encode(),
-                         what="synapse_port_db's config")
-            root = q(self.lay.synapse(self.sn))
-            t0 = time.monotonic()
-            # it refuses a database with background updates pending (the old Synapse
-            # was let finish them before the stop; see background_updates_done)
-            self.dst.run(COMPOSE_FN + f"cd {root} && compose run --rm --no-deps -T -v {q(work)}:/adopt "
-                         "--entrypoint synapse_port_db synapse --sqlite-database /adopt/homeserver.db "
-                         "--postgres-config /adopt/postgres.yaml </dev/null >/dev/null",
-                         what="synapse_port_db (SQLite to PostgreSQL)", timeout=7200)
-            self.log(f"SQLite ported to PostgreSQL by synapse_port_db: {time.monotonic() - t0:.1f}s")
-            self.dst.run(f"rm -rf {q(work)}", what="the SQLite copy")
+            self.port_sqlite(found, config_text, final=True)
         schema = self.dst.run(find_pg + f'docker exec "$pg" psql -X -At -U {pg.user} -d {pg.database} -c '
                               '"SELECT version FROM schema_version"', what="schema version").out.strip()
         if found.schema and schema != found.schema:
@@ -499,11 +528,14 @@ def adopt(inv: Inventory, sn: str, source: str, to: Optional[str], compose: str,
         t_stop = None
         try:
             since = a.src.run("date +%s", what="the old host's clock").out.strip()
-            a.copy(found, text)
-            a.converge(inv, hold=(sn,))
-            a.set_phase("copied")
             if found.db_kind == "sqlite":
                 a.background_updates_done(found)
+            a.copy(found, text)
+            a.converge(inv, hold=(sn,))
+            if found.db_kind == "sqlite":
+                empty_database(a.dst, hs)
+                a.port_sqlite(found, text, final=False)
+            a.set_phase("copied")
             t_stop = time.monotonic()
             a.stop([found.syn.container])
             a.set_phase("stopped")

@@ -316,7 +316,7 @@ def test_adopt_a_sqlite_deployment_onto_another_host(deployed):
 
         res = run(["inv", "adopt", "--homeserver", sn, "--from", "vps3", "--to", "vps1"], inv)
         assert res.returncode == 0, res.stdout + res.stderr
-        assert "SQLite ported to PostgreSQL by synapse_port_db" in res.stdout
+        assert "synapse_port_db, first pass (while it runs)" in res.stdout and "synapse_port_db, final pass" in res.stdout
         entry = yaml.safe_load(inv.read_text())["homeservers"][sn]
         assert entry["host"] == "vps1" and entry["max_upload_size"] == "20M"
         assert entry["federation"] == {"allow_ip_ranges": ["172.29.231.0/24"], "trusted_key_servers": []}
