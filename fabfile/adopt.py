@@ -40,7 +40,7 @@ from . import adopt_config as ac
 from .converge import HostResult, converge
 from .deploy import local_images
 from .docker import COMPOSE_FN, container
-from .errors import TaskError
+from .errors import RolledBack, TaskError
 from .inventory import Inventory, load, rewrite
 from .layout import SYNAPSE_UID, Layout
 from .remote import Remote, RemoteError, open_remote
@@ -551,8 +551,8 @@ def adopt(inv: Inventory, sn: str, source: str, to: Optional[str], compose: str,
             log(f"adoption failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
                 "putting the old deployment back")
             undo(a, record, a.phase())
-            raise TaskError(f"adoption of {sn} failed and was rolled back: {exc}\n{sn} runs from its old "
-                            f"deployment on {source} as before") from None
+            raise RolledBack(f"adoption of {sn} failed and was rolled back: {exc}\n{sn} runs from its old "
+                             f"deployment on {source} as before") from None
         a.set_phase("started")
         a.dst.run(f"rm -f {shlex.quote(a.lay.migration_state(sn))}", what="clear the adoption's step")
         log(f"{sn} runs on {target}, managed; it was stopped for {time.monotonic() - t_stop:.1f}s "
