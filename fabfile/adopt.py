@@ -48,6 +48,7 @@ from .render import render_host, synapse_project
 from .restore import empty_database
 from .report import LineWriter, Reporter
 from .schema import Homeserver, check_domain
+from .shell import program
 
 Log = Callable[[str], None]
 PHASES = ["begun", "copied", "stopped", "restored", "started"]
@@ -166,13 +167,11 @@ def discover(remote: Remote, inv: Inventory, sn: str, compose: str = "", data: s
                             f"{syn.container} shares; name its PostgreSQL container with --db CONTAINER")
         found.db_restart = next(((c.get("HostConfig") or {}).get("RestartPolicy") or {}).get("Name") or "no"
                                 for c in inspects if c.get("Name", "").lstrip("/") == found.db_container)
-        q = shlex.quote
-        sql = ("SELECT pg_encoding_to_char(encoding), datcollate, datctype, pg_database_size(datname) / 1024 "
-               "FROM pg_database WHERE datname = current_database(); SELECT version FROM schema_version")
-        out = remote.run(f"docker start {q(found.db_container)} >/dev/null && "
-                         f"for i in $(seq 60); do docker exec {q(found.db_container)} pg_isready -q && break; sleep 1; "
-                         f"done; docker exec {q(found.db_container)} psql -X -At -F ' ' -U {q(found.db_user)} "
-                         f"-d {q(found.db_name)} -c {q(sql)}", what="the old database").out.split()
+        out = remote.run(program("adopt.sh", action="database", container=found.db_container,
+                                 pg_user=found.db_user, pg_db=found.db_name), what="the old database").out.split()
+        if len(out) < 4:
+            raise TaskError(f"{remote.name}: could not read database {found.db_name} as {found.db_user} in "
+                            f"{found.db_container}: give --db CONTAINER if that is not its PostgreSQL")
         found.db_encoding, found.db_collate, found.db_ctype, kib = out[:4]
         found.db_kib, found.schema = int(kib), out[4] if len(out) > 4 else ""
     elif dbconf.get("name") == "sqlite3":
@@ -334,10 +333,8 @@ class Adoption:
         """A running Synapse on SQLite finishes its pending background updates before
         it is stopped (synapse_port_db refuses a database with any): no downtime for
         them. A young database has dozens; an old one, usually none."""
-        probe = ("import sqlite3, sys; db = sqlite3.connect('file:' + sys.argv[1] + '?mode=ro', uri=True); "
-                 "print(db.execute('SELECT count(*) FROM background_updates').fetchone()[0])")
-        script = (f"docker exec {shlex.quote(found.syn.container)} python -c {shlex.quote(probe)} "
-                  f"{shlex.quote(found.sqlite_in_container)} 2>/dev/null || echo stopped")
+        script = program("adopt.sh", action="pending", container=found.syn.container,
+                         sqlite=found.sqlite_in_container)
         t0 = time.monotonic()
         said = False
         while time.monotonic() - t0 < limit:
@@ -354,8 +351,7 @@ class Adoption:
                  "after the stop (longer downtime)")
 
     def stop(self, containers: list[str]) -> None:
-        q = " ".join(shlex.quote(c) for c in containers)
-        self.src.run(f"docker update --restart=no {q} >/dev/null && docker stop {q} >/dev/null",
+        self.src.run(program("adopt.sh", action="stop", containers=" ".join(containers)),
                      what="stop the old " + " and ".join(containers), timeout=300)
 
     @property
@@ -381,11 +377,8 @@ class Adoption:
                          f"cat > {q(work)}/postgres.yaml", stdin=yaml.safe_dump(config).encode(),
                          what="synapse_port_db's config")
             # a consistent copy of a database in use: SQLite's online backup, in the container
-            backup = ("import sqlite3, sys; src = sqlite3.connect('file:' + sys.argv[1] + '?mode=ro', uri=True); "
-                      "dst = sqlite3.connect(sys.argv[2]); src.backup(dst); dst.close()")
-            c, tmp = q(found.syn.container), "/tmp/synapse-fabric-snapshot.db"
-            source = (f"docker exec {c} python -c {q(backup)} {q(found.sqlite_in_container)} {tmp} && "
-                      f"docker exec {c} cat {tmp}; rc=$?; docker exec {c} rm -f {tmp}; exit $rc")
+            source = program("adopt.sh", action="snapshot", container=found.syn.container,
+                             sqlite=found.sqlite_in_container)
             what = "copy a snapshot of the SQLite database while it runs"
         else:
             source, what = f"cat {q(found.sqlite)}", "copy the final SQLite database"
@@ -591,8 +584,8 @@ def undo(a: Adoption, record: dict, phase: str) -> None:
     except RemoteError as exc:
         a.log(f"{a.target.name}: converging without {sn} failed ({exc}); run inv deploy --host {a.target.name}")
     for c in reversed(record.get("containers", [])):
-        a.src.run(f"docker update --restart={q(c['restart'])} {q(c['name'])} >/dev/null && "
-                  f"docker start {q(c['name'])} >/dev/null", what=f"start {c['name']} again")
+        a.src.run(program("adopt.sh", action="start", container=c["name"], restart=c["restart"]),
+                  what=f"start {c['name']} again")
     a.dst.run(f"rm -f {q(a.lay.migration_state(sn))}", what="clear the adoption's step")
     a.log(f"the old deployment of {sn} runs again on {a.source.name}; what the new copy held is in {aside} "
           f"on {a.target.name}")
