@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
+from .errors import TaskError
+
 # Set by conf.d/50-synapse-fabric.yaml or by the layout whatever the old value was.
 REPLACED = ("listeners", "database", "serve_server_wellknown", "report_stats", "signing_key_path",
             "media_store_path", "log_config", "pid_file")
@@ -50,8 +52,8 @@ disable_existing_loggers: false
 """
 
 
-class AdoptError(ValueError):
-    """What was found cannot be adopted as it is; the message says why."""
+class AdoptError(TaskError):
+    """What was found cannot be adopted as it is; the message says why (exit 2)."""
 
 
 @dataclass(frozen=True)
