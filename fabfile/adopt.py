@@ -37,16 +37,13 @@ from typing import Callable, Optional
 import yaml
 
 from . import adopt_config as ac
-from .converge import HostResult, converge
-from .deploy import local_images
 from .docker import COMPOSE_FN, container
 from .errors import RolledBack, TaskError
 from .inventory import Inventory, load, rewrite
 from .layout import SYNAPSE_UID, Layout
 from .remote import Remote, RemoteError, open_remote
-from .render import render_host, synapse_project
-from .restore import empty_database
-from .report import LineWriter, Reporter
+from .render import synapse_project
+from .restore import converge_holding, empty_database
 from .schema import Homeserver, check_domain
 from .shell import program
 
@@ -104,11 +101,11 @@ def discover(remote: Remote, inv: Inventory, sn: str, compose: str = "", data: s
     managed = {synapse_project(hs) for hs in inv.homeservers.values()}
     candidates = ac.synapse_containers(inspects, managed, compose, data)
     matches = []
+    paths = {cand.container: cand.host_path(cand.config_in_container) for cand in candidates}
+    texts = remote.read_files(sorted({p for p in paths.values() if p}))  # one round trip
     for cand in candidates:
-        path = cand.host_path(cand.config_in_container)
-        if not path:
-            continue
-        text = remote.read_files([path]).get(path)
+        path = paths[cand.container]
+        text = texts.get(path) if path else None
         if text is None:
             continue
         try:
@@ -300,9 +297,7 @@ class Adoption:
         self.log(f"{what}: {time.monotonic() - t0:.1f}s")
 
     def converge(self, inv: Inventory, hold=()) -> None:
-        state = render_host(inv, self.target.name)
-        converge(self.dst, state, local_images(inv, [state]), Reporter(LineWriter(self.log)),
-                 HostResult(self.target.name), install=True, hold=hold, migrating=self.sn)
+        converge_holding(self.dst, inv, self.log, self.sn, hold)
 
     # -- the steps ---------------------------------------------------------------------
     def copy(self, found: Found, config_text: str) -> None:

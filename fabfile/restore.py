@@ -58,7 +58,9 @@ def _old_host_state(inv: Inventory, hs: Homeserver, log: Log) -> None:
                         f"take it down first (or restore onto {old.name})")
 
 
-def _converge(remote: Remote, inv: Inventory, log: Log, migrating: str, hold=()) -> None:
+def converge_holding(remote: Remote, inv: Inventory, log: Log, migrating: str, hold=()) -> None:
+    """Converge one host for an operation that brings a homeserver (`migrating`) in,
+    Docker installed if missing, `hold`'s Synapse not started."""
     state = render_host(inv, remote.name)
     converge(remote, state, local_images(inv, [state]), Reporter(LineWriter(log)), HostResult(remote.name),
              install=True, hold=hold, migrating=migrating)
@@ -155,9 +157,9 @@ def restore(inv: Inventory, sn: str, snapshot: Optional[str], to: Optional[str],
         out = remote.run(script, stdin=given, what=f"{sn}: files from the snapshot", timeout=6 * 3600).out
         log(f"{sn}: {out.strip().splitlines()[-1]} in {time.monotonic() - t0:.1f}s")
         remote.run(f"rm -f {shlex.quote(lay.uninstalled(sn))}", what="an uninstall's record, if any")
-        _converge(remote, after, log, sn, hold=(sn,))
+        converge_holding(remote, after, log, sn, hold=(sn,))
         load_dump(remote, hs, dump_dir, log)
-        _converge(remote, after, log, sn)
+        converge_holding(remote, after, log, sn)
         remote.run(f"rm -rf {shlex.quote(dump_dir)}", what="the restored dump")
         if moving:
             log(f"{sn}'s next snapshots go to {target.name}'s repository ({backup_mod.repository(inv, target.name)}); "
