@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -57,24 +58,31 @@ def _run(argv, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, **kw)
 
 
-def _timed(argv, env) -> float:
+def _timed(argv, env, cpu: list | None = None) -> float:
+    """Wall seconds of one run; its CPU seconds (user + system) appended to `cpu`."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     res = subprocess.run(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     took = time.monotonic() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if res.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed:\n{res.stdout[-3000:]}")
+    if cpu is not None:
+        cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
     return took
 
 
 def paired(a, b, env_a, env_b) -> dict:
     """Median of A, of B, and of A/B pair by pair (after one warm-up of each)."""
     _timed(a, env_a), _timed(b, env_b)
-    ta, tb = [], []
+    ta, tb, ca, cb = [], [], [], []
     for _ in range(PAIRS):
-        ta.append(_timed(a, env_a))
-        tb.append(_timed(b, env_b))
+        ta.append(_timed(a, env_a, ca))
+        tb.append(_timed(b, env_b, cb))
     return {"a_median_s": round(statistics.median(ta), 3), "b_median_s": round(statistics.median(tb), 3),
-            "ratio_median": round(statistics.median(x / y for x, y in zip(ta, tb)), 2), "pairs": PAIRS}
+            "ratio_median": round(statistics.median(x / y for x, y in zip(ta, tb)), 2), "pairs": PAIRS,
+            # this machine's side: the deploy process (or ssh) itself
+            "a_cpu_median_s": round(statistics.median(ca), 3), "b_cpu_median_s": round(statistics.median(cb), 3)}
 
 
 def hosts_cpu_seconds(containers: list[str]) -> float:

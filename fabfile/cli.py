@@ -5,7 +5,9 @@ traceback. No library module imports this one."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import sys
 from pathlib import Path
 
@@ -13,6 +15,12 @@ from invoke.exceptions import Exit
 
 from .errors import SfabError, TaskError  # noqa: F401  (TaskError: for the fronts)
 from .inventory import Inventory, load
+
+# A run ends when its work does: without this, the interpreter's last garbage
+# collection walks every object of the ~400 modules a task imports (~40 ms of a
+# 0.4 s no-op deploy) to free memory the OS takes back anyway. Exit handlers
+# (temporary files' cleanup among them) still run first.
+atexit.register(gc.freeze)
 
 DEFAULT_INVENTORY = "hosts.yaml"
 CONFIG_DEFAULTS = {"inventory": DEFAULT_INVENTORY}

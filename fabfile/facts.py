@@ -181,13 +181,17 @@ def firewall_script(state: DesiredState) -> list[str]:
 
 
 def script(state: DesiredState) -> str:
-    """The facts script for this desired state."""
+    """The facts script for this desired state. Its parts ask independent things
+    (files, systemd, the firewall, Docker), so they run side by side, each into its
+    own file, printed in order at the end: the host's answer takes the slowest
+    part's time, not their sum (a no-op deploy waits for nothing else)."""
     files = [f.path for f in state.files]
     certs = [p for p in cert_paths(state) if p.endswith("fullchain.pem")]
     extra = secret_paths(state) + generated_paths(state) + cert_paths(state) + optional_paths(state)
     stat_paths = [d.path for d in state.dirs] + files + extra
     q = lambda paths: " ".join(shlex.quote(p) for p in paths)  # noqa: E731
-    lines = [
+    uid, gid = SYNAPSE_UID.split(":")
+    on_disk = [
         f"grep -l -s -m 1 {shlex.quote(MARKER)} -- "
         + " ".join(f"{shlex.quote(d)}/*" for d in managed_dirs(state))
         + " 2>/dev/null | sed 's/^/M\t/'",
@@ -209,26 +213,24 @@ def script(state: DesiredState) -> str:
         *(f"[ -f {shlex.quote(state.layout.migration_state(hs.server_name))} ] && printf 'R\\t%s\\t%s\\n' "
           f"{shlex.quote(hs.server_name)} \"$(tr '\\n\\t' '  ' < {shlex.quote(state.layout.migration_state(hs.server_name))})\""
           for hs in state.homeservers),
-        # one systemctl for every timer: its enabled and active states, a T record each
-        *([f"[ \"$(cat /proc/1/comm)\" = systemd ] && systemctl show -p Id -p UnitFileState -p ActiveState "
-           f"{' '.join(timers(state))} 2>/dev/null | awk -F= 'NF == 0 {{ t() }} $1 == \"Id\" {{ id = $2 }} "
-           "$1 == \"UnitFileState\" { en = $2 } $1 == \"ActiveState\" { ac = $2 } END { t() } "
-           "function t() { if (id != \"\") printf \"T\\t%s\\t%s\\t%s\\n\", id, en, ac; id = en = ac = \"\" }'"]
-          if timers(state) else []),
-        *firewall_script(state),
         f"b=$(cat {BASE_RECORD} 2>/dev/null) && [ -n \"$b\" ] && "
         "printf 'W\\t%s\\t%s\\n' \"$b\" \"$(ls -A \"$b/synapse\" 2>/dev/null | tr '\\n' ' ')\"",
-        program("docker-facts.sh"),
+        *(f"[ -d {shlex.quote(state.layout.data(hs.server_name))} ] && find {shlex.quote(state.layout.data(hs.server_name))} "
+          f"-maxdepth 2 \\( ! -uid {uid} -o ! -gid {gid} \\) -printf 'O\\t{hs.server_name}\\t%p\\n' -quit"
+          for hs in state.homeservers),
     ]
-    for hs in state.homeservers:
-        data = state.layout.data(hs.server_name)
-        uid, gid = SYNAPSE_UID.split(":")
-        lines.append(
-            f"[ -d {shlex.quote(data)} ] && find {shlex.quote(data)} -maxdepth 2 \\( ! -uid {uid} -o ! -gid {gid} \\) "
-            f"-printf 'O\\t{hs.server_name}\\t%p\\n' -quit"
-        )
-    lines.append("exit 0")
-    return "\n".join(lines) + "\n"
+    # one systemctl for every timer: its enabled and active states, a T record each
+    systemd = ([f"[ \"$(cat /proc/1/comm)\" = systemd ] && systemctl show -p Id -p UnitFileState -p ActiveState "
+                f"{' '.join(timers(state))} 2>/dev/null | awk -F= 'NF == 0 {{ t() }} $1 == \"Id\" {{ id = $2 }} "
+                "$1 == \"UnitFileState\" { en = $2 } $1 == \"ActiveState\" { ac = $2 } END { t() } "
+                "function t() { if (id != \"\") printf \"T\\t%s\\t%s\\t%s\\n\", id, en, ac; id = en = ac = \"\" }'"]
+               if timers(state) else [])
+    parts = [p for p in (on_disk, systemd, firewall_script(state), [program("docker-facts.sh")]) if p]
+    out = ['t=$(mktemp -d) || exit 1']
+    for i, part in enumerate(parts):
+        out += ["(", *part, f") >\"$t/{i}\" &"]
+    out += ["wait", "cat " + " ".join(f'"$t/{i}"' for i in range(len(parts))), 'rm -rf "$t"', "exit 0"]
+    return "\n".join(out) + "\n"
 
 
 def parse(output: str) -> Facts:

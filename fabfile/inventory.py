@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -264,6 +263,8 @@ def rewrite(path: Path, change: Callable[[Any], None]) -> None:
     """Edit hosts.yaml as a document, keeping its comments and layout (ruamel.yaml),
     and write it atomically with its mode: what `inv migrate-host` and `inv
     uninstall` record in the operator's inventory."""
+    import tempfile  # here, not at the top: the no-op path never writes
+
     from ruamel.yaml import YAML
 
     editor = YAML()
