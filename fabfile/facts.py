@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from .layout import BASE_RECORD, CRON_DIR, FIREWALL_DIR, SYNAPSE_UID, SYSTEMD_DIR
 from .render import DesiredState
 from .shell import program
+from .workers import SECRETS as WORKER_SECRETS
 
 
 @dataclass
@@ -115,8 +116,14 @@ class Facts:
 
 def secret_paths(state: DesiredState) -> list[str]:
     lay = state.layout
-    return ([lay.secret(hs.server_name, name) for hs in state.homeservers for name in ("postgres_password", "pgpass")]
+    return ([lay.secret(hs.server_name, name) for hs in state.homeservers for name in synapse_secrets(state, hs)]
             + ([lay.turn_secret] if state.turn else []))
+
+
+def synapse_secrets(state: DesiredState, hs) -> tuple[str, ...]:
+    """The secrets a homeserver's processes read: its database's, and with workers
+    the replication secret and Redis's password (fabfile/scripts/synapse-secrets.sh)."""
+    return ("postgres_password", "pgpass") + (WORKER_SECRETS if state.workers.get(hs.server_name) else ())
 
 
 def generated_paths(state: DesiredState) -> list[str]:
@@ -159,7 +166,8 @@ def managed_dirs(state: DesiredState) -> list[str]:
     """Directories whose files carrying MARKER are ours: one no longer rendered
     is removed (e.g. the vhost of a homeserver that left this host)."""
     lay = state.layout
-    return [lay.nginx_conf_d] + [lay.conf_d(hs.server_name) for hs in state.homeservers]
+    return ([lay.nginx_conf_d] + [lay.conf_d(hs.server_name) for hs in state.homeservers]
+            + [lay.workers(hs.server_name) for hs in state.homeservers])
 
 
 def owned_dirs(state: DesiredState) -> list[str]:

@@ -122,6 +122,10 @@ class Layout:
         """The settings synapse-fabric manages, loaded after homeserver.yaml."""
         return f"{self.synapse(server_name)}/conf.d"
 
+    def workers(self, server_name: str) -> str:
+        """Each Synapse worker's own settings (outside conf.d, which every process loads)."""
+        return f"{self.synapse(server_name)}/workers"
+
     def postgres(self, server_name: str) -> str:
         return f"{self.synapse(server_name)}/postgres"
 

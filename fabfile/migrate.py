@@ -44,6 +44,7 @@ from .docker import COMPOSE_FN, container
 from .layout import Layout
 from .render import render_host, synapse_project
 from .report import LineWriter, Reporter
+from .workers import processes
 
 PHASES = ["checked", "copied", "stopped", "restored", "started", "switching", "switched", "recorded"]
 # A rollback's own steps (recorded as undo=<step done>), resumed by any later run.
@@ -151,7 +152,8 @@ class Migration:
 
     def stop_old(self) -> None:
         root = shlex.quote(self.old_lay.synapse(self.sn))
-        self.src.run(f"{COMPOSE_FN}cd {root} && compose stop synapse", what="stop Synapse on the old host")
+        self.src.run(f"{COMPOSE_FN}cd {root} && compose stop {processes(self.hs)}",
+                     what="stop Synapse on the old host")
         self.log(f"Synapse of {self.sn} stopped on {self.old_host.name}")
 
     def restore(self) -> None:

@@ -36,6 +36,7 @@ from .report import LineWriter, Reporter
 from .schema import postgres_major
 from .shell import program
 from .upgrade import check_answers
+from .workers import processes
 
 Log = Callable[[str], None]
 RECORD = ".postgres-upgrade"
@@ -128,7 +129,7 @@ def upgrade_postgres(inv: Inventory, sn: str, to: Optional[int], finish: bool, r
         (docker.push_images if host.images == "push" else docker.pull_images)(remote, [new_image], log)
         # 3. Synapse stopped; the new cluster beside the old; the data streamed
         t0 = time.monotonic()
-        remote.run(f"{COMPOSE_FN}cd {q(root)} && compose stop synapse", what=f"{sn}: stop Synapse")
+        remote.run(f"{COMPOSE_FN}cd {q(root)} && compose stop {processes(hs)}", what=f"{sn}: stop Synapse")
         name = f"synapse-fabric-pg{to}-{hs.slug}"
         pg = hs.postgres
         try:
@@ -178,7 +179,7 @@ def _switch_back(remote: Remote, inv: Inventory, hs: Homeserver, record: dict, l
     old, to = int(record["from"]), int(record["to"])
     q = shlex.quote
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    remote.run(f"{COMPOSE_FN}cd {q(root)} && compose stop synapse postgres && "
+    remote.run(f"{COMPOSE_FN}cd {q(root)} && compose stop {processes(hs)} postgres && "
                f"mv postgres postgres-{to}.rolled-back-{stamp} && mv postgres-{old}.old postgres && rm -f {RECORD}",
                what="switch the data directories back")
     back = _set_image(inv, hs.server_name, record.get("inventory_image") or None)

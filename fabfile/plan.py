@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from .facts import Facts, cert_paths, element_sites, generated_paths, optional_paths, secret_paths
+from .facts import (Facts, cert_paths, element_sites, generated_paths, optional_paths, secret_paths,
+                    synapse_secrets)
 from .facts import timers as facts_timers
 from . import steps
 from .render import PROXY_PROJECT, DesiredState, RemoteDir, RemoteFile, admin_ui_service, synapse_project
@@ -82,12 +83,15 @@ def _pulls(state: DesiredState, facts: Facts, refresh_tags: bool) -> list[str]:
                 "coturn": [(PROXY_PROJECT, "coturn")]}
     wanted: dict[str, list[tuple[str, str]]] = {}
     for role, ref in state.image_refs.items():
-        if role in ("postgres", "synapse"):
+        if role in ("postgres", "synapse", "redis"):
             continue
         wanted.setdefault(ref, []).extend(services.get(role, []))
     for hs in state.homeservers:  # each homeserver's own (an older major, a Synapse kept until upgraded)
         wanted.setdefault(state.postgres_image(hs), []).append((synapse_project(hs), "postgres"))
-        wanted.setdefault(state.synapse_image(hs), []).append((synapse_project(hs), "synapse"))
+        wanted.setdefault(state.synapse_image(hs), []).extend(
+            (synapse_project(hs), svc) for svc in state.synapse_processes(hs))
+        if state.workers.get(hs.server_name):
+            wanted.setdefault(state.image_refs["redis"], []).append((synapse_project(hs), "redis"))
     pulls = []
     for ref, users in sorted(wanted.items()):
         is_tag = "@" not in ref
@@ -162,6 +166,8 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
         for hs in state.homeservers:
             if path.startswith(lay.conf_d(hs.server_name) + "/"):
                 trigger(f"synapse:{hs.server_name}:restart", gone)
+            if path.startswith(lay.workers(hs.server_name) + "/"):
+                trigger(f"synapse:{hs.server_name}:stack", gone)
 
     for path in optional_paths(state):  # a feature turned off, or the other init's jobs
         if path in facts.stats and path not in desired:
@@ -179,10 +185,13 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
     certs = set(cert_paths(state)) & set(facts.stats)
     for hs in state.homeservers:
         sn = hs.server_name
-        if {lay.secret(sn, "postgres_password"), lay.secret(sn, "pgpass")} - existing_secrets:
+        missing = {lay.secret(sn, name) for name in synapse_secrets(state, hs)} - existing_secrets
+        if missing:
             plan.secrets.append(sn)
-            plan.changes.append(Change("create", lay.secret(sn, "*"), "new database password"))
-            trigger(f"synapse:{sn}:stack", "a new database password")
+            new_db = bool({lay.secret(sn, "postgres_password"), lay.secret(sn, "pgpass")} & missing)
+            what = "new database password" if new_db else "new worker secrets (replication, Redis)"
+            plan.changes.append(Change("create", lay.secret(sn, "*"), what))
+            trigger(f"synapse:{sn}:stack", f"a {what}" if new_db else what)
         if set(lay.generated(sn)) - generated:
             plan.generate.append(sn)
             plan.changes.append(Change("create", lay.generated(sn)[0], "Synapse generate"))
@@ -262,7 +271,7 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
     for hs in state.homeservers:
         sn = hs.server_name
         project = synapse_project(hs)
-        running = facts.running(project, "synapse") and facts.running(project, "postgres")
+        running = all(facts.running(project, svc) for svc in state.synapse_services(hs))
         if not running:
             trigger(f"synapse:{sn}:stack", "it is not running")
         if sn in plan.chown_data:

@@ -20,6 +20,7 @@ runs (a fact), so rendering stays a function of the inventory alone.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -29,11 +30,13 @@ from typing import Callable
 import jinja2
 import yaml
 
-from . import shell
+from . import shell, workers as workers_mod
 from .errors import InventoryError
 from .inventory import Homeserver, Host, Inventory
 from .layout import (BASE_RECORD, CRON_DIR, FIREWALL_DIR, POSTGRES_UID, ROOT, SYNAPSE_UID,  # noqa: F401
                      SYSTEMD_DIR, Layout)
+
+from .workers import REDIS_SERVICE
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
@@ -81,6 +84,7 @@ class DesiredState:
     proxied: tuple[Homeserver, ...] = field(default=())  # homeservers whose federation this host serves
     certificates: dict = field(default_factory=dict)  # cert name -> the names it covers, for this host
     turn: object = None  # this host's TURN server (fabfile/turn.py Turn), when it runs one
+    workers: dict = field(default_factory=dict)  # server_name -> its Synapse workers (fabfile/workers.py)
 
     @property
     def layout(self) -> Layout:
@@ -92,12 +96,23 @@ class DesiredState:
     def synapse_image(self, hs: Homeserver) -> str:
         return self.synapse_images[hs.server_name]
 
+    def synapse_services(self, hs: Homeserver) -> list[str]:
+        """The compose services of a homeserver's stack: Synapse's main process,
+        PostgreSQL, and with workers Redis and every worker."""
+        workers = self.workers.get(hs.server_name, [])
+        return ["synapse", "postgres"] + ([REDIS_SERVICE] + [w.name for w in workers] if workers else [])
+
+    def synapse_processes(self, hs: Homeserver) -> list[str]:
+        """The services that run Synapse (main first): what a restart of its settings restarts."""
+        return ["synapse"] + [w.name for w in self.workers.get(hs.server_name, [])]
+
     def image_triggers(self, ref: str) -> set[str]:
         """What must be recreated when the image behind `ref` changes."""
         proxy = (self.image_refs.get("nginx"), self.image_refs.get("admin_ui"), self.image_refs.get("coturn"))
         out = {"proxy:stack"} if ref in proxy else set()
         out |= {f"synapse:{hs.server_name}:stack" for hs in self.homeservers
-                if ref in (self.synapse_image(hs), self.postgres_image(hs))}
+                if ref in (self.synapse_image(hs), self.postgres_image(hs))
+                or (self.workers.get(hs.server_name) and ref == self.image_refs.get("redis"))}
         return out
 
     def file(self, path: str) -> RemoteFile:
@@ -211,6 +226,27 @@ def element_settings(sites, lock_file: str = ELEMENT_LOCK,
     return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
 
+def _settings_file(what: str, doc: dict) -> bytes:
+    """Synapse settings as data (YAML dumped, never templated), with our marker."""
+    head = f"# Managed by synapse-fabric: {what}.\n"
+    return (head + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)).encode()
+
+
+def worker_routes(hs: Homeserver, workers: list) -> list[dict]:
+    """nginx's routes to a homeserver's workers, in the order nginx must try them:
+    for each kind that has workers, its path regexes, how requests are spread
+    (`user` or `origin`), and the names its workers have on nginx's network."""
+    out = []
+    for kind, regexes in workers_mod.ROUTES.items():
+        names = [f"{synapse_upstream(hs)}-{w.name}" for w in workers if w.kind == kind]
+        if not hs.federation.enabled:  # nginx serves no federation path at all
+            regexes = [r for r in regexes if not r.startswith(("^/_matrix/federation", "^/_matrix/key"))]
+        if names and regexes:
+            out.append({"kind": kind, "regexes": regexes, "balance": workers_mod.BALANCE[kind],
+                        "buckets": workers_mod.split(names), "var": f"{hs.slug.replace('-', '_')}_{kind}"})
+    return out
+
+
 def render_host(
     inv: Inventory, host_name: str, read: Callable[[Path], bytes] = Path.read_bytes,
     keep_postgres: dict[str, str] | None = None, keep_synapse: dict[str, str] | None = None,
@@ -223,7 +259,10 @@ def render_host(
     host = inv.hosts[host_name]
     lay = Layout(host.base_dir)
     servers = sorted(inv.homeservers_on(host_name), key=lambda hs: hs.server_name)
-    images = {name: inv.image(name) for name in ("synapse", "postgres", "nginx", "certbot", "admin_ui", "coturn")}
+    images = {name: inv.image(name)
+              for name in ("synapse", "postgres", "nginx", "certbot", "admin_ui", "coturn", "redis")}
+    workers = {hs.server_name: workers_mod.expand(hs.workers) for hs in servers}
+    workers = {sn: ws for sn, ws in workers.items() if ws}
     admin_uis = [hs for hs in servers if hs.admin_ui.enabled]
     from . import turn as turn_mod  # (turn.py imports the inventory, not this module)
     turn = turn_mod.settings(inv, host_name, servers, cert_names)
@@ -326,10 +365,12 @@ def render_host(
         sn = hs.server_name
         ctx = {"hs": hs, "upstream": synapse_upstream(hs), "cert_name": sn}
         dirs.append(RemoteDir(lay.certs(sn), 0o700))
+        routes = worker_routes(hs, workers.get(sn, []))
         # the names one certificate must cover; a change means a new certificate
         files.append(RemoteFile(f"{lay.certs(sn)}/names", ("\n".join(cert_names(hs)) + "\n").encode(),
                                 0o644, ROOT, f"acme:{sn}"))
-        add(lay.vhost(hs.hostname), "reverse_proxy/nginx/conf.d/homeserver.conf.j2", "proxy:reload", **ctx)
+        add(lay.vhost(hs.hostname), "reverse_proxy/nginx/conf.d/homeserver.conf.j2", "proxy:reload",
+            routes=routes, **ctx)
         srv = hs.federation.enabled and hs.federation.delegation == "srv"
         if not hs.federation.via:  # else the server_name is served by that host
             if hs.hostname != sn:
@@ -404,9 +445,11 @@ def render_host(
     for hs in servers:
         sn = hs.server_name
         root = lay.synapse(sn)
+        hs_workers = workers.get(sn, [])
         ctx = {"hs": hs, "upstream": synapse_upstream(hs), "project": synapse_project(hs),
                "postgres_image": postgres_images[sn], "synapse_image": synapse_images[sn],
-               "hs_network": synapse_network(hs), "turn": turn}
+               "hs_network": synapse_network(hs), "turn": turn, "workers": [], "redis_image": images["redis"],
+               "replication_listener": workers_mod.main_replication_listener() if hs_workers else None}
         dirs += [
             RemoteDir(root),
             RemoteDir(lay.data(sn), 0o750, SYNAPSE_UID),
@@ -416,6 +459,18 @@ def render_host(
         ]
         stack = f"synapse:{sn}:stack"
         restart = f"synapse:{sn}:restart"
+        if hs_workers:
+            dirs.append(RemoteDir(lay.workers(sn)))
+            shared = _settings_file("the settings every process of this homeserver shares (workers)",
+                                    workers_mod.shared_settings(hs_workers))
+            files.append(RemoteFile(f"{lay.conf_d(sn)}/60-workers.yaml", shared, 0o644, ROOT, restart))
+            for w in hs_workers:
+                own = _settings_file(f"worker {w.name} ({w.kind}) of {sn}", workers_mod.worker_settings(w))
+                # its compose entry carries this file's hash: `up` recreates exactly
+                # the worker whose file changed
+                files.append(RemoteFile(f"{lay.workers(sn)}/{w.config_file}", own, 0o644, ROOT, stack))
+                ctx["workers"].append({"worker": w, "alias": f"{synapse_upstream(hs)}-{w.name}",
+                                       "config": hashlib.sha256(own).hexdigest()[:16]})
         add(f"{root}/.env", "synapse/.env.j2", stack, **ctx)
         add(f"{root}/docker-compose.yml", "synapse/docker-compose.yml.j2", stack, **ctx)
         add(f"{lay.conf_d(sn)}/50-synapse-fabric.yaml", "synapse/conf.d/50-synapse-fabric.yaml.j2", restart, **ctx)
@@ -445,12 +500,14 @@ def render_host(
         proxied=tuple(proxied),
         certificates=certificates,
         image_refs={k: v for k, v in images.items()
-                    if (k != "admin_ui" or admin_uis) and (k != "coturn" or turn)},
+                    if (k != "admin_ui" or admin_uis) and (k != "coturn" or turn) and (k != "redis" or workers)},
         turn=turn,
+        workers=workers,
         acme=inv.acme if inv.acme.enabled else None,
         postgres_images=postgres_images,
         synapse_images=synapse_images,
         images=tuple(sorted({images["nginx"], images["certbot"]} | ({images["admin_ui"]} if admin_uis else set())
                             | ({images["coturn"]} if turn else set())
+                            | ({images["redis"]} if workers else set())
                             | {*synapse_images.values(), *postgres_images.values()})),
     )

@@ -70,6 +70,9 @@ DEFAULT_IMAGES = {
     "admin_ui": "ghcr.io/etkecc/ketesa:v1.0.0",
     # coturn's own image: deployed only on hosts whose turn is enabled.
     "coturn": "coturn/coturn:4.7.0",
+    # Valkey (the BSD-licensed Redis) that workers replicate through: deployed only
+    # for homeservers with workers, one per homeserver, on its internal network.
+    "redis": "valkey/valkey:9.1.1-alpine",
 }
 
 # name[:tag][@sha256:<64 hex>], lower-case registry/repository path components.
@@ -324,6 +327,21 @@ class AdminUI(_Model):
         return None if v is None else check_domain(v)
 
 
+class Workers(_Model):
+    """Synapse workers (fabfile/workers.py): a preset, and/or how many of each kind
+    (a count replaces the preset's for that kind; 0 removes it)."""
+
+    preset: Literal["none", "federation-helper", "balanced"] = "none"
+    sync: Optional[int] = Field(None, ge=0, le=16)
+    client: Optional[int] = Field(None, ge=0, le=16)
+    federation_reader: Optional[int] = Field(None, ge=0, le=16)
+    federation_sender: Optional[int] = Field(None, ge=0, le=16)
+    event_persister: Optional[int] = Field(None, ge=0, le=16)
+    media: Optional[int] = Field(None, ge=0, le=1)  # one: media_store is one directory on one host
+    pusher: Optional[int] = Field(None, ge=0, le=16)
+    background: Optional[int] = Field(None, ge=0, le=1)  # Synapse runs background tasks on one process
+
+
 class Postgres(_Model):
     database: str = "synapse"
     user: str = "synapse"
@@ -359,6 +377,7 @@ class Homeserver(_Model):
     element: Element = Element()
     admin_ui: AdminUI = AdminUI()
     postgres: Postgres = Postgres()
+    workers: Workers = Workers()
     # Set by `inv migrate-host`: the host this homeserver left, which forwards its
     # names to the new host until `inv migrate-host --finish`.
     migrated_from: Optional[str] = None

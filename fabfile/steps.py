@@ -126,7 +126,7 @@ def write(plan, owed: list[str], reload_confs: list[str]) -> Action:
             if path.startswith(f"{SYSTEMD_DIR}/synapse-fabric-") and path.endswith((".timer", "-firewall.service")):
                 lines.append(f"systemctl disable --now {shlex.quote(path.rsplit('/', 1)[1])} >/dev/null 2>&1 || true")
             lines.append(f"mv -f {p} {p}{proxy.BACKUP}" if path in reload_confs else f"rm -f {p}")
-        lines += [synapse.secrets_script(lay, by_name[sn]) for sn in plan.secrets]
+        lines += [synapse.secrets_script(lay, by_name[sn], bool(plan.state.workers.get(sn))) for sn in plan.secrets]
         lines += [synapse.chown_data_script(lay, by_name[sn]) for sn in plan.chown_data]
         if plan.turn_secret:
             lines.append(turn.secret_script(lay))
@@ -189,19 +189,23 @@ def synapse_up(lay, hs, why: str, only_if=None) -> Action:
     return Action(f"start the stack of {sn} (up)", why, how, f"{sn} (up)", only_if)
 
 
-def synapse_restart(hs, why: str) -> Action:
+def synapse_restart(hs, why: str, processes: list[str]) -> Action:
+    """Restart every Synapse process of `hs` (`processes`: main first, then its
+    workers, which reconnect to it): they all load the settings that changed."""
     sn, project = hs.server_name, synapse_project(hs)
+    what = "Synapse" if len(processes) == 1 else f"Synapse and its {len(processes) - 1} workers"
 
     def how(run: Run) -> None:
         if sn in run.hold:
             return
-        run.log(f"{sn}: restarting Synapse")
-        run.remote.run(f"docker restart {docker.container(project, 'synapse')}", what=f"{sn}: restart")
+        run.log(f"{sn}: restarting {what}")
+        ids = " ".join(docker.container(project, p) for p in processes)
+        run.remote.run(f"docker restart {ids} >/dev/null", what=f"{sn}: restart")
         run.restarted.append(f"{sn} (restart)")
         if project not in run.touched:
             run.touched.append(project)
     # (after an `up` too: `up` recreates Synapse only when its compose entry changed)
-    return Action(f"restart Synapse of {sn}", why, how, f"{sn} (restart)")
+    return Action(f"restart {what} of {sn}", why, how, f"{sn} (restart)")
 
 
 def turn_restart(why: str, only_if=None) -> Action:
@@ -328,7 +332,8 @@ def actions(plan) -> list[Action]:
             out.append(synapse_up(lay, hs, why(f"synapse:{sn}:stack", default)))
         elif if_pulled(f"synapse:{sn}:stack"):
             out.append(synapse_up(lay, hs, "when the pull brings a new image", if_pulled(f"synapse:{sn}:stack")))
-    out += [synapse_restart(by_name[sn], why(f"synapse:{sn}:restart")) for sn in plan.synapse_restart]
+    out += [synapse_restart(by_name[sn], why(f"synapse:{sn}:restart"), state.synapse_processes(by_name[sn]))
+            for sn in plan.synapse_restart]
     if plan.turn_restart:
         out.append(turn_restart(why("turn:restart")))
     out.append(wait_healthy())

@@ -9,13 +9,14 @@ from .inventory import Homeserver
 from .shell import program
 
 
-def secrets_script(lay: Layout, hs: Homeserver) -> str:
+def secrets_script(lay: Layout, hs: Homeserver, workers: bool = False) -> str:
     """Shell that creates the database password ONCE, on the host, from its own
-    /dev/urandom, plus the libpq passfile Synapse reads. Never printed, never in
-    argv; an existing secret is never replaced (fabfile/scripts/synapse-secrets.sh)."""
+    /dev/urandom, plus the libpq passfile Synapse reads (and with `workers` the
+    replication secret and Redis's password). Never printed, never in argv; an
+    existing secret is never replaced (fabfile/scripts/synapse-secrets.sh)."""
     return program("synapse-secrets.sh", dir=lay.secrets(hs.server_name), pgdata=lay.postgres(hs.server_name),
                    server_name=hs.server_name, db=hs.postgres.database, user=hs.postgres.user,
-                   postgres_uid=POSTGRES_UID, synapse_uid=SYNAPSE_UID) + "\n"
+                   postgres_uid=POSTGRES_UID, synapse_uid=SYNAPSE_UID, workers=int(workers)) + "\n"
 
 
 def chown_data_script(lay: Layout, hs: Homeserver) -> str:

@@ -33,6 +33,7 @@ from .remote import Remote, locked
 from .render import FIREWALL_UNIT, public_names, render_host, synapse_network
 from .shell import program
 from .report import LineWriter, Reporter
+from .workers import processes
 
 Log = Callable[[str], None]
 Confirm = Callable[[str, str], bool]  # (question, the answer to type) -> typed it
@@ -69,7 +70,7 @@ def _take_down(remote: Remote, inv: Inventory, hs: Homeserver, backup: bool, log
         return None
     snap = None
     if backup:
-        remote.run(f"{COMPOSE_FN}cd {root} && compose stop synapse && compose up -d --no-deps postgres",
+        remote.run(f"{COMPOSE_FN}cd {root} && compose stop {processes(hs)} && compose up -d --no-deps postgres",
                    what=f"{hs.server_name}: stop Synapse, keep its database up for the snapshot", timeout=300)
         remote.run(f"{COMPOSE_FN}cd {root} && for i in $(seq 60); do "
                    f"compose exec -T postgres pg_isready -q -U {shlex.quote(hs.postgres.user)} && exit 0; "

@@ -34,6 +34,7 @@ from .render import render_host, synapse_project
 from .report import LineWriter, Reporter
 from .restore import load_dump
 from .shell import program
+from .workers import processes
 
 Log = Callable[[str], None]
 
@@ -103,7 +104,7 @@ def upgrade_one(remote: Remote, inv: Inventory, hs: Homeserver, old: str, new: s
     else:
         docker.pull_images(remote, [new], log)
     t0 = time.monotonic()
-    remote.run(f"{COMPOSE_FN}cd {root} && compose stop synapse", what=f"{sn}: stop Synapse")
+    remote.run(f"{COMPOSE_FN}cd {root} && compose stop {processes(hs)}", what=f"{sn}: stop Synapse")
     log(f"{sn}: Synapse stopped")
     remote.run(program("dump.sh", project=synapse_project(hs), server_name=sn, pg_user=hs.postgres.user,
                        pg_db=hs.postgres.database, staging=dump_dir), what=f"{sn}: dump its database", timeout=7200)

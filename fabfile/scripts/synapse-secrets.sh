@@ -2,7 +2,8 @@
 # One homeserver's database password, made ONCE on the host from its own
 # /dev/urandom, and the libpq passfile Synapse reads (fabfile/synapse.py). Never
 # printed, never in argv; an existing secret is never replaced.
-# Inputs: dir (its secrets), pgdata, server_name, db, user, postgres_uid, synapse_uid.
+# Inputs: dir (its secrets), pgdata, server_name, db, user, postgres_uid, synapse_uid,
+# workers (1: the homeserver has workers).
 # shellcheck disable=SC2154 # inputs (fabfile/shell.py)
 umask 077
 mkdir -p "$dir"
@@ -20,3 +21,15 @@ if [ ! -s "$dir/pgpass" ]; then
 fi
 chown "$postgres_uid" "$dir/postgres_password" && chmod 0400 "$dir/postgres_password"
 chown "$synapse_uid" "$dir/pgpass" && chmod 0400 "$dir/pgpass"
+if [ "$workers" = 1 ]; then
+  # Workers: the replication secret every process checks, and Redis's password
+  # (read by Synapse as 991 and by Redis as root in its container: 0440 root:991).
+  for name in replication_secret redis_password; do
+    if [ ! -s "$dir/$name" ]; then
+      head -c 64 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 40 > "$dir/$name.tmp"
+      mv -f "$dir/$name.tmp" "$dir/$name"
+    fi
+  done
+  chown "$synapse_uid" "$dir/replication_secret" && chmod 0400 "$dir/replication_secret"
+  chown "0:${synapse_uid#*:}" "$dir/redis_password" && chmod 0440 "$dir/redis_password"
+fi

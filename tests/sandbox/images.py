@@ -76,8 +76,9 @@ class Spec:
 SPECS: dict[str, Spec] = {s.name: s for s in [
     Spec("base", "synapse-fabric/debian:bookworm-{hash12}", base=None, suite="bookworm"),
     Spec("base13", "synapse-fabric/debian:trixie-{hash12}", base=None, dir="base", suite="trixie"),
+    # with the `redis` extra, as upstream's image (its workers replicate through Redis)
     Spec("synapse", "matrixdotorg/synapse:v1.163.2",
-         wheels=["matrix-synapse==1.163.2", "psycopg2-binary==2.9.13"]),
+         wheels=["matrix-synapse[redis]==1.163.2", "psycopg2-binary==2.9.13"]),
     # the release before: what `inv upgrade` starts from (tests/e2e/test_upgrade.py)
     Spec("synapse-prev", "matrixdotorg/synapse:v1.162.0", dir="synapse",
          wheels=["matrix-synapse==1.162.0", "psycopg2-binary==2.9.13"]),
@@ -90,6 +91,7 @@ SPECS: dict[str, Spec] = {s.name: s for s in [
     Spec("certbot", "certbot/certbot:v5.8.0", wheels=["certbot==5.8.0"]),
     Spec("admin-ui", "ghcr.io/etkecc/ketesa:v1.0.0", base="nginx"),
     Spec("coturn", "coturn/coturn:4.7.0"),
+    Spec("valkey", "valkey/valkey:9.1.1-alpine"),
     Spec("host", "synapse-fabric/sandbox-host:{hash12}", base="base"),
     Spec("host13", "synapse-fabric/sandbox-host13:{hash12}"),
     Spec("infra", "synapse-fabric/sandbox-infra:{hash12}", base="base"),

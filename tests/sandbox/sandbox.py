@@ -55,7 +55,7 @@ IMAGE_ENV = {"host": "SFAB_HOST_IMAGE", "host13": "SFAB_HOST13_IMAGE", "infra": 
 REGISTRY_PUSH = "127.0.0.1:5000"
 REGISTRY_MIRROR = f"{INFRA_IP}:5000"
 # The stand-ins the registry serves, under their Docker Hub names.
-REGISTRY_IMAGES = ("synapse", "postgres", "postgres15", "nginx", "certbot", "coturn")
+REGISTRY_IMAGES = ("synapse", "postgres", "postgres15", "nginx", "certbot", "coturn", "valkey")
 
 SSH_TIMEOUT = float(os.environ.get("SFAB_SANDBOX_SSH_TIMEOUT", "90"))
 INFRA_TIMEOUT = float(os.environ.get("SFAB_SANDBOX_INFRA_TIMEOUT", "60"))

@@ -1,0 +1,168 @@
+"""Synapse workers (issue #18): five.test on vps1 with the `balanced` preset (sync,
+client, federation reader and sender, event persister, media, pusher, background),
+Redis (Valkey) between them, nginx routing each path to its kind.
+
+What a user sees: log in, sync, create a room, send, upload and download media,
+read the history, and federate with two.test (vps2). What the processes say: each
+request was served by the worker its kind names (the access log lines carry the
+listener's tag, the worker's name), the main process served no /sync, the event
+persister wrote the events, and the federation sender sent them. Then the set
+changes: a second sync worker is started alone (nothing else restarts), removed
+again; a sync worker that is down is covered by the main process; a no-op deploy
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import re
+import secrets
+import subprocess
+from pathlib import Path
+
+import pytest
+from nio import LoginResponse, RoomCreateResponse, RoomSendResponse, SyncResponse
+
+from tests.e2e.helpers import BIN, REPO, ROOTS, on_host, run, variant
+from tests.e2e.test_federation import converse, register
+from tests.e2e.test_uninstall import _add, _names
+from tests.sandbox import sandbox as sb
+from tests.sandbox.client import SandboxClient
+
+pytestmark = pytest.mark.e2e
+
+SN = "five.test"
+PROJECT = "synapse-five-test"
+RUN = secrets.token_hex(3)
+MEDIA = secrets.token_bytes(20000)
+
+
+def _inventory(**workers) -> Path:
+    def change(doc):
+        _add(doc, SN, "vps1")
+        doc["homeservers"][SN]["workers"] = workers
+    return variant("workers", change)
+
+
+def _logs(service: str, since: str = "") -> str:
+    """A service's container output (Synapse logs to it), from `since` on."""
+    flag = f" --since {since}" if since else ""
+    return on_host("vps1", f"docker logs{flag} {PROJECT}-{service}-1 2>&1 || true")
+
+
+def _started() -> dict[str, str]:
+    out = on_host("vps1", "docker ps --filter label=com.docker.compose.project=" + PROJECT +
+                  " --format '{{.Label \"com.docker.compose.service\"}} {{.ID}}' | while read -r s id; do "
+                  "printf '%s %s\\n' \"$s\" \"$(docker inspect -f '{{.State.StartedAt}}' \"$id\")\"; done")
+    return dict(line.split(" ", 1) for line in out.splitlines() if line.strip())
+
+
+def _now() -> str:
+    return on_host("vps1", "date -u +%Y-%m-%dT%H:%M:%S").strip()
+
+
+def _deploy(inv) -> str:
+    res = run(["inv", "deploy", "--host", "vps1"], inv)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout
+
+
+async def _use(user: str, password: str) -> str:
+    """Log in, create a room, send, upload and download, read the history back;
+    returns the room."""
+    async with SandboxClient(f"https://matrix.{SN}", ROOTS) as a:
+        assert isinstance(await a.login(user, password), LoginResponse)
+        assert isinstance(await a.client.sync(timeout=0), SyncResponse)
+        created = await a.client.room_create(name=f"workers {RUN}")
+        assert isinstance(created, RoomCreateResponse), created
+        room = created.room_id
+        for i in range(3):
+            sent = await a.client.room_send(room, "m.room.message", {"msgtype": "m.text", "body": f"m{i} {RUN}"})
+            assert isinstance(sent, RoomSendResponse), sent
+        up, _ = await a.client.upload(io.BytesIO(MEDIA), content_type="application/octet-stream",
+                                      filesize=len(MEDIA))
+        server, media_id = up.content_uri.removeprefix("mxc://").split("/")
+        async with a.client.client_session.get(
+                f"https://matrix.{SN}/_matrix/client/v1/media/download/{server}/{media_id}",
+                headers={"Authorization": f"Bearer {a.client.access_token}"}, ssl=a.ctx) as resp:
+            assert resp.status == 200 and await resp.read() == MEDIA
+        status, page = await a.get(f"/_matrix/client/v3/rooms/{room}/messages?dir=f&limit=50")
+        assert status == 200, page
+        bodies = [e["content"]["body"] for e in page["chunk"] if e["type"] == "m.room.message"]
+        assert bodies == [f"m{i} {RUN}" for i in range(3)]
+        return room
+
+
+async def _sync_once(user: str, password: str) -> None:
+    async with SandboxClient(f"https://matrix.{SN}", ROOTS) as a:
+        assert isinstance(await a.login(user, password), LoginResponse)
+        assert isinstance(await a.client.sync(timeout=0), SyncResponse)
+
+
+def _served_by(log: str, path_re: str) -> bool:
+    """An access-log line of this tagged listener for a request matching path_re."""
+    return any(re.search(path_re, line) for line in log.splitlines() if "synapse.access.http." in line)
+
+
+def test_a_homeserver_with_workers_serves_and_federates_through_them(deployed):
+    on_host("vps1", f"rm -f /opt/matrix/.synapse-fabric/uninstalled/{SN}")  # an earlier run's record
+    _names(SN, "vps1")
+    inv = _inventory(preset="balanced")
+    try:
+        _deploy(inv)
+        assert set(_started()) == {"synapse", "postgres", "redis", "sync-1", "client-1", "federation-reader-1",
+                                   "federation-sender-1", "event-persister-1", "media-1", "pusher-1", "background-1"}
+        started = _now()
+        user = f"wanda-{RUN}"
+        register(SN, user, "w pw", inv)
+        asyncio.run(_use(user, "w pw"))
+        converse(SN, "two.test", "workers", inv)
+
+        sync, client, media = _logs("sync-1", started), _logs("client-1", started), _logs("media-1", started)
+        assert _served_by(sync, r"synapse\.access\.http\.sync-1 .*GET /_matrix/client/v3/sync"), sync[-3000:]
+        assert _served_by(client, r"synapse\.access\.http\.client-1 .*POST /_matrix/client/v3/login"), client[-3000:]
+        assert _served_by(client, r"client-1 .*PUT /_matrix/client/v3/rooms/.*/send/"), client[-3000:]
+        assert _served_by(media, r"media-1 .*POST /_matrix/media/v3/upload"), media[-3000:]
+        assert _served_by(media, r"media-1 .*GET /_matrix/client/v1/media/download/"), media[-3000:]
+        persister = _logs("event-persister-1", started)
+        assert _served_by(persister, r"event-persister-1 .*POST /_synapse/replication/send_events"), persister[-3000:]
+        reader = _logs("federation-reader-1", started)
+        assert _served_by(reader, r"federation-reader-1 .*PUT /_matrix/federation/v1/send/"), reader[-3000:]
+        sender = _logs("federation-sender-1", started)
+        assert "two.test" in sender, sender[-3000:]
+        # the main process served none of it
+        main = _logs("synapse", started)
+        assert not _served_by(main, r"/_matrix/client/v3/sync|/send/|/media/"), main[-3000:]
+
+        # nothing changed: nothing changes
+        res = run(["inv", "deploy", "--host", "vps1"], inv)
+        assert res.returncode == 0 and "vps1: 0 changed" in res.stdout and "restarted 0" in res.stdout, res.stdout
+
+        # a second sync worker: it alone starts, nginx reloads, nothing restarts
+        before = _started()
+        out = _deploy(_inventory(preset="balanced", sync=2))
+        after = _started()
+        assert "sync-2" in after and {s: after[s] for s in before} == before, (before, after)
+        assert "nginx (reload)" in out and f"{SN} (restart)" not in out, out
+        assert "synapse-five-test-sync-2" in on_host(
+            "vps1", f"cat /opt/matrix/reverse_proxy/nginx/conf.d/matrix.{SN}.conf")
+        # and gone again: it alone stops
+        _deploy(_inventory(preset="balanced"))
+        again = _started()
+        assert "sync-2" not in again and again == before, (before, again)
+
+        # a sync worker that is down: its users' syncs go to the main process
+        on_host("vps1", f"docker stop {PROJECT}-sync-1-1 >/dev/null")
+        since = _now()
+        asyncio.run(_sync_once(user, "w pw"))
+        assert _served_by(_logs("synapse", since), r"GET /_matrix/client/v3/sync")
+        out = _deploy(inv)  # the deploy sees it stopped and starts it
+        assert "sync-1" in _started()
+    finally:
+        subprocess.run([str(BIN / "inv"), "uninstall", "--homeserver", SN, "--no-backup"], cwd=REPO,
+                       env={**os.environ, "INVOKE_INVENTORY": str(inv)}, input=f"{SN}\n",
+                       text=True, capture_output=True, timeout=600)
+        for name in (SN, f"matrix.{SN}"):
+            sb.set_dns(name, None)
