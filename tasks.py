@@ -364,14 +364,14 @@ def dns(c):
 
 @task(help={"homeserver": "only this homeserver (server_name)"})
 def check(c, homeserver=None):
-    """Self-check DNS, certificates, delegation, federation, exposure, TURN and backups' age."""
-    from fabfile.check import backup_rows, check_homeserver, format_rows, turn_rows
+    """Self-check DNS, certificates, delegation, federation, exposure, TURN, workers and backups' age."""
+    from fabfile.check import backup_rows, check_homeserver, format_rows, turn_rows, worker_rows
 
     inv = load_inventory(c)
     with expected_failures():
         servers = [inv.homeserver(homeserver)] if homeserver else list(inv.homeservers.values())
         rows = ([row for hs in servers for row in check_homeserver(inv, hs)] + turn_rows(inv, servers)
-                + backup_rows(inv, servers))
+                + worker_rows(inv, servers) + backup_rows(inv, servers))
     print(format_rows(rows))
     if any(not r.ok for r in rows):
         raise Exit(code=1)

@@ -311,6 +311,80 @@ def turn_rows(inv: Inventory, servers: list[Homeserver]) -> list[Row]:
     return rows
 
 
+# For each kind of worker nginx routes to: a request anyone may send (no token:
+# Synapse answers 401 where one is needed, and logs it all the same).
+WORKER_PROBES = {
+    "sync": "/_matrix/client/v3/sync",
+    "client": "/_matrix/client/versions",
+    "media": "/_matrix/client/v1/media/config",
+    "federation_reader": "/_matrix/federation/v1/version",
+}
+
+
+def worker_rows(inv: Inventory, servers: list[Homeserver]) -> list[Row]:
+    """For each homeserver with workers: every worker's container is healthy (asked
+    on its host), and a request for each routed kind, sent from here through nginx
+    with a unique marker, is in the access log of a worker of that kind (the log
+    line names the worker: its listener's tag). One SSH connection per homeserver."""
+    import secrets
+
+    from . import workers as workers_mod
+    from .errors import SfabError
+    from .remote import open_remote
+    from .render import synapse_project
+
+    rows = []
+    for hs in servers:
+        ws = workers_mod.expand(hs.workers)
+        if not ws:
+            continue
+        p = Prober(inv, hs)
+        sent = {}
+        for kind, path in WORKER_PROBES.items():
+            if kind == "federation_reader" and not hs.federation.enabled:
+                continue
+            if any(w.kind == kind for w in ws):
+                marker = f"sfab-check-{secrets.token_hex(6)}"
+                try:
+                    status = p.get(hs.hostname, f"{path}?{marker}=1")[0]
+                    sent[kind] = (marker, status)
+                except OSError as exc:
+                    rows.append(Row(hs.server_name, f"{kind} request reaches a {kind} worker", False, str(exc)))
+        project = synapse_project(hs)
+        script = "".join(
+            f"c=$(docker ps -aq --filter label=com.docker.compose.project={project} "
+            f"--filter label=com.docker.compose.service={w.name}); "
+            f"printf 'W\t{w.name}\t%s\n' \"$([ -n \"$c\" ] && docker inspect -f '{{{{.State.Health.Status}}}}' $c)\"; "
+            + (f"[ -n \"$c\" ] && docker logs --since 5m $c 2>&1 | grep -o 'sfab-check-[0-9a-f]*' | "
+               f"sed 's/^/L\t{w.name}\t/'; " if w.serves_http else "")
+            + "\n" for w in ws)
+        try:
+            remote = open_remote(inv, inv.hosts[hs.host])
+            try:
+                out = remote.run(script, what=f"{hs.server_name}: workers").out
+            finally:
+                remote.close()
+        except SfabError as exc:
+            rows.append(Row(hs.server_name, "workers", False, str(exc).splitlines()[0]))
+            continue
+        health, seen = {}, {}
+        for line in out.splitlines():
+            kind_, name, value = (line.split("\t") + ["", ""])[:3]
+            if kind_ == "W":
+                health[name] = value
+            elif kind_ == "L":
+                seen[value] = name
+        for w in ws:
+            state = health.get(w.name) or "absent"
+            rows.append(Row(hs.server_name, f"worker {w.name} healthy", state == "healthy", state))
+        for kind, (marker, status) in sent.items():
+            who = seen.get(marker)
+            good = who is not None and any(w.name == who and w.kind == kind for w in ws)
+            rows.append(Row(hs.server_name, f"{kind} request reaches a {kind} worker", good,
+                            f"served by {who} (HTTP {status})" if who else f"no {kind} worker logged it (HTTP {status})"))
+    return rows
+
+
 def _is_ip(value: str) -> bool:
     try:
         socket.inet_aton(value)

@@ -153,13 +153,25 @@ def test_a_homeserver_with_workers_serves_and_federates_through_them(deployed):
         again = _started()
         assert "sync-2" not in again and again == before, (before, again)
 
-        # a sync worker that is down: its users' syncs go to the main process
+        # inv check: every worker healthy, each routed kind answered by a worker of that kind
+        res = run(["inv", "check", "--homeserver", SN], inv)
+        assert res.returncode == 0, res.stdout + res.stderr
+        for line in ("worker event-persister-1 healthy", "sync request reaches a sync worker",
+                     "media request reaches a media worker", "federation_reader request reaches"):
+            assert re.search(rf"^OK +{SN} +{line}", res.stdout, re.M), res.stdout
+        assert "served by sync-1" in res.stdout
+
+        # a sync worker that is down: its users' syncs go to the main process, and check says so
         on_host("vps1", f"docker stop {PROJECT}-sync-1-1 >/dev/null")
         since = _now()
         asyncio.run(_sync_once(user, "w pw"))
         assert _served_by(_logs("synapse", since), r"GET /_matrix/client/v3/sync")
+        res = run(["inv", "check", "--homeserver", SN], inv)
+        assert res.returncode == 1, res.stdout
+        assert re.search(rf"^FAIL +{SN} +worker sync-1 healthy +(exited|unhealthy)", res.stdout, re.M), res.stdout
+        assert re.search(rf"^FAIL +{SN} +sync request reaches a sync worker +no sync worker", res.stdout, re.M)
         out = _deploy(inv)  # the deploy sees it stopped and starts it
-        assert "sync-1" in _started()
+        assert f"{SN} (up)" in out and "sync-1" in _started()
     finally:
         subprocess.run([str(BIN / "inv"), "uninstall", "--homeserver", SN, "--no-backup"], cwd=REPO,
                        env={**os.environ, "INVOKE_INVENTORY": str(inv)}, input=f"{SN}\n",
