@@ -354,7 +354,11 @@ def worker_rows(inv: Inventory, servers: list[Homeserver]) -> list[Row]:
         script = "".join(
             f"c=$(docker ps -aq --filter label=com.docker.compose.project={project} "
             f"--filter label=com.docker.compose.service={w.name}); "
-            f"printf 'W\t{w.name}\t%s\n' \"$([ -n \"$c\" ] && docker inspect -f '{{{{.State.Health.Status}}}}' $c)\"; "
+            f"s=$([ -n \"$c\" ] && docker inspect -f '{{{{.State.Health.Status}}}}' $c); "
+            # just (re)started: Docker's first check waits its interval; ask now, as it will
+            "[ \"$s\" = starting ] && docker exec $c curl -fsS http://localhost:8008/health >/dev/null 2>&1 "
+            "&& s=healthy; "
+            f"printf 'W\t{w.name}\t%s\n' \"$s\"; "
             + (f"[ -n \"$c\" ] && docker logs --since 5m $c 2>&1 | grep -o 'sfab-check-[0-9a-f]*' | "
                f"sed 's/^/L\t{w.name}\t/'; " if w.serves_http else "")
             + "\n" for w in ws)

@@ -278,7 +278,9 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
             trigger(f"synapse:{sn}:stack", "its data was not owned by 991:991")
         if f"synapse:{sn}:stack" in triggers:
             plan.synapse_up.append(sn)
-        if f"synapse:{sn}:restart" in triggers and running:
+        # a restart is owed by the processes that run with the old settings: when
+        # only a new worker is missing, the others still do
+        if f"synapse:{sn}:restart" in triggers and facts.running(project, "synapse"):
             plan.synapse_restart.append(sn)
     plan.actions = steps.actions(plan)
     return plan
