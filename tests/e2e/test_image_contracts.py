@@ -34,7 +34,8 @@ def tags(sandbox_prepared) -> dict[str, str]:
 
 def test_stand_ins_carry_the_default_references(tags):
     # what the product deploys by default is what the sandbox tests
-    assert {tags["synapse"], tags["postgres"], tags["nginx"], tags["certbot"], tags["admin-ui"], tags["coturn"]} \
+    assert {tags["synapse"], tags["postgres"], tags["nginx"], tags["certbot"], tags["admin-ui"], tags["coturn"],
+            tags["valkey"]} \
         == set(DEFAULT_IMAGES.values())
 
 
