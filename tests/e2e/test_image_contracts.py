@@ -29,7 +29,7 @@ def _config(ref: str) -> dict:
 @pytest.fixture(scope="module")
 def tags(sandbox_prepared) -> dict[str, str]:
     return {name: images.tag_of(name) for name in ("synapse", "postgres", "postgres15", "nginx", "certbot", "admin-ui",
-                                                  "coturn")}
+                                                  "coturn", "valkey")}
 
 
 def test_stand_ins_carry_the_default_references(tags):
