@@ -325,17 +325,19 @@ def worker_rows(inv: Inventory, servers: list[Homeserver]) -> list[Row]:
     """For each homeserver with workers: every worker's container is healthy (asked
     on its host), and a request for each routed kind, sent from here through nginx
     with a unique marker, is in the access log of a worker of that kind (the log
-    line names the worker: its listener's tag). One SSH connection per homeserver."""
+    line names the worker: its listener's tag). One SSH connection per host of a
+    homeserver's workers (fabfile/scripts/worker-facts.sh)."""
     import secrets
 
     from . import workers as workers_mod
     from .errors import SfabError
     from .remote import open_remote
-    from .render import synapse_project
+    from .render import guest_project, synapse_project
+    from .shell import program
 
     rows = []
     for hs in servers:
-        ws = workers_mod.expand(hs.workers)
+        ws = workers_mod.placed(hs)
         if not ws:
             continue
         p = Prober(inv, hs)
@@ -350,27 +352,21 @@ def worker_rows(inv: Inventory, servers: list[Homeserver]) -> list[Row]:
                     sent[kind] = (marker, status)
                 except OSError as exc:
                     rows.append(Row(hs.server_name, f"{kind} request reaches a {kind} worker", False, str(exc)))
-        project = synapse_project(hs)
-        script = "".join(
-            f"c=$(docker ps -aq --filter label=com.docker.compose.project={project} "
-            f"--filter label=com.docker.compose.service={w.name}); "
-            f"s=$([ -n \"$c\" ] && docker inspect -f '{{{{.State.Health.Status}}}}' $c); "
-            # just (re)started: Docker's first check waits its interval; ask now, as it will
-            "[ \"$s\" = starting ] && docker exec $c curl -fsS http://localhost:8008/health >/dev/null 2>&1 "
-            "&& s=healthy; "
-            f"printf 'W\t{w.name}\t%s\n' \"$s\"; "
-            + (f"[ -n \"$c\" ] && docker logs --since 5m $c 2>&1 | grep -o 'sfab-check-[0-9a-f]*' | "
-               f"sed 's/^/L\t{w.name}\t/'; " if w.serves_http else "")
-            + "\n" for w in ws)
-        try:
-            remote = open_remote(inv, inv.hosts[hs.host])
+        out = ""
+        for host in dict.fromkeys(w.host for w in ws):
+            here = [w for w in ws if w.host == host]
+            script = program("worker-facts.sh",
+                             project=synapse_project(hs) if host == hs.host else guest_project(hs),
+                             workers=" ".join(w.name for w in here),
+                             http=" ".join(w.name for w in here if w.serves_http))
             try:
-                out = remote.run(script, what=f"{hs.server_name}: workers").out
-            finally:
-                remote.close()
-        except SfabError as exc:
-            rows.append(Row(hs.server_name, "workers", False, str(exc).splitlines()[0]))
-            continue
+                remote = open_remote(inv, inv.hosts[host])
+                try:
+                    out += remote.run(script, what=f"{hs.server_name}: workers on {host}").out
+                finally:
+                    remote.close()
+            except SfabError as exc:
+                rows.append(Row(hs.server_name, f"workers on {host}", False, str(exc).splitlines()[0]))
         health, seen = {}, {}
         for line in out.splitlines():
             kind_, name, value = (line.split("\t") + ["", ""])[:3]
@@ -380,7 +376,8 @@ def worker_rows(inv: Inventory, servers: list[Homeserver]) -> list[Row]:
                 seen[value] = name
         for w in ws:
             state = health.get(w.name) or "absent"
-            rows.append(Row(hs.server_name, f"worker {w.name} healthy", state == "healthy", state))
+            where = "" if w.host == hs.host else f" (on {w.host})"
+            rows.append(Row(hs.server_name, f"worker {w.name} healthy", state == "healthy", state + where))
         for kind, (marker, status) in sent.items():
             who = seen.get(marker)
             good = who is not None and any(w.name == who and w.kind == kind for w in ws)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from . import docker, facts as facts_mod, firewall, guard, plan as plan_mod, postgres, steps, versions
+from . import docker, facts as facts_mod, firewall, guard, guests, plan as plan_mod, postgres, steps, versions
 from .plan import Plan
 from .remote import Remote, RemoteError
 from .render import PROXY_PROJECT, render_host, synapse_project
@@ -64,8 +64,11 @@ def converge(remote: Remote, state, local_images, report: Reporter, result: Host
     keep_synapse, synapse_notes = versions.keep_synapse(state, facts, synapse_pins)
     for note in notes + synapse_notes:
         log(note)
-    if keep or keep_synapse:  # same paths, another image in those homeservers' compose files
-        state = render_host(remote.inv, name, keep_postgres=keep, keep_synapse=keep_synapse)
+    # workers of other hosts' homeservers: what they copy is read there (the paths
+    # were in the facts script already; only the contents change)
+    copies = guests.copies_for(remote.inv, name) if state.guests else None
+    if keep or keep_synapse or copies:  # same paths, other contents
+        state = render_host(remote.inv, name, keep_postgres=keep, keep_synapse=keep_synapse, guest_copies=copies)
     push = state.host.images == "push"
     plan = plan_mod.make(state, facts, local_images, push, refresh_tags=pull)
     result.ok = plan.ok
@@ -85,7 +88,8 @@ def converge(remote: Remote, state, local_images, report: Reporter, result: Host
 
 def host_projects(state) -> list[str]:
     """Every compose project this host runs."""
-    return [PROXY_PROJECT] + [synapse_project(hs) for hs in state.homeservers]
+    return [PROXY_PROJECT] + [synapse_project(hs) for hs in state.homeservers] + [
+        g.project for g in state.guests.values()]
 
 
 def _show_diffs(remote: Remote, plan: Plan, report: Reporter) -> None:

@@ -19,6 +19,7 @@ from .facts import script as facts_script
 from .inventory import Inventory
 from .remote import Remote, open_remote
 from .render import render_host
+from .workers import worker_hosts
 from .report import Reporter
 
 
@@ -38,12 +39,14 @@ def select_hosts(inv: Inventory, hosts: list[str] | None, homeservers: list[str]
                 raise InventoryError(f"{inv.path}: no host {h!r} (known hosts: {', '.join(inv.hosts)})")
         names = [n for n in names if n in hosts]
     if homeservers:
-        wanted = {inv.homeserver(s).host for s in homeservers}
+        wanted = {h for s in homeservers for h in [inv.homeserver(s).host] + worker_hosts(inv.homeserver(s))}
         names = [n for n in names if n in wanted]
     if not hosts:
         # A host with no homeserver (e.g. a migration target) is left alone
-        # unless named: deploying it would only start an idle proxy.
-        names = [n for n in names if inv.homeservers_on(n)]
+        # unless named (deploying it would only start an idle proxy), or unless it
+        # runs some homeserver's workers.
+        running = {h for hs in inv.homeservers.values() for h in worker_hosts(hs)}
+        names = [n for n in names if inv.homeservers_on(n) or n in running]
     return names
 
 
@@ -60,12 +63,25 @@ def deploy(
     report = report or Reporter()
     states = {name: render_host(inv, name) for name in host_names}  # render errors stop all
     local = local_images(inv, list(states.values()))
+    # hosts that run workers of another host's homeserver go second: that host makes
+    # the secrets they copy (the inventory allows no chains)
+    first = [n for n in host_names if not states[n].guests]
+    results: dict[str, HostResult] = {}
     with ThreadPoolExecutor(max_workers=max(1, len(host_names))) as pool:
-        futures = [pool.submit(_converge_host, inv, states[n], local, dry_run, install, report, pull)
-                   for n in host_names]
-        results = [f.result() for f in futures]
-    report.summary(results, dry_run)
-    return results
+        for wave in (first, [n for n in host_names if n not in first]):
+            futures = {}
+            for n in wave:
+                failed = sorted({g.hs.host for g in states[n].guests.values()
+                                 if g.hs.host in results and results[g.hs.host].failed})
+                if failed:
+                    results[n] = HostResult(n, error=f"{n}: not deployed: it runs workers of homeservers on "
+                                                     f"{', '.join(failed)}, which failed", exit_code=1)
+                else:
+                    futures[n] = pool.submit(_converge_host, inv, states[n], local, dry_run, install, report, pull)
+            results |= {n: f.result() for n, f in futures.items()}
+    ordered = [results[n] for n in host_names]
+    report.summary(ordered, dry_run)
+    return ordered
 
 
 def local_images(inv: Inventory, states) -> dict[str, str]:

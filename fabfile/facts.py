@@ -26,6 +26,8 @@ The script prints one tab-separated record a line:
     F  up|down sshd_ports          the firewall's chains hooked in or not; sshd's ports
     W  base_dir names              the base_dir this host was deployed with, and the homeserver
                                    directories under it
+    Q  server_name                 a stack of another host's homeserver's workers here
+                                   (synapse-workers/<sn>/docker-compose.yml)
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class Facts:
     base_record: tuple[str, list[str]] | None = None  # (recorded base_dir, homeservers there)
     firewall: str = ""  # "up": our chains hooked in; "down": not (or partly); "": not looked at / none
     sshd_ports: list[int] = field(default_factory=list)  # where sshd listens (looked at with a firewall)
+    guests: set[str] = field(default_factory=set)  # homeservers whose workers have a stack here
 
     @property
     def systemd(self) -> bool:
@@ -167,7 +170,8 @@ def managed_dirs(state: DesiredState) -> list[str]:
     is removed (e.g. the vhost of a homeserver that left this host)."""
     lay = state.layout
     return ([lay.nginx_conf_d] + [lay.conf_d(hs.server_name) for hs in state.homeservers]
-            + [lay.workers(hs.server_name) for hs in state.homeservers])
+            + [lay.workers(hs.server_name) for hs in state.homeservers]
+            + [f"{lay.guest(sn)}/{d}" for sn in state.guests for d in ("conf.d", "workers")])
 
 
 def owned_dirs(state: DesiredState) -> list[str]:
@@ -214,6 +218,8 @@ def script(state: DesiredState) -> str:
           for hs in state.homeservers),
         f"for f in {shlex.quote(state.layout.base)}/synapse/*/docker-compose.yml; do [ -f \"$f\" ] && "
         "printf 'G\\t%s\\n' \"$(basename \"$(dirname \"$f\")\")\"; done",
+        f"for f in {shlex.quote(state.layout.base)}/synapse-workers/*/docker-compose.yml; do [ -f \"$f\" ] && "
+        "printf 'Q\\t%s\\n' \"$(basename \"$(dirname \"$f\")\")\"; done",
         f"for f in {shlex.quote(state.layout.handed_over_dir)}/*; do [ -f \"$f\" ] && "
         "printf 'X\\t%s\\t%s\\n' \"$(basename \"$f\")\" \"$(tr '\\n\\t' '  ' < \"$f\")\"; done",
         f"for f in {shlex.quote(state.layout.uninstalled_dir)}/*; do [ -f \"$f\" ] && "
@@ -266,6 +272,8 @@ def parse(output: str) -> Facts:
             facts.timers[parts[0]] = (parts[1], parts[2])
         elif kind == "G" and parts[0]:
             facts.hosted.add(parts[0])
+        elif kind == "Q" and parts[0]:
+            facts.guests.add(parts[0])
         elif kind == "X" and len(parts) == 2:
             facts.handed_over[parts[0]] = _fields(parts[1])
         elif kind == "U" and len(parts) == 2:

@@ -27,6 +27,9 @@ class Openings:
     udp: tuple[int, ...]
     relay: tuple[int, int] | None  # coturn's UDP relay range
     allow_from: tuple[str, ...]
+    # (source address, port): what one homeserver's processes on other hosts reach
+    # here (workers.hosts), open to those hosts' private addresses only
+    peers: tuple[tuple[str, int], ...] = ()
 
 
 def openings(inv: Inventory, host_name: str) -> Openings:
@@ -45,7 +48,13 @@ def openings(inv: Inventory, host_name: str) -> Openings:
         tcp |= set(TURN)
         udp |= set(TURN)
         relay = host.turn.relay_range
-    return Openings(tuple(sorted(tcp)), tuple(sorted(udp)), relay, tuple(fw.allow_from))
+    from . import workers  # (workers.py imports nothing of this module)
+    peers = set()
+    for hs in inv.homeservers.values():
+        ports = [port for port, _ in workers.published(hs, host_name).values()]
+        sources = [inv.hosts[h].private_address for h in workers.peers(hs, host_name)]
+        peers |= {(src, port) for src in sources if src for port in ports}
+    return Openings(tuple(sorted(tcp)), tuple(sorted(udp)), relay, tuple(fw.allow_from), tuple(sorted(peers)))
 
 
 def rules_path(family: int) -> str:
@@ -58,8 +67,9 @@ PROGRAM = f"{FIREWALL_DIR}/firewall.sh"
 def rules(render, host, opened: Openings, family: int) -> bytes:
     """iptables-restore input of one address family (`render`: a template renderer)."""
     nets = [n for n in opened.allow_from if ipaddress.ip_network(n).version == family]
+    peers = [(src, port) for src, port in opened.peers if ipaddress.ip_address(src).version == family]
     return render("firewall/rules.j2", host=host, family=family, tcp=opened.tcp, udp=opened.udp,
-                  relay=opened.relay, allow_from=nets)
+                  relay=opened.relay, allow_from=nets, peers=peers)
 
 
 def check_ssh(inv: Inventory, host_name: str, sshd_ports: list[int]) -> None:

@@ -257,6 +257,50 @@ def _cross_check(inv: Inventory, path: Path, lines: dict) -> None:
                  f"its compose project would be synapse-{hs.slug}, the same as {other!r}'s on host "
                  f"{hs.host!r}; put one of them on another host")
         slugs[(hs.host, hs.slug)] = key
+    _check_worker_hosts(inv, fail)
+
+
+def _check_worker_hosts(inv: Inventory, fail) -> None:
+    """workers.hosts: known hosts with private addresses, kinds that have workers,
+    no chains (a host running another host's workers has none of its own
+    elsewhere), and port ranges that do not overlap on any host."""
+    from . import workers as workers_mod
+    spans: dict[str, list[tuple[int, str]]] = {}
+    for key, hs in inv.homeservers.items():
+        loc = ("homeservers", key, "workers", "hosts")
+        want = workers_mod.counts(hs.workers)
+        for kind, host in hs.workers.hosts.items():
+            if host not in inv.hosts:
+                fail(loc + (kind,), f"{host!r} is not a host in this inventory (known hosts: {', '.join(inv.hosts)})")
+            if not want.get(kind):
+                fail(loc + (kind,), f"this homeserver has no {kind} workers to place on {host}")
+        away = workers_mod.worker_hosts(hs)
+        if not away:
+            continue
+        for name in [hs.host] + away:
+            if inv.hosts[name].private_address is None:
+                fail(("hosts", name), f"runs processes of {key} that reach each other across hosts: it needs a "
+                                      "private_address (its address on the private network they share)")
+            spans.setdefault(name, []).append((hs.workers.port_base, key))
+        families = {":" in inv.hosts[name].private_address for name in [hs.host] + away}
+        if len(families) > 1:
+            fail(loc, f"the private addresses of {', '.join([hs.host] + away)} are not all IPv4 or all IPv6")
+    # a host's own stacks converge before the hosts that run its workers: no chains
+    spanning = {hs.host: hs.server_name for hs in inv.homeservers.values() if workers_mod.worker_hosts(hs)}
+    for key, hs in inv.homeservers.items():
+        for host in workers_mod.worker_hosts(hs):
+            if host in spanning:
+                fail(("homeservers", key, "workers", "hosts"),
+                     f"{host} is the host of {spanning[host]}, whose workers run on other hosts; a host runs "
+                     "another homeserver's workers only when none of its own homeservers has workers elsewhere")
+    for host, taken in spans.items():
+        taken.sort()
+        for (a, sa), (b, sb) in zip(taken, taken[1:]):
+            if b < a + workers_mod.PORT_SPAN:
+                fail(("homeservers", sb, "workers", "port_base"),
+                     f"ports {b}-{b + workers_mod.PORT_SPAN - 1} overlap those of {sa} ({a}-"
+                     f"{a + workers_mod.PORT_SPAN - 1}) on {host}: choose a port_base at least "
+                     f"{workers_mod.PORT_SPAN} apart")
 
 
 def rewrite(path: Path, change: Callable[[Any], None]) -> None:

@@ -126,6 +126,11 @@ class Layout:
         """Each Synapse worker's own settings (outside conf.d, which every process loads)."""
         return f"{self.synapse(server_name)}/workers"
 
+    def guest(self, server_name: str) -> str:
+        """Workers of another host's homeserver that this host runs (workers.hosts):
+        their stack, settings and copies of the homeserver's keys and secrets."""
+        return f"{self.base}/synapse-workers/{server_name}"
+
     def postgres(self, server_name: str) -> str:
         return f"{self.synapse(server_name)}/postgres"
 

@@ -44,7 +44,7 @@ from .docker import COMPOSE_FN, container
 from .layout import Layout
 from .render import render_host, synapse_project
 from .report import LineWriter, Reporter
-from .workers import processes
+from .workers import processes, refuse_remote
 
 PHASES = ["checked", "copied", "stopped", "restored", "started", "switching", "switched", "recorded"]
 # A rollback's own steps (recorded as undo=<step done>), resumed by any later run.
@@ -288,6 +288,7 @@ def record_in_inventory(path: Path, sn: str, to: str, migrated_from: str | None)
 
 def migrate(inv: Inventory, sn: str, to: str | None, dry_run: bool, abort: bool, log) -> None:
     hs = inv.homeserver(sn)
+    refuse_remote(hs, "inv migrate-host")
     src_probe = open_remote(inv, inv.hosts[hs.host])
     try:
         marked_to, phase = read_phase(src_probe, Layout(inv.hosts[hs.host].base_dir), hs.server_name)

@@ -36,7 +36,7 @@ from .report import LineWriter, Reporter
 from .schema import postgres_major
 from .shell import program
 from .upgrade import check_answers
-from .workers import processes
+from .workers import processes, refuse_remote
 
 Log = Callable[[str], None]
 RECORD = ".postgres-upgrade"
@@ -86,6 +86,7 @@ def _counts(remote: Remote, hs: Homeserver, **which: str) -> dict[str, str]:
 def upgrade_postgres(inv: Inventory, sn: str, to: Optional[int], finish: bool, rollback: bool, log: Log) -> None:
     """Move one homeserver's database to PostgreSQL `to` (or finish / roll back)."""
     hs = inv.homeserver(sn)
+    refuse_remote(hs, "inv upgrade-postgres")
     host = inv.hosts[hs.host]
     lay = Layout(host.base_dir)
     root = lay.synapse(sn)

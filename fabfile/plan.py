@@ -49,6 +49,9 @@ class Plan:
     nginx_reload: bool = False
     synapse_up: list[str] = field(default_factory=list)
     synapse_restart: list[str] = field(default_factory=list)
+    guest_up: list[str] = field(default_factory=list)  # server_names: `up` their workers' stack here
+    guest_restart: list[str] = field(default_factory=list)  # server_names: restart their workers here
+    guest_remove: list[str] = field(default_factory=list)  # server_names: their workers left this host
     engine_start: bool = False
     turn_secret: bool = False  # the host's TURN shared secret is to be made
     turn_restart: bool = False  # coturn's config or secret changed while it runs
@@ -64,6 +67,7 @@ class Plan:
             or self.pending_done
             or self.element_install or self.proxy_up or self.nginx_reload
             or self.synapse_up or self.synapse_restart or self.engine_start or self.firewall
+            or self.guest_up or self.guest_restart or self.guest_remove
             or self.turn_secret or self.turn_restart
         )
 
@@ -92,6 +96,8 @@ def _pulls(state: DesiredState, facts: Facts, refresh_tags: bool) -> list[str]:
             (synapse_project(hs), svc) for svc in state.synapse_processes(hs))
         if state.workers.get(hs.server_name):
             wanted.setdefault(state.image_refs["redis"], []).append((synapse_project(hs), "redis"))
+    for g in state.guests.values():  # the workers of other hosts' homeservers: the image their main runs
+        wanted.setdefault(g.image, []).extend((g.project, w.name) for w in g.workers)
     pulls = []
     for ref, users in sorted(wanted.items()):
         is_tag = "@" not in ref
@@ -168,6 +174,11 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
                 trigger(f"synapse:{hs.server_name}:restart", gone)
             if path.startswith(lay.workers(hs.server_name) + "/"):
                 trigger(f"synapse:{hs.server_name}:stack", gone)
+        for sn in state.guests:
+            if path.startswith(f"{lay.guest(sn)}/conf.d/"):
+                trigger(f"workers:{sn}:restart", gone)
+            if path.startswith(f"{lay.guest(sn)}/workers/"):
+                trigger(f"workers:{sn}:stack", gone)
 
     for path in optional_paths(state):  # a feature turned off, or the other init's jobs
         if path in facts.stats and path not in desired:
@@ -282,5 +293,16 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
         # only a new worker is missing, the others still do
         if f"synapse:{sn}:restart" in triggers and facts.running(project, "synapse"):
             plan.synapse_restart.append(sn)
+    for sn, g in state.guests.items():
+        project, ws = g.project, g.workers
+        if not all(facts.running(project, w.name) for w in ws):
+            trigger(f"workers:{sn}:stack", "its workers here are not all running")
+        if f"workers:{sn}:stack" in triggers:
+            plan.guest_up.append(sn)
+        if f"workers:{sn}:restart" in triggers and any(facts.running(project, w.name) for w in ws):
+            plan.guest_restart.append(sn)
+    for sn in sorted(facts.guests - set(state.guests)):
+        plan.guest_remove.append(sn)
+        plan.changes.append(Change("remove", f"{lay.guest(sn)}/", "its workers no longer run on this host"))
     plan.actions = steps.actions(plan)
     return plan

@@ -70,6 +70,18 @@ class RemoteFile:
 
 
 @dataclass(frozen=True)
+class Guest:
+    """Workers of another host's homeserver that this host runs."""
+    hs: Homeserver
+    workers: tuple
+    image: str  # the Synapse image its main process runs (read there), else the inventory's
+
+    @property
+    def project(self) -> str:
+        return guest_project(self.hs)
+
+
+@dataclass(frozen=True)
 class DesiredState:
     host: Host
     dirs: tuple[RemoteDir, ...]
@@ -85,6 +97,9 @@ class DesiredState:
     certificates: dict = field(default_factory=dict)  # cert name -> the names it covers, for this host
     turn: object = None  # this host's TURN server (fabfile/turn.py Turn), when it runs one
     workers: dict = field(default_factory=dict)  # server_name -> its Synapse workers (fabfile/workers.py)
+    # server_name -> the workers of another host's homeserver this host runs
+    # (workers.hosts), in <base>/synapse-workers/<sn>
+    guests: dict = field(default_factory=dict)
 
     @property
     def layout(self) -> Layout:
@@ -97,14 +112,14 @@ class DesiredState:
         return self.synapse_images[hs.server_name]
 
     def synapse_services(self, hs: Homeserver) -> list[str]:
-        """The compose services of a homeserver's stack: Synapse's main process,
-        PostgreSQL, and with workers Redis and every worker."""
-        workers = self.workers.get(hs.server_name, [])
-        return ["synapse", "postgres"] + ([REDIS_SERVICE] + [w.name for w in workers] if workers else [])
+        """The compose services of a homeserver's stack: Synapse's main process and
+        the workers on its host, PostgreSQL, and with workers Redis."""
+        has_workers = bool(self.workers.get(hs.server_name))
+        return self.synapse_processes(hs) + ["postgres"] + ([REDIS_SERVICE] if has_workers else [])
 
     def synapse_processes(self, hs: Homeserver) -> list[str]:
         """The services that run Synapse (main first): what a restart of its settings restarts."""
-        return ["synapse"] + [w.name for w in self.workers.get(hs.server_name, [])]
+        return workers_mod.synapse_processes(hs)
 
     def image_triggers(self, ref: str) -> set[str]:
         """What must be recreated when the image behind `ref` changes."""
@@ -113,6 +128,7 @@ class DesiredState:
         out |= {f"synapse:{hs.server_name}:stack" for hs in self.homeservers
                 if ref in (self.synapse_image(hs), self.postgres_image(hs))
                 or (self.workers.get(hs.server_name) and ref == self.image_refs.get("redis"))}
+        out |= {f"workers:{sn}:stack" for sn, g in self.guests.items() if ref == g.image}
         return out
 
     def file(self, path: str) -> RemoteFile:
@@ -121,6 +137,11 @@ class DesiredState:
 
 def synapse_project(hs: Homeserver) -> str:
     return f"synapse-{hs.slug}"
+
+
+def guest_project(hs: Homeserver) -> str:
+    """The compose project of a homeserver's workers on another host."""
+    return f"synapse-{hs.slug}-workers"
 
 
 def synapse_upstream(hs: Homeserver) -> str:
@@ -232,13 +253,20 @@ def _settings_file(what: str, doc: dict) -> bytes:
     return (head + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)).encode()
 
 
-def worker_routes(hs: Homeserver, workers: list) -> list[dict]:
+def worker_routes(hs: Homeserver, workers: list, private: dict[str, str] | None = None) -> list[dict]:
     """nginx's routes to a homeserver's workers, in the order nginx must try them:
     for each kind that has workers, its path regexes, how requests are spread
-    (`user` or `origin`), and the names its workers have on nginx's network."""
+    (`user` or `origin`), and where nginx reaches its workers: their names on its
+    network, or a private address and port on another host (`private`: host ->
+    its private address)."""
+    def target(w) -> str:
+        if w.host in ("", hs.host):
+            return f"{synapse_upstream(hs)}-{w.name}:{workers_mod.HTTP_PORT}"
+        host, port = workers_mod.endpoint(hs, f"{w.name}:http", hs.host, private or {})
+        return f"{url_host(host)}:{port}"
     out = []
     for kind, regexes in workers_mod.ROUTES.items():
-        names = [f"{synapse_upstream(hs)}-{w.name}" for w in workers if w.kind == kind]
+        names = [target(w) for w in workers if w.kind == kind]
         if not hs.federation.enabled:  # nginx serves no federation path at all
             regexes = [r for r in regexes if not r.startswith(("^/_matrix/federation", "^/_matrix/key"))]
         if names and regexes:
@@ -247,21 +275,123 @@ def worker_routes(hs: Homeserver, workers: list) -> list[dict]:
     return out
 
 
+def _published(hs: Homeserver, host_name: str, private: dict[str, str]) -> dict[str, str]:
+    """Compose `ports` entries (service -> "address:port:inner") of what the
+    homeserver's other hosts reach on `host_name` (fabfile/workers.py published)."""
+    address = url_host(private.get(host_name, ""))
+    return {svc: f"{address}:{port}:{inner}" for svc, (port, inner) in workers_mod.published(hs, host_name).items()}
+
+
+def _shared_workers_file(hs: Homeserver, host_name: str, private: dict[str, str], path: str,
+                         trigger: str) -> RemoteFile:
+    """conf.d/60-workers.yaml as the processes on `host_name` reach the others."""
+    doc = workers_mod.shared_settings(
+        workers_mod.placed(hs), where=lambda svc: workers_mod.endpoint(hs, svc, host_name, private))
+    return RemoteFile(path, _settings_file("the settings every process of this homeserver shares (workers)", doc),
+                      0o644, ROOT, trigger)
+
+
+def _worker_files(hs: Homeserver, host_name: str, directory: str, trigger: str, files: list) -> list[dict]:
+    """Each worker on `host_name`: its own file (appended to `files`), and what its
+    compose entry needs. The entry carries the file's hash, so `up` recreates
+    exactly the worker whose file changed."""
+    out = []
+    for w in workers_mod.placed(hs):
+        if w.host != host_name:
+            continue
+        own = _settings_file(f"worker {w.name} ({w.kind}) of {hs.server_name}", workers_mod.worker_settings(w))
+        files.append(RemoteFile(f"{directory}/{w.config_file}", own, 0o644, ROOT, trigger))
+        out.append({"worker": w, "alias": f"{synapse_upstream(hs)}-{w.name}",
+                    "config": hashlib.sha256(own).hexdigest()[:16]})
+    return out
+
+
+# What a host running another host's workers copies from that host (fabfile/guests.py
+# reads them there): Synapse's generated files, and the secrets its processes read.
+GUEST_DATA = ("homeserver.yaml", "{sn}.signing.key", "{sn}.log.config")
+GUEST_SECRETS = ("replication_secret", "redis_password")
+
+
+def _guest_stack(inv: Inventory, hs: Homeserver, host_name: str, lay: Layout, private: dict[str, str],
+                 copies: dict | None, synapse_image: str, redis_image: str,
+                 dirs: list, files: list, read: Callable[[Path], bytes]) -> None:
+    """The stack of `hs`'s workers on `host_name` (not its host): the same settings
+    as its own host's processes, reaching main, PostgreSQL and Redis at its host's
+    private address. `copies`: the files read from its host (None: not read, the
+    paths alone, for the facts)."""
+    sn = hs.server_name
+    root = lay.guest(sn)
+    stack, restart = f"workers:{sn}:stack", f"workers:{sn}:restart"
+    from . import turn as turn_mod  # (turn.py imports the inventory, not this module)
+    home = sorted(inv.homeservers_on(hs.host), key=lambda h: h.server_name)
+    turn = turn_mod.settings(inv, hs.host, home, cert_names)
+    dirs += [RemoteDir(f"{lay.base}/synapse-workers"), RemoteDir(root), RemoteDir(f"{root}/data", 0o750, SYNAPSE_UID),
+             RemoteDir(f"{root}/conf.d"), RemoteDir(f"{root}/workers"), RemoteDir(f"{root}/secrets", 0o700)]
+    got = (copies or {}).get("files", {})
+
+    def copy(path: str, name: str, mode: int, trigger: str) -> None:
+        if copies is None or name in got:
+            files.append(RemoteFile(path, got.get(name, b""), mode, SYNAPSE_UID, trigger, secret=HIDDEN))
+
+    for pattern in GUEST_DATA:
+        name = pattern.format(sn=sn)
+        copy(f"{root}/data/{name}", name, 0o600, restart)
+    for name in GUEST_SECRETS + (("turn_shared_secret",) if turn else ()):
+        copy(f"{root}/secrets/{name}", name, 0o400, restart)
+    db_host, db_port = workers_mod.endpoint(hs, "postgres", host_name, private)
+    if copies is None or "postgres_password" in got:
+        # libpq's passfile for PostgreSQL on the homeserver's host (':' and '\' escaped)
+        esc = lambda v: v.replace("\\", "\\\\").replace(":", "\\:")  # noqa: E731
+        password = got.get("postgres_password", b"").decode().strip()
+        line = f"{esc(db_host)}:{db_port}:{hs.postgres.database}:{hs.postgres.user}:{esc(password)}\n"
+        files.append(RemoteFile(f"{root}/secrets/pgpass", line.encode() if copies else b"", 0o400, SYNAPSE_UID,
+                                restart, secret=HIDDEN))
+    files.append(_shared_workers_file(hs, host_name, private, f"{root}/conf.d/60-workers.yaml", restart))
+    ctx = {"hs": hs, "upstream": synapse_upstream(hs), "project": guest_project(hs), "synapse_image": synapse_image,
+           "turn": turn, "redis_image": redis_image, "replication_listener": None, "db": (db_host, db_port),
+           "publish": _published(hs, host_name, private), "guest": True, "main_host": hs.host,
+           "postgres_image": "", "hs_network": ""}
+    ctx["workers"] = _worker_files(hs, host_name, f"{root}/workers", stack, files)
+    files.append(RemoteFile(f"{root}/.env", _template("synapse/.env.j2", **ctx), 0o644, ROOT, stack))
+    files.append(RemoteFile(f"{root}/docker-compose.yml", _template("synapse/workers-compose.yml.j2", **ctx),
+                            0o644, ROOT, stack))
+    files.append(RemoteFile(f"{root}/conf.d/50-synapse-fabric.yaml",
+                            _template("synapse/conf.d/50-synapse-fabric.yaml.j2", **ctx), 0o644, ROOT, restart))
+    if hs.synapse_settings:
+        files.append(RemoteFile(f"{root}/conf.d/90-operator.yaml", _operator_settings(hs), 0o644, ROOT, restart,
+                                secret=SETTINGS))
+    if hs.federation.trusted_ca:
+        dirs.append(RemoteDir(f"{root}/ca"))
+        files.append(RemoteFile(f"{root}/ca/federation-roots.pem",
+                                _read_local(hs.federation.trusted_ca, f"homeservers.{sn}.federation.trusted_ca",
+                                            read), trigger=restart))
+
+
+def _operator_settings(hs: Homeserver) -> bytes:
+    """The operator's extra settings are data, dumped as YAML, never templated."""
+    extra = "# Managed by synapse-fabric: synapse_settings from hosts.yaml.\n"
+    extra += yaml.safe_dump(hs.synapse_settings, sort_keys=True, default_flow_style=False)
+    return extra.encode()
+
+
 def render_host(
     inv: Inventory, host_name: str, read: Callable[[Path], bytes] = Path.read_bytes,
     keep_postgres: dict[str, str] | None = None, keep_synapse: dict[str, str] | None = None,
+    guest_copies: dict[str, dict] | None = None,
 ) -> DesiredState:
     """Everything host `host_name` must hold. `read` loads the local files the
     inventory names (CA bundles). `keep_postgres` names, per homeserver, the
     PostgreSQL image its existing database needs when the inventory's has another
     major version (see fabfile/postgres.py); `keep_synapse`, the Synapse image a
-    homeserver keeps until `inv upgrade` moves it (fabfile/versions.py)."""
+    homeserver keeps until `inv upgrade` moves it (fabfile/versions.py);
+    `guest_copies`, per homeserver whose workers this host runs, what was read
+    from its host (fabfile/guests.py: files, and the Synapse image it runs)."""
     host = inv.hosts[host_name]
     lay = Layout(host.base_dir)
     servers = sorted(inv.homeservers_on(host_name), key=lambda hs: hs.server_name)
     images = {name: inv.image(name)
               for name in ("synapse", "postgres", "nginx", "certbot", "admin_ui", "coturn", "redis")}
-    workers = {hs.server_name: workers_mod.expand(hs.workers) for hs in servers}
+    workers = {hs.server_name: workers_mod.placed(hs) for hs in servers}
     workers = {sn: ws for sn, ws in workers.items() if ws}
     admin_uis = [hs for hs in servers if hs.admin_ui.enabled]
     from . import turn as turn_mod  # (turn.py imports the inventory, not this module)
@@ -274,6 +404,7 @@ def render_host(
                     **{hs.server_name: (hs.server_name,) for hs in proxied},
                     **({turn.hostname: (turn.hostname,)} if turn and turn.cert_name == turn.hostname else {})}
     common = {"host": host, "network": NETWORK, "images": images}
+    private = {name: h.private_address for name, h in inv.hosts.items() if h.private_address}
     postgres_images = {hs.server_name: (keep_postgres or {}).get(hs.server_name)
                        or hs.postgres.image or images["postgres"] for hs in servers}
     synapse_images = {hs.server_name: (keep_synapse or {}).get(hs.server_name) or images["synapse"]
@@ -365,7 +496,7 @@ def render_host(
         sn = hs.server_name
         ctx = {"hs": hs, "upstream": synapse_upstream(hs), "cert_name": sn}
         dirs.append(RemoteDir(lay.certs(sn), 0o700))
-        routes = worker_routes(hs, workers.get(sn, []))
+        routes = worker_routes(hs, workers.get(sn, []), private)
         # the names one certificate must cover; a change means a new certificate
         files.append(RemoteFile(f"{lay.certs(sn)}/names", ("\n".join(cert_names(hs)) + "\n").encode(),
                                 0o644, ROOT, f"acme:{sn}"))
@@ -449,7 +580,8 @@ def render_host(
         ctx = {"hs": hs, "upstream": synapse_upstream(hs), "project": synapse_project(hs),
                "postgres_image": postgres_images[sn], "synapse_image": synapse_images[sn],
                "hs_network": synapse_network(hs), "turn": turn, "workers": [], "redis_image": images["redis"],
-               "replication_listener": workers_mod.main_replication_listener() if hs_workers else None}
+               "replication_listener": workers_mod.main_replication_listener() if hs_workers else None,
+               "publish": _published(hs, host_name, private), "db": ("postgres", 5432), "guest": False}
         dirs += [
             RemoteDir(root),
             RemoteDir(lay.data(sn), 0o750, SYNAPSE_UID),
@@ -461,25 +593,14 @@ def render_host(
         restart = f"synapse:{sn}:restart"
         if hs_workers:
             dirs.append(RemoteDir(lay.workers(sn)))
-            shared = _settings_file("the settings every process of this homeserver shares (workers)",
-                                    workers_mod.shared_settings(hs_workers))
-            files.append(RemoteFile(f"{lay.conf_d(sn)}/60-workers.yaml", shared, 0o644, ROOT, restart))
-            for w in hs_workers:
-                own = _settings_file(f"worker {w.name} ({w.kind}) of {sn}", workers_mod.worker_settings(w))
-                # its compose entry carries this file's hash: `up` recreates exactly
-                # the worker whose file changed
-                files.append(RemoteFile(f"{lay.workers(sn)}/{w.config_file}", own, 0o644, ROOT, stack))
-                ctx["workers"].append({"worker": w, "alias": f"{synapse_upstream(hs)}-{w.name}",
-                                       "config": hashlib.sha256(own).hexdigest()[:16]})
+            files.append(_shared_workers_file(hs, host_name, private, f"{lay.conf_d(sn)}/60-workers.yaml", restart))
+            ctx["workers"] = _worker_files(hs, host_name, lay.workers(sn), stack, files)
         add(f"{root}/.env", "synapse/.env.j2", stack, **ctx)
         add(f"{root}/docker-compose.yml", "synapse/docker-compose.yml.j2", stack, **ctx)
         add(f"{lay.conf_d(sn)}/50-synapse-fabric.yaml", "synapse/conf.d/50-synapse-fabric.yaml.j2", restart, **ctx)
         if hs.synapse_settings:
-            # The operator's extra settings are data, dumped as YAML, never templated.
-            extra = "# Managed by synapse-fabric: synapse_settings from hosts.yaml.\n"
-            extra += yaml.safe_dump(hs.synapse_settings, sort_keys=True, default_flow_style=False)
-            files.append(RemoteFile(f"{lay.conf_d(sn)}/90-operator.yaml", extra.encode(), 0o644, ROOT, restart,
-                                    secret=SETTINGS))
+            files.append(RemoteFile(f"{lay.conf_d(sn)}/90-operator.yaml", _operator_settings(hs), 0o644, ROOT,
+                                    restart, secret=SETTINGS))
         if hs.federation.trusted_ca:
             dirs.append(RemoteDir(f"{root}/ca"))
             key = f"homeservers.{sn}.federation.trusted_ca"
@@ -490,6 +611,16 @@ def render_host(
                     trigger=restart,
                 )
             )
+
+    # -- workers of other hosts' homeservers (workers.hosts) ---------------------
+    guests = {}
+    for hs in sorted(inv.homeservers.values(), key=lambda hs: hs.server_name):
+        if hs.host == host_name or host_name not in workers_mod.worker_hosts(hs):
+            continue
+        copies = (guest_copies or {}).get(hs.server_name)
+        image = (copies or {}).get("image") or images["synapse"]
+        guests[hs.server_name] = Guest(hs, tuple(w for w in workers_mod.placed(hs) if w.host == host_name), image)
+        _guest_stack(inv, hs, host_name, lay, private, copies, image, images["redis"], dirs, files, read)
 
     return DesiredState(
         host=host,
@@ -503,11 +634,12 @@ def render_host(
                     if (k != "admin_ui" or admin_uis) and (k != "coturn" or turn) and (k != "redis" or workers)},
         turn=turn,
         workers=workers,
+        guests=guests,
         acme=inv.acme if inv.acme.enabled else None,
         postgres_images=postgres_images,
         synapse_images=synapse_images,
         images=tuple(sorted({images["nginx"], images["certbot"]} | ({images["admin_ui"]} if admin_uis else set())
                             | ({images["coturn"]} if turn else set())
                             | ({images["redis"]} if workers else set())
-                            | {*synapse_images.values(), *postgres_images.values()})),
+                            | {*synapse_images.values(), *postgres_images.values(), *(g.image for g in guests.values())})),
     )

@@ -24,6 +24,7 @@ from . import backup as backup_mod
 from .converge import HostResult, converge
 from .deploy import local_images
 from . import docker
+from .workers import refuse_remote
 from .docker import COMPOSE_FN, container
 from .errors import TaskError
 from .inventory import Homeserver, Host, Inventory, rewrite
@@ -120,6 +121,7 @@ def restore(inv: Inventory, sn: str, snapshot: Optional[str], to: Optional[str],
             confirm: Callable[[str], bool]) -> None:
     """Bring a homeserver back from its newest (or a given) snapshot."""
     hs = inv.homeserver(sn)
+    refuse_remote(hs, "inv restore")
     target: Host = inv.host_by_name_or_address(to) if to else inv.hosts[hs.host]
     moving = target.name != hs.host
     if moving and inv.backup.repository.startswith("/"):

@@ -212,6 +212,9 @@ class Host(_Model):
     base_dir: str = "/opt/matrix"
     firewall: Firewall = Firewall()
     turn: Turn = Turn()
+    # Its address on the provider's private network (homeservers.<sn>.workers.hosts):
+    # the ports one homeserver's processes share across hosts are published here only.
+    private_address: Optional[str] = None
 
     @field_validator("address")
     @classmethod
@@ -220,6 +223,16 @@ class Host(_Model):
             return str(ipaddress.ip_address(v))
         except ValueError:
             return check_domain(v)
+
+    @field_validator("private_address")
+    @classmethod
+    def _private_address(cls, v):
+        if v is None:
+            return v
+        addr = ipaddress.ip_address(v)
+        if not addr.is_private or addr.is_loopback:
+            raise ValueError(f"{v!r} is not an address of a private network (10/8, 172.16/12, 192.168/16, fc00::/7)")
+        return str(addr)
 
     @field_validator("user")
     @classmethod
@@ -340,6 +353,22 @@ class Workers(_Model):
     media: Optional[int] = Field(None, ge=0, le=1)  # one: media_store is one directory on one host
     pusher: Optional[int] = Field(None, ge=0, le=16)
     background: Optional[int] = Field(None, ge=0, le=1)  # Synapse runs background tasks on one process
+    # kind -> the inventory host its workers run on (default: the homeserver's host)
+    hosts: dict[str, str] = {}
+    # the first of the ports (port_base .. port_base+299) published on private
+    # addresses when some workers run on another host (fabfile/workers.py PORTS)
+    port_base: int = Field(7100, ge=1024, le=65000)
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, v: dict[str, str]) -> dict[str, str]:
+        from .workers import KINDS  # (workers.py imports nothing of this module)
+        for kind in v:
+            if kind not in KINDS:
+                raise ValueError(f"unknown worker kind {kind!r} (known: {', '.join(KINDS)})")
+            if kind == "media":
+                raise ValueError("media workers stay on the homeserver's host, beside the media store")
+        return v
 
 
 class Postgres(_Model):

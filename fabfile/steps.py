@@ -208,6 +208,45 @@ def synapse_restart(hs, why: str, processes: list[str]) -> Action:
     return Action(f"restart {what} of {sn}", why, how, f"{sn} (restart)")
 
 
+def guest_up(lay, guest, why: str, only_if=None) -> Action:
+    """`up` the stack of another host's homeserver's workers on this host."""
+    sn = guest.hs.server_name
+
+    def how(run: Run) -> None:
+        run.log(f"{sn}: starting its workers here ({', '.join(w.name for w in guest.workers)})")
+        run.remote.run(f"cd {shlex.quote(lay.guest(sn))} && {run.compose} up -d --remove-orphans",
+                       what=f"{sn}: workers up")
+        run.restarted.append(f"{sn} workers (up)")
+        run.touched.append(guest.project)
+    return Action(f"start the workers of {sn} here (up)", why, how, f"{sn} workers (up)", only_if)
+
+
+def guest_restart(guest, why: str) -> Action:
+    sn = guest.hs.server_name
+
+    def how(run: Run) -> None:
+        run.log(f"{sn}: restarting its workers here")
+        ids = " ".join(docker.container(guest.project, w.name) for w in guest.workers)
+        run.remote.run(f"docker restart {ids} >/dev/null", what=f"{sn}: workers restart")
+        run.restarted.append(f"{sn} workers (restart)")
+        if guest.project not in run.touched:
+            run.touched.append(guest.project)
+    return Action(f"restart the workers of {sn} here", why, how, f"{sn} workers (restart)")
+
+
+def guest_remove(lay, sn: str) -> Action:
+    """Workers that left this host: their containers, then their directory (the
+    copies of the homeserver's keys and secrets go with it; its own host keeps them)."""
+    def how(run: Run) -> None:
+        run.log(f"{sn}: removing its workers from this host")
+        d = shlex.quote(lay.guest(sn))
+        run.remote.run(f"cd {d} && {run.compose} down --remove-orphans && cd / && rm -rf -- {d}",
+                       what=f"{sn}: workers down")
+        run.restarted.append(f"{sn} workers (removed)")
+    return Action(f"stop and remove the workers of {sn} here", "they no longer run on this host", how,
+                  f"{sn} workers (removed)")
+
+
 def turn_restart(why: str, only_if=None) -> Action:
     """coturn reads its config, secret and certificate when it starts."""
     def how(run: Run) -> None:
@@ -291,7 +330,8 @@ def actions(plan) -> list[Action]:
     reasons = plan.triggers
     why = lambda trigger, default="": _because(reasons.get(trigger, [])) or default  # noqa: E731
     pulled = {t: [ref for ref in plan.pulls if t in state.image_triggers(ref)]
-              for t in ["proxy:stack"] + [f"synapse:{sn}:stack" for sn in by_name]}
+              for t in ["proxy:stack"] + [f"synapse:{sn}:stack" for sn in by_name]
+              + [f"workers:{sn}:stack" for sn in state.guests]}
 
     def if_pulled(trigger: str):
         refs = pulled.get(trigger)
@@ -309,7 +349,7 @@ def actions(plan) -> list[Action]:
     conf_d = f"{lay.nginx_conf_d}/"
     reload_confs = ([f.path for f in plan.files if f.trigger == "proxy:reload"]
                     + [p for p in plan.remove if p.startswith(conf_d)]) if plan.nginx_reload else []
-    owed = sorted(t for t in plan.triggers if t.split(":")[0] in ("proxy", "synapse", "firewall", "turn"))
+    owed = sorted(t for t in plan.triggers if t.split(":")[0] in ("proxy", "synapse", "firewall", "turn", "workers"))
     if (plan.dirs or plan.files or plan.remove or plan.secrets or plan.chown_data or plan.placeholder_certs or owed
             or plan.turn_secret):
         out.append(write(plan, owed, reload_confs))
@@ -334,6 +374,13 @@ def actions(plan) -> list[Action]:
             out.append(synapse_up(lay, hs, "when the pull brings a new image", if_pulled(f"synapse:{sn}:stack")))
     out += [synapse_restart(by_name[sn], why(f"synapse:{sn}:restart"), state.synapse_processes(by_name[sn]))
             for sn in plan.synapse_restart]
+    out += [guest_remove(lay, sn) for sn in plan.guest_remove]
+    for sn, guest in state.guests.items():
+        if sn in plan.guest_up:
+            out.append(guest_up(lay, guest, why(f"workers:{sn}:stack", "they are not running")))
+        elif if_pulled(f"workers:{sn}:stack"):
+            out.append(guest_up(lay, guest, "when the pull brings a new image", if_pulled(f"workers:{sn}:stack")))
+    out += [guest_restart(state.guests[sn], why(f"workers:{sn}:restart")) for sn in plan.guest_restart]
     if plan.turn_restart:
         out.append(turn_restart(why("turn:restart")))
     out.append(wait_healthy())

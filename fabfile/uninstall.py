@@ -25,7 +25,7 @@ from . import backup as backup_mod
 from .converge import HostResult, converge
 from .deploy import local_images
 from .docker import COMPOSE_FN
-from .errors import TaskError
+from .errors import InventoryError, TaskError
 from .facts import PERIODIC_JOBS
 from .inventory import Homeserver, Inventory, rewrite
 from .layout import BASE_RECORD, CRON_DIR, FIREWALL_DIR, SYSTEMD_DIR, Layout
@@ -33,7 +33,7 @@ from .remote import Remote, locked
 from .render import FIREWALL_UNIT, public_names, render_host, synapse_network
 from .shell import program
 from .report import LineWriter, Reporter
-from .workers import processes
+from .workers import processes, refuse_remote, worker_hosts
 
 Log = Callable[[str], None]
 Confirm = Callable[[str, str], bool]  # (question, the answer to type) -> typed it
@@ -121,6 +121,7 @@ def uninstall_homeserver(inv: Inventory, sn: str, backup: bool, confirm: Confirm
     """Stop and remove one homeserver from its host (after a snapshot, or with the
     operator's typed confirmation); the host's other homeservers keep running."""
     hs = inv.homeserver(sn)
+    refuse_remote(hs, "inv uninstall")
     _refuse_migrations(inv, [hs])
     _confirmed([hs], hs.server_name, backup, confirm)
     host = inv.hosts[hs.host]
@@ -150,6 +151,12 @@ def uninstall_host(inv: Inventory, host_name: str, backup: bool, confirm: Confir
     base directory. Docker, its images and the backup repository stay."""
     host = inv.host_by_name_or_address(host_name)
     servers = sorted(inv.homeservers_on(host.name), key=lambda hs: hs.server_name)
+    for hs in servers:
+        refuse_remote(hs, "inv uninstall")
+    for hs in inv.homeservers.values():
+        if host.name in worker_hosts(hs):
+            raise InventoryError(f"{host.name} runs workers of {hs.server_name} (on {hs.host}): take {host.name} "
+                                 f"out of homeservers.{hs.server_name}.workers.hosts and deploy first")
     forwarded = inv.forwarded_from(host.name)
     if forwarded:
         raise TaskError(f"{host.name} still forwards {', '.join(hs.server_name for hs in forwarded)} to its new "

@@ -34,7 +34,7 @@ from .render import render_host, synapse_project
 from .report import LineWriter, Reporter
 from .restore import load_dump
 from .shell import program
-from .workers import processes
+from .workers import processes, refuse_remote
 
 Log = Callable[[str], None]
 
@@ -145,6 +145,9 @@ def upgrade(inv: Inventory, homeserver: Optional[str], check: bool, log: Log) ->
         log(step.line())
     if check:
         return {}
+    for step in steps:
+        if step.due:
+            refuse_remote(inv.homeserver(step.server_name), "inv upgrade")
     downtimes = {}
     for step in steps:
         if not step.due:

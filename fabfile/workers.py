@@ -105,6 +105,7 @@ BALANCE = {"media": "user", "sync": "user", "client": "user", "federation_reader
 class Worker:
     name: str  # worker_name, compose service and instance_map key: sync-1, event-persister-1
     kind: str
+    host: str = ""  # the inventory host it runs on ("" before placement: the homeserver's)
 
     @property
     def resources(self) -> list[str]:
@@ -135,33 +136,138 @@ def counts(spec) -> dict[str, int]:
     return {k: n for k, n in out.items() if n}
 
 
-def expand(spec) -> list[Worker]:
-    """The worker processes, in a stable order (kinds as in KINDS, then numbers)."""
+def expand(spec, home: str = "") -> list[Worker]:
+    """The worker processes, in a stable order (kinds as in KINDS, then numbers),
+    each on its host (`spec.hosts`, else `home`: the homeserver's)."""
     want = counts(spec)
-    return [Worker(f"{kind.replace('_', '-')}-{i}", kind) for kind in KINDS for i in range(1, want.get(kind, 0) + 1)]
+    return [Worker(f"{kind.replace('_', '-')}-{i}", kind, spec.hosts.get(kind, home))
+            for kind in KINDS for i in range(1, want.get(kind, 0) + 1)]
+
+
+def placed(hs) -> list[Worker]:
+    """A homeserver's workers, each with the host it runs on."""
+    return expand(hs.workers, hs.host)
+
+
+def local(hs) -> list[Worker]:
+    """The workers on the homeserver's own host (in its stack)."""
+    return [w for w in placed(hs) if w.host == hs.host]
+
+
+def remote(hs) -> list[Worker]:
+    """The workers on other hosts (each host's `synapse-workers/<sn>` stack)."""
+    return [w for w in placed(hs) if w.host != hs.host]
+
+
+def worker_hosts(hs) -> list[str]:
+    """The other hosts that run some of its workers."""
+    return list(dict.fromkeys(w.host for w in remote(hs)))
 
 
 def processes(hs) -> str:
-    """A homeserver's Synapse services, main first (names we make: safe in shell):
-    what an operation that needs Synapse stopped (a dump, a migration) stops."""
-    return " ".join([MAIN_SERVICE] + [w.name for w in expand(hs.workers)])
+    """A homeserver's Synapse services on its own host, main first (names we make:
+    safe in shell): what an operation that needs Synapse stopped (a dump, a
+    migration) stops."""
+    return " ".join(synapse_processes(hs))
+
+
+def synapse_processes(hs) -> list[str]:
+    """The services of its stack that run Synapse, main first."""
+    return [MAIN_SERVICE] + [w.name for w in local(hs)]
+
+
+def refuse_remote(hs, what: str) -> None:
+    """Operations that stop or move a homeserver act on its own host: refused while
+    some of its workers run elsewhere (they would keep writing meanwhile)."""
+    if remote(hs):
+        from .errors import InventoryError
+        raise InventoryError(
+            f"{hs.server_name}: {what} acts on {hs.host} only, and workers of it run on "
+            f"{', '.join(worker_hosts(hs))}: set homeservers.{hs.server_name}.workers.hosts to {{}} "
+            f"and deploy (they move back to {hs.host}), then {what}")
+
+
+# -- ports of a homeserver whose processes span hosts --------------------------------
+# Published on the hosts' private addresses only, open in their firewalls to the
+# homeserver's other hosts only. From workers.port_base: PostgreSQL, Redis, main's
+# replication listener, then two per worker (HTTP, replication) by kind and number,
+# so a worker keeps its ports when others come and go.
+PORT_SPAN = 300
+_KIND_SLOTS = 32  # ports per kind: 16 workers x 2
+
+
+def service_port(hs, service: str) -> int:
+    """The published port of `service` (postgres, redis, synapse, or a worker's
+    replication listener) or of `<worker>:http`."""
+    base = hs.workers.port_base
+    fixed = {"postgres": 0, "redis": 1, MAIN_SERVICE: 2}
+    if service in fixed:
+        return base + fixed[service]
+    name, _, listener = service.partition(":")
+    kind_dash, _, number = name.rpartition("-")
+    kind = kind_dash.replace("-", "_")
+    offset = 10 + list(KINDS).index(kind) * _KIND_SLOTS + (int(number) - 1) * 2
+    return base + offset + (0 if listener == "http" else 1)
+
+
+def published(hs, host_name: str) -> dict[str, tuple[int, int]]:
+    """What processes of `hs` on its other hosts reach on `host_name`: service ->
+    (published port, port in the container). Nothing unless some of its workers
+    run elsewhere; then main's replication listener, PostgreSQL and Redis on its
+    own host, and on any host the replication and HTTP listeners of the workers
+    others reach there (nginx on its host reaches HTTP workers elsewhere)."""
+    if not remote(hs):
+        return {}
+    here = [w for w in placed(hs) if w.host == host_name]
+    wanted: dict[str, int] = {}
+    if host_name == hs.host:
+        wanted = {"postgres": 5432, REDIS_SERVICE: 6379, MAIN_SERVICE: REPLICATION_PORT}
+    else:
+        wanted = {f"{w.name}:http": HTTP_PORT for w in here if w.serves_http}
+    wanted |= {w.name: REPLICATION_PORT for w in here if w.replication}
+    return {svc: (service_port(hs, svc), inner) for svc, inner in wanted.items()}
+
+
+def peers(hs, host_name: str) -> list[str]:
+    """The other hosts of `hs`'s processes, which reach what `host_name` publishes."""
+    return [h for h in [hs.host] + worker_hosts(hs) if h != host_name]
+
+
+def endpoint(hs, service: str, viewer: str, private: dict[str, str]) -> tuple[str, int]:
+    """Where a process on host `viewer` reaches `service` of `hs` (internal port, or
+    with ':http' a worker's HTTP listener): by its compose name on the same host,
+    else at its host's private address and published port."""
+    name = service.partition(":")[0]
+    where = hs.host if name in (MAIN_SERVICE, REDIS_SERVICE, "postgres") else \
+        next(w.host for w in placed(hs) if w.name == name)
+    inner = {"postgres": 5432, REDIS_SERVICE: 6379}.get(name, HTTP_PORT if service.endswith(":http")
+                                                         else REPLICATION_PORT)
+    if where == viewer:
+        return name, inner
+    return private[where], service_port(hs, service)
 
 
 def of_kind(workers: list[Worker], kind: str) -> list[Worker]:
     return [w for w in workers if w.kind == kind]
 
 
-def shared_settings(workers: list[Worker], secrets_dir: str = "/run/secrets") -> dict:
+def shared_settings(workers: list[Worker], secrets_dir: str = "/run/secrets", where=None) -> dict:
     """What every process of the homeserver loads (conf.d/60-workers.yaml). Changing
-    it restarts them all, as Synapse's docs say a new writer or sender needs."""
+    it restarts them all, as Synapse's docs say a new writer or sender needs.
+    `where(service)`: (host, port) of main (`synapse`), Redis and a replication
+    listener as the processes of one host reach them (default: the same stack)."""
     if not workers:
         return {}
-    instance_map = {"main": {"host": MAIN_SERVICE, "port": REPLICATION_PORT}}
+    where = where or (lambda service: (service, 6379 if service == REDIS_SERVICE else REPLICATION_PORT))
+    host, port = where(MAIN_SERVICE)
+    instance_map = {"main": {"host": host, "port": port}}
     for w in workers:
         if w.replication:
-            instance_map[w.name] = {"host": w.name, "port": REPLICATION_PORT}
+            host, port = where(w.name)
+            instance_map[w.name] = {"host": host, "port": port}
+    redis_host, redis_port = where(REDIS_SERVICE)
     doc: dict = {
-        "redis": {"enabled": True, "host": REDIS_SERVICE, "port": 6379,
+        "redis": {"enabled": True, "host": redis_host, "port": redis_port,
                   "password_path": f"{secrets_dir}/redis_password"},
         "worker_replication_secret_path": f"{secrets_dir}/replication_secret",
         "instance_map": instance_map,

@@ -11,6 +11,13 @@ changes: a second sync worker is started alone (nothing else restarts), removed
 again; a second event persister restarts every Synapse process (not PostgreSQL,
 not Redis); `inv check` finds every worker healthy and each routed kind served by
 its workers; a no-op deploy changes nothing.
+
+Then the client worker and the federation sender move to vps3 (workers.hosts): they
+run there with copies of five.test's keys and secrets, reach main, PostgreSQL and
+Redis on vps1 over the sandbox's private network, serve and send what their kinds
+name; none of the ports between them answers from outside or from vps2 (on the
+private network, not one of five.test's hosts); a no-op deploy of both hosts changes
+nothing; inv check asks vps3 for its workers; moved back, vps3 keeps nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from tests.e2e.test_federation import converse, register
 from tests.e2e.test_uninstall import _add, _names
 from tests.sandbox import sandbox as sb
 from tests.sandbox.client import SandboxClient
+from tests.sandbox.portscan import open_tcp_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -40,12 +48,32 @@ RUN = secrets.token_hex(3)
 MEDIA = secrets.token_bytes(20000)
 
 
-def _inventory(**workers) -> Path:
+def _inventory(vps3_firewall: bool = False, **workers) -> Path:
     """hosts.yaml with five.test on vps1 with these workers (always the same file)."""
     def change(doc):
         _add(doc, SN, "vps1")
         doc["homeservers"][SN]["workers"] = workers
+        if vps3_firewall:
+            doc["hosts"]["vps3"]["firewall"] = {"enabled": True}
     return variant("workers", change)
+
+
+AWAY = "synapse-five-test-workers"  # the compose project of five.test's workers on vps3
+PRIVATE = {"vps1": "10.231.0.11", "vps3": "10.231.0.13"}
+
+
+def _probe(from_host: str, address: str, ports) -> dict[int, bool]:
+    """Which TCP ports of `address` accept a connection from `from_host`."""
+    script = "".join(f"if timeout 3 bash -c '</dev/tcp/{address}/{p}' 2>/dev/null; then echo {p} open; "
+                     f"else echo {p} closed; fi\n" for p in ports)
+    out = on_host(from_host, script)
+    return {int(p): state == "open" for p, state in (line.split() for line in out.splitlines() if line.strip())}
+
+
+def _away_started() -> set[str]:
+    out = on_host("vps3", f"docker ps --filter label=com.docker.compose.project={AWAY} "
+                          "--format '{{.Label \"com.docker.compose.service\"}}'")
+    return set(out.split())
 
 
 def _logs(service: str, since: str = "") -> str:
@@ -112,6 +140,7 @@ def test_a_homeserver_with_workers_serves_and_federates_through_them(deployed):
     on_host("vps1", f"rm -f /opt/matrix/.synapse-fabric/uninstalled/{SN}")  # an earlier run's record
     _names(SN, "vps1")
     inv = _inventory(preset="balanced")
+    moved = False
     try:
         _deploy(inv)
         assert set(_started()) == {"synapse", "postgres", "redis", "sync-1", "client-1", "federation-reader-1",
@@ -175,7 +204,54 @@ def test_a_homeserver_with_workers_serves_and_federates_through_them(deployed):
             assert re.search(rf"^OK +{SN} +{line}", res.stdout, re.M), res.stdout
         assert "served by sync-1" in res.stdout
 
+        # -- some workers on another host (vps3), over the private network --------------
+        away = _inventory(vps3_firewall=True, preset="balanced", hosts={"client": "vps3", "federation_sender": "vps3"})
+        both = ["inv", "deploy", "--host", "vps1", "--host", "vps3"]
+        moved = True
+        res = run(both, away)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert _away_started() == {"client-1", "federation-sender-1"}, res.stdout
+        assert {"client-1", "federation-sender-1"}.isdisjoint(_started())
+        started = _now()
+        asyncio.run(_use(user, "w pw"))
+        converse(SN, "two.test", "workers-away", away)
+        client = on_host("vps3", f"docker logs --since {started} {AWAY}-client-1-1 2>&1")
+        assert _served_by(client, r"client-1 .*POST /_matrix/client/v3/login"), client[-3000:]
+        assert _served_by(client, r"client-1 .*PUT /_matrix/client/v3/rooms/.*/send/"), client[-3000:]
+        sender = on_host("vps3", f"docker logs --since {started} {AWAY}-federation-sender-1-1 2>&1")
+        assert "two.test" in sender, sender[-3000:]
+        # PostgreSQL, Redis and main's replication listener (7100-7102), and the client
+        # worker's HTTP listener on vps3 (7142): from outside (this machine, not on the
+        # private network) no port of the range answers on either public address; on
+        # the private network the homeserver's own hosts reach them, vps2 does not
+        for address in ("172.29.231.11", "172.29.231.13"):
+            assert open_tcp_ports(address, range(7100, 7400)) == [], address
+        assert _probe("vps3", PRIVATE["vps1"], [7100, 7101, 7102]) == {7100: True, 7101: True, 7102: True}
+        assert _probe("vps2", PRIVATE["vps1"], [7100, 7101, 7102]) == {7100: False, 7101: False, 7102: False}
+        assert _probe("vps1", PRIVATE["vps3"], [7142]) == {7142: True}
+        assert _probe("vps2", PRIVATE["vps3"], [7142]) == {7142: False}
+        res = run(both, away)
+        assert res.returncode == 0, res.stdout + res.stderr
+        for host in ("vps1", "vps3"):
+            assert re.search(rf"^{host}: 0 changed, \d+ ok, restarted 0 ", res.stdout, re.M), res.stdout
+        res = run(["inv", "check", "--homeserver", SN], away)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert re.search(rf"^OK +{SN} +worker client-1 healthy +healthy \(on vps3\)", res.stdout, re.M), res.stdout
+        assert re.search(rf"^OK +{SN} +client request reaches a client worker", res.stdout, re.M), res.stdout
+        # and back: vps3 keeps nothing of five.test (its copies of keys and secrets go too)
+        res = run(both, _inventory(vps3_firewall=True, preset="balanced"))
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert _away_started() == set() and {"client-1", "federation-sender-1"} <= set(_started())
+        assert on_host("vps3", "ls -A /opt/matrix/synapse-workers").strip() == ""
+
     finally:
+        # workers back on vps1 (uninstall refuses while some run elsewhere), vps3 as found
+        inv = _inventory(preset="balanced")
+        if moved:
+            run(["inv", "deploy", "--host", "vps1", "--host", "vps3"], inv)
+            scratch = variant("workers-vps3", lambda doc: None)
+            run(["inv", "uninstall", "--host", "vps3"], scratch)
+            scratch.unlink(missing_ok=True)
         subprocess.run([str(BIN / "inv"), "uninstall", "--homeserver", SN, "--no-backup"], cwd=REPO,
                        env={**os.environ, "INVOKE_INVENTORY": str(inv)}, input=f"{SN}\n",
                        text=True, capture_output=True, timeout=600)

@@ -125,15 +125,15 @@ def test_nginx_routes_each_kind_to_its_workers_with_main_as_fallback():
     conf = files(state("{preset: balanced, sync: 2}"))["/opt/matrix/reverse_proxy/nginx/conf.d/matrix.w.example.conf"]
     text = conf.content.decode()
     assert re.search(r"split_clients \"\$\{sfab_w_example_user\}\" \$sfab_w_example_sync \{\s*"
-                     r"50\.00% synapse-w-example-sync-1;\s*\* synapse-w-example-sync-2;", text)
+                     r"50\.00% synapse-w-example-sync-1:8008;\s*\* synapse-w-example-sync-2:8008;", text)
     assert 'split_clients "${sfab_w_example_origin}" $sfab_w_example_federation_reader' in text
     sync = text.index("location ~ ^/_matrix/client/(r0|v3)/sync$")
     media = text.index("location ~ ^/_matrix/federation/v1/media/")
     fed = text.index("location ~ ^/_matrix/federation/(v1|v2)/ {")
     generic = text.index("location ~ ^(/_matrix/client|/_matrix/media|/_synapse/client)")
     assert media < fed < generic and sync < generic
-    assert "proxy_pass http://$sfab_w_example_sync:8008;" in text
-    assert text.count("error_page 502 = @synapse_main;") == text.count("proxy_pass http://$sfab_")
+    assert "proxy_pass http://$sfab_w_example_sync;" in text
+    assert text.count("error_page 502 504 = @synapse_main;") == text.count("proxy_pass http://$sfab_")
     assert "location @synapse_main" in text
 
 
