@@ -208,7 +208,11 @@ def test_a_homeserver_with_workers_serves_and_federates_through_them(deployed):
         away = _inventory(vps3_firewall=True, preset="balanced", hosts={"client": "vps3", "federation_sender": "vps3"})
         both = ["inv", "deploy", "--host", "vps1", "--host", "vps3"]
         moved = True
-        res = run(both, away)
+        # vps1 first (it publishes what vps3's workers reach), then vps3 from bare:
+        # bootstrap installs Docker where missing, then deploys its part
+        res = run(["inv", "deploy", "--host", "vps1"], away)
+        assert res.returncode == 0, res.stdout + res.stderr
+        res = run(["fab", "-H", "vps3", "bootstrap"], away)
         assert res.returncode == 0, res.stdout + res.stderr
         assert _away_started() == {"client-1", "federation-sender-1"}, res.stdout
         assert {"client-1", "federation-sender-1"}.isdisjoint(_started())
