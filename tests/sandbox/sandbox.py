@@ -36,6 +36,7 @@ REPO_CACHE = HERE.parent.parent / ".cache"
 COMPOSE_FILE = HERE / "compose.yml"
 PROJECT = "sfab"
 NETWORK = "sfab-sandbox"
+PRIVATE_NETWORK = "sfab-private"  # the VPSs' private network (10.231.0.0/24, hosts.yaml private_address)
 SUBNET = "172.29.231.0/24"
 
 INFRA_CONTAINER = "sfab-infra"
@@ -598,8 +599,9 @@ def leftovers() -> list[str]:
     for c in [INFRA_CONTAINER, *(h.container for h in HOSTS.values())]:
         if _run(["docker", "container", "inspect", c], check=False).returncode == 0:
             found.append(f"container {c}")
-    if _run(["docker", "network", "inspect", NETWORK], check=False).returncode == 0:
-        found.append(f"network {NETWORK}")
+    for network in (NETWORK, PRIVATE_NETWORK):
+        if _run(["docker", "network", "inspect", network], check=False).returncode == 0:
+            found.append(f"network {network}")
     res = _run(["docker", "volume", "ls", "--format", "{{.Name}}",
                 "--filter", f"label=com.docker.compose.project={PROJECT}"], check=False)
     found += [f"volume {n}" for n in res.stdout.split()]
