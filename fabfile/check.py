@@ -317,6 +317,7 @@ WORKER_PROBES = {
     "sync": "/_matrix/client/v3/sync",
     "client": "/_matrix/client/versions",
     "media": "/_matrix/client/v1/media/config",
+    "stream_writer": "/_matrix/client/v3/pushrules/",
     "federation_reader": "/_matrix/federation/v1/version",
 }
 

@@ -350,7 +350,8 @@ class Workers(_Model):
     federation_reader: Optional[int] = Field(None, ge=0, le=16)
     federation_sender: Optional[int] = Field(None, ge=0, le=16)
     event_persister: Optional[int] = Field(None, ge=0, le=16)
-    media: Optional[int] = Field(None, ge=0, le=1)  # one: media_store is one directory on one host
+    media: Optional[int] = Field(None, ge=0, le=4)  # on the homeserver's host: media_store is one directory
+    stream_writer: Optional[int] = Field(None, ge=0, le=1)  # typing and presence allow one writer
     pusher: Optional[int] = Field(None, ge=0, le=16)
     background: Optional[int] = Field(None, ge=0, le=1)  # Synapse runs background tasks on one process
     # kind -> the inventory host its workers run on (default: the homeserver's host)

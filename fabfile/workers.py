@@ -26,10 +26,16 @@ KINDS: dict[str, dict] = {
     "federation_sender": {"resources": [], "doc": "outbound federation (main stops sending)"},
     "event_persister": {"resources": [], "replication": True, "doc": "writes events (stream_writers.events)"},
     "media": {"resources": ["media", "client", "federation"], "replication": True,
-              "doc": "uploads, downloads, thumbnails (main stops serving media)"},
+              "doc": "uploads, downloads, thumbnails (main stops serving media); all on one host"},
     "pusher": {"resources": [], "doc": "push notifications (pusher_instances)"},
     "background": {"resources": [], "doc": "background tasks (run_background_tasks_on); at most 1"},
+    # (last: a kind's published ports follow from its place here)
+    "stream_writer": {"resources": ["client"], "replication": True,
+                      "doc": "writes typing, to-device, account data, receipts, presence, push rules"},
 }
+# the streams a stream_writer writes (Synapse allows one writer for typing, presence
+# and push_rules: at most one stream_writer); device_lists stays with main
+STREAMS = ("typing", "to_device", "account_data", "receipts", "presence", "push_rules")
 MAX_PER_KIND = 16
 
 PRESETS: dict[str, dict[str, int]] = {
@@ -56,6 +62,17 @@ ROUTES: dict[str, list[str]] = {
         r"^/_matrix/media/",
         r"^/_matrix/client/v1/media/",
         r"^/_matrix/federation/v1/media/",
+    ],
+    # docs/workers.md, "The `typing` stream" and the five after it
+    "stream_writer": [
+        r"^/_matrix/client/(api/v1|r0|v3|unstable)/rooms/.*/typing",
+        r"^/_matrix/client/(r0|v3|unstable)/sendToDevice/",
+        r"^/_matrix/client/(r0|v3|unstable)/.*/tags",
+        r"^/_matrix/client/(r0|v3|unstable)/.*/account_data",
+        r"^/_matrix/client/(r0|v3|unstable)/rooms/.*/receipt",
+        r"^/_matrix/client/(r0|v3|unstable)/rooms/.*/read_markers",
+        r"^/_matrix/client/(api/v1|r0|v3|unstable)/presence/",
+        r"^/_matrix/client/(api/v1|r0|v3|unstable)/pushrules/",
     ],
     "sync": [
         r"^/_matrix/client/(r0|v3)/sync$",
@@ -98,7 +115,7 @@ ROUTES: dict[str, list[str]] = {
     ],
 }
 # how nginx picks one worker of a kind: the user behind the access token, or the origin server
-BALANCE = {"media": "user", "sync": "user", "client": "user", "federation_reader": "origin"}
+BALANCE = {"media": "user", "stream_writer": "user", "sync": "user", "client": "user", "federation_reader": "origin"}
 
 
 @dataclass(frozen=True)
@@ -281,6 +298,8 @@ def shared_settings(workers: list[Worker], secrets_dir: str = "/run/secrets", wh
         writers["quarantined_media_changes"] = [media[0].name]
         doc["enable_media_repo"] = False
         doc["media_instance_running_background_jobs"] = media[0].name
+    if stream := of_kind(workers, "stream_writer"):
+        writers |= {name: [stream[0].name] for name in STREAMS}
     if writers:
         doc["stream_writers"] = writers
     if senders := of_kind(workers, "federation_sender"):

@@ -6,7 +6,8 @@ What a user sees: log in, sync, create a room, send, upload and download media,
 read the history, and federate with two.test (vps2). What the processes say: each
 request was served by the worker its kind names (the access log lines carry the
 listener's tag, the worker's name), the main process served no /sync, the event
-persister wrote the events, and the federation sender sent them. Then the set
+persister wrote the events, and the federation sender sent them; a stream writer
+serves typing and read receipts. Then the set
 changes: a second sync worker is started alone (nothing else restarts), removed
 again; a second event persister restarts every Synapse process (not PostgreSQL,
 not Redis); `inv check` finds every worker healthy and each routed kind served by
@@ -31,7 +32,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from nio import LoginResponse, RoomCreateResponse, RoomSendResponse, SyncResponse
+from nio import (LoginResponse, RoomCreateResponse, RoomSendResponse, RoomTypingResponse, SyncResponse,
+                 UpdateReceiptMarkerResponse)
 
 from tests.e2e.helpers import BIN, REPO, ROOTS, on_host, run, variant
 from tests.e2e.test_federation import converse, register
@@ -131,6 +133,17 @@ async def _sync_once(user: str, password: str) -> None:
         assert isinstance(await a.client.sync(timeout=0), SyncResponse)
 
 
+async def _typing_and_receipt(user: str, password: str, room: str) -> None:
+    """Typing in `room`, and a read receipt for a new message there."""
+    async with SandboxClient(f"https://matrix.{SN}", ROOTS) as a:
+        assert isinstance(await a.login(user, password), LoginResponse)
+        assert isinstance(await a.client.room_typing(room, True, 10000), RoomTypingResponse)
+        sent = await a.client.room_send(room, "m.room.message", {"msgtype": "m.text", "body": f"read me {RUN}"})
+        assert isinstance(sent, RoomSendResponse), sent
+        receipt = await a.client.update_receipt_marker(room, sent.event_id)
+        assert isinstance(receipt, UpdateReceiptMarkerResponse), receipt
+
+
 def _served_by(log: str, path_re: str) -> bool:
     """An access-log line of this tagged listener for a request matching path_re."""
     return any(re.search(path_re, line) for line in log.splitlines() if "synapse.access.http." in line)
@@ -148,7 +161,7 @@ def test_a_homeserver_with_workers_serves_and_federates_through_them(deployed):
         started = _now()
         user = f"wanda-{RUN}"
         register(SN, user, "w pw", inv)
-        asyncio.run(_use(user, "w pw"))
+        room = asyncio.run(_use(user, "w pw"))
         converse(SN, "two.test", "workers", inv)
 
         sync, client, media = _logs("sync-1", started), _logs("client-1", started), _logs("media-1", started)
@@ -184,17 +197,23 @@ def test_a_homeserver_with_workers_serves_and_federates_through_them(deployed):
         again = _started()
         assert "sync-2" not in again and again == before, (before, again)
 
-        # a second event persister: every process loads the new stream writers, so all restart
+        # a second event persister and a stream writer: every process loads the new
+        # stream writers, so all restart
         before = _started()
-        out = _deploy(_inventory(preset="balanced", event_persister=2))
+        out = _deploy(_inventory(preset="balanced", event_persister=2, stream_writer=1))
         after = _started()
         assert f"{SN} (restart)" in out, out
-        assert "event-persister-2" in after and all(after[s] != before[s] for s in before
-                                                    if s not in ("postgres", "redis")), (before, after)
+        assert {"event-persister-2", "stream-writer-1"} <= set(after) and all(
+            after[s] != before[s] for s in before if s not in ("postgres", "redis")), (before, after)
         assert after["postgres"] == before["postgres"] and after["redis"] == before["redis"]
         asyncio.run(_sync_once(user, "w pw"))
+        started = _now()
+        asyncio.run(_typing_and_receipt(user, "w pw", room))
+        writer = _logs("stream-writer-1", started)
+        assert _served_by(writer, r"stream-writer-1 .*PUT /_matrix/client/v3/rooms/.*/typing/"), writer[-3000:]
+        assert _served_by(writer, r"stream-writer-1 .*POST /_matrix/client/v3/rooms/.*/receipt/"), writer[-3000:]
         _deploy(_inventory(preset="balanced"))  # (the same file: rewritten)
-        assert "event-persister-2" not in _started()
+        assert {"event-persister-2", "stream-writer-1"}.isdisjoint(_started())
 
         # inv check: every worker healthy, each routed kind answered by a worker of that kind
         res = run(["inv", "check", "--homeserver", SN], inv)

@@ -140,3 +140,27 @@ def test_nginx_routes_each_kind_to_its_workers_with_main_as_fallback():
 def test_split_buckets():
     assert split(["a"]) == [("*", "a")]
     assert split(["a", "b", "c"]) == [("33.33%", "a"), ("33.33%", "b"), ("*", "c")]
+
+
+def test_a_stream_writer_writes_the_single_writer_streams_and_serves_their_paths_first():
+    st = state("{stream_writer: 1, client: 1, media: 2}")
+    f = files(st)
+    shared = yaml.safe_load(f[f"{BASE}/conf.d/60-workers.yaml"].content)
+    assert shared["stream_writers"]["typing"] == ["stream-writer-1"]
+    assert set(shared["stream_writers"]) >= {"to_device", "account_data", "receipts", "presence", "push_rules"}
+    assert "device_lists" not in shared["stream_writers"]
+    assert shared["instance_map"]["stream-writer-1"] == {"host": "stream-writer-1", "port": 9093}
+    # two media workers on the one host: the first runs the media background jobs
+    assert shared["media_instance_running_background_jobs"] == "media-1" and "media-2" in shared["instance_map"]
+    text = f["/opt/matrix/reverse_proxy/nginx/conf.d/matrix.w.example.conf"].content.decode()
+    typing = text.index("location ~ ^/_matrix/client/(api/v1|r0|v3|unstable)/rooms/.*/typing")
+    tags = text.index("location ~ ^/_matrix/client/(r0|v3|unstable)/.*/account_data")
+    client_filter = text.index("location ~ ^/_matrix/client/(r0|v3|unstable)/user/.*/filter(/|$)")
+    assert typing < client_filter and tags < client_filter  # /user/<id>/account_data is the writer's
+
+
+def test_more_than_one_stream_writer_or_five_media_workers_are_refused():
+    for bad, word in (("{stream_writer: 2}", "stream_writer"), ("{media: 5}", "media")):
+        with pytest.raises(InventoryError) as exc:
+            parse(textwrap.dedent(INV % bad))
+        assert word in str(exc.value)
