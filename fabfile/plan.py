@@ -49,6 +49,10 @@ class Plan:
     nginx_reload: bool = False
     synapse_up: list[str] = field(default_factory=list)
     synapse_restart: list[str] = field(default_factory=list)
+    # server_name (or workers:<sn>, its workers here) -> the Synapse processes a
+    # restart restarts: those running before this run (a worker `up` starts now
+    # already reads the new settings)
+    restart_processes: dict[str, list[str]] = field(default_factory=dict)
     guest_up: list[str] = field(default_factory=list)  # server_names: `up` their workers' stack here
     guest_restart: list[str] = field(default_factory=list)  # server_names: restart their workers here
     guest_remove: list[str] = field(default_factory=list)  # server_names: their workers left this host
@@ -293,14 +297,17 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
         # only a new worker is missing, the others still do
         if f"synapse:{sn}:restart" in triggers and facts.running(project, "synapse"):
             plan.synapse_restart.append(sn)
+            plan.restart_processes[sn] = [p for p in state.synapse_processes(hs) if facts.running(project, p)]
     for sn, g in state.guests.items():
         project, ws = g.project, g.workers
         if not all(facts.running(project, w.name) for w in ws):
             trigger(f"workers:{sn}:stack", "its workers here are not all running")
         if f"workers:{sn}:stack" in triggers:
             plan.guest_up.append(sn)
-        if f"workers:{sn}:restart" in triggers and any(facts.running(project, w.name) for w in ws):
+        running = [w.name for w in ws if facts.running(project, w.name)]
+        if f"workers:{sn}:restart" in triggers and running:
             plan.guest_restart.append(sn)
+            plan.restart_processes[f"workers:{sn}"] = running
     for sn in sorted(facts.guests - set(state.guests)):
         plan.guest_remove.append(sn)
         plan.changes.append(Change("remove", f"{lay.guest(sn)}/", "its workers no longer run on this host"))

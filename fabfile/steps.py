@@ -221,12 +221,13 @@ def guest_up(lay, guest, why: str, only_if=None) -> Action:
     return Action(f"start the workers of {sn} here (up)", why, how, f"{sn} workers (up)", only_if)
 
 
-def guest_restart(guest, why: str) -> Action:
+def guest_restart(guest, why: str, names: list[str]) -> Action:
+    """Restart the workers of `guest` named (those that ran before this run)."""
     sn = guest.hs.server_name
 
     def how(run: Run) -> None:
-        run.log(f"{sn}: restarting its workers here")
-        ids = " ".join(docker.container(guest.project, w.name) for w in guest.workers)
+        run.log(f"{sn}: restarting its workers here ({', '.join(names)})")
+        ids = " ".join(docker.container(guest.project, name) for name in names)
         run.remote.run(f"docker restart {ids} >/dev/null", what=f"{sn}: workers restart")
         run.restarted.append(f"{sn} workers (restart)")
         if guest.project not in run.touched:
@@ -372,7 +373,8 @@ def actions(plan) -> list[Action]:
             out.append(synapse_up(lay, hs, why(f"synapse:{sn}:stack", default)))
         elif if_pulled(f"synapse:{sn}:stack"):
             out.append(synapse_up(lay, hs, "when the pull brings a new image", if_pulled(f"synapse:{sn}:stack")))
-    out += [synapse_restart(by_name[sn], why(f"synapse:{sn}:restart"), state.synapse_processes(by_name[sn]))
+    out += [synapse_restart(by_name[sn], why(f"synapse:{sn}:restart"),
+                            plan.restart_processes.get(sn) or state.synapse_processes(by_name[sn]))
             for sn in plan.synapse_restart]
     out += [guest_remove(lay, sn) for sn in plan.guest_remove]
     for sn, guest in state.guests.items():
@@ -380,7 +382,8 @@ def actions(plan) -> list[Action]:
             out.append(guest_up(lay, guest, why(f"workers:{sn}:stack", "they are not running")))
         elif if_pulled(f"workers:{sn}:stack"):
             out.append(guest_up(lay, guest, "when the pull brings a new image", if_pulled(f"workers:{sn}:stack")))
-    out += [guest_restart(state.guests[sn], why(f"workers:{sn}:restart")) for sn in plan.guest_restart]
+    out += [guest_restart(state.guests[sn], why(f"workers:{sn}:restart"), plan.restart_processes[f"workers:{sn}"])
+            for sn in plan.guest_restart]
     if plan.turn_restart:
         out.append(turn_restart(why("turn:restart")))
     out.append(wait_healthy())

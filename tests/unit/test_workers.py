@@ -164,3 +164,19 @@ def test_more_than_one_stream_writer_or_five_media_workers_are_refused():
         with pytest.raises(InventoryError) as exc:
             parse(textwrap.dedent(INV % bad))
         assert word in str(exc.value)
+
+
+def test_a_new_writer_restarts_the_processes_that_ran_before_not_itself():
+    from fabfile.facts import Container
+    from fabfile.plan import make
+    from tests.unit.test_plan import LOCAL, converged
+
+    before = state("{event_persister: 1, sync: 1}")
+    facts = converged(before)
+    for service in ("redis", "sync-1", "event-persister-1"):
+        facts.containers.append(Container("synapse-w-example", service, "running", "Up", service))
+    plan = make(state("{event_persister: 2, sync: 1}"), facts, LOCAL(before), push=True)
+    assert plan.synapse_up == ["w.example"] and plan.synapse_restart == ["w.example"]
+    restart = next(a for a in plan.actions if a.what.startswith("restart Synapse"))
+    assert plan.restart_processes["w.example"] == ["synapse", "sync-1", "event-persister-1"], restart.what
+    assert "its 2 workers" in restart.what  # event-persister-2 starts with the new settings: no restart
