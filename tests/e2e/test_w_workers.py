@@ -6,12 +6,13 @@ What a user sees: log in, sync, create a room, send, upload and download media,
 read the history, and federate with two.test (vps2). What the processes say: each
 request was served by the worker its kind names (the access log lines carry the
 listener's tag, the worker's name), the main process served no /sync, the event
-persister wrote the events, and the federation sender sent them; a stream writer
-serves typing and read receipts. Then the set
-changes: a second sync worker is started alone (nothing else restarts), removed
-again; a second event persister restarts every Synapse process (not PostgreSQL,
-not Redis); `inv check` finds every worker healthy and each routed kind served by
-its workers; a no-op deploy changes nothing.
+persister wrote the events, and the federation sender sent them. A no-op deploy
+changes nothing; a sync worker that is down is covered by the main process (and
+`inv check` says so) until a deploy starts it again. Then the set changes: a second
+sync worker is started alone (nothing else restarts), removed again; a second
+event persister and a stream writer restart every Synapse process (not PostgreSQL,
+not Redis), and the stream writer serves typing and read receipts; `inv check`
+finds every worker healthy and each routed kind served by its workers.
 
 Then the client worker and the federation sender move to vps3 (workers.hosts): they
 run there with copies of five.test's keys and secrets, reach main, PostgreSQL and
@@ -183,6 +184,18 @@ def test_a_homeserver_with_workers_serves_and_federates_through_them(deployed):
         # nothing changed: nothing changes
         res = run(["inv", "deploy", "--host", "vps1"], inv)
         assert res.returncode == 0 and "vps1: 0 changed" in res.stdout and "restarted 0" in res.stdout, res.stdout
+
+        # a sync worker that is down: its users' syncs go to the main process, and check says so
+        on_host("vps1", f"docker stop {PROJECT}-sync-1-1 >/dev/null")
+        since = _now()
+        asyncio.run(_sync_once(user, "w pw"))
+        assert _served_by(_logs("synapse", since), r"GET /_matrix/client/v3/sync")
+        res = run(["inv", "check", "--homeserver", SN], inv)
+        assert res.returncode == 1, res.stdout
+        assert re.search(rf"^FAIL +{SN} +worker sync-1 healthy +(exited|unhealthy)", res.stdout, re.M), res.stdout
+        assert re.search(rf"^FAIL +{SN} +sync request reaches a sync worker +no sync worker", res.stdout, re.M)
+        out = _deploy(inv)  # the deploy sees it stopped and starts it
+        assert f"{SN} (up)" in out and "sync-1" in _started()
 
         # a second sync worker: it alone starts, nginx reloads, nothing restarts
         before = _started()
