@@ -126,3 +126,10 @@ def test_chains_and_overlapping_ports_are_refused():
         "  v.example:\n    host: other\n    workers: {sync: 1, hosts: {sync: helper}, port_base: 7200}\n")
     with pytest.raises(InventoryError, match="overlap"):
         parse(overlap)
+
+
+def test_a_deploy_of_a_homeserver_includes_the_hosts_of_its_workers():
+    from fabfile.deploy import select_hosts
+    assert select_hosts(inv(), None, ["w.example"]) == ["web", "helper"]
+    assert select_hosts(inv(), None, None) == ["web", "helper"]  # helper has no homeserver of its own
+    assert select_hosts(inv("{preset: balanced}"), None, None) == ["web"]
