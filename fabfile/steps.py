@@ -109,7 +109,7 @@ def write(plan, owed: list[str], reload_confs: list[str]) -> Action:
                       RemoteFile(f"{lay.certs(sn)}/privkey.pem", key, 0o600, secret=HIDDEN)]
         lines = ["set -e"]
         if owed:
-            lines.append(f"mkdir -p {shlex.quote(lay.base)} && printf '%s\\n' {' '.join(owed)} "
+            lines.append(f"mkdir -p {shlex.quote(lay.base)} && printf '%s\\n' {' '.join(map(shlex.quote, owed))} "
                          f">> {shlex.quote(lay.pending)}")
         for d in plan.dirs:
             p = shlex.quote(d.path)
@@ -350,7 +350,10 @@ def actions(plan) -> list[Action]:
     conf_d = f"{lay.nginx_conf_d}/"
     reload_confs = ([f.path for f in plan.files if f.trigger == "proxy:reload"]
                     + [p for p in plan.remove if p.startswith(conf_d)]) if plan.nginx_reload else []
-    owed = sorted(t for t in plan.triggers if t.split(":")[0] in ("proxy", "synapse", "firewall", "turn", "workers"))
+    # every action a change implies is journaled before the files are written: a run
+    # killed after the write owes it (an Element release, a certificate for new names,
+    # a reloaded timer, ...), and the next run's plan finds it in the journal
+    owed = sorted(plan.triggers)
     if (plan.dirs or plan.files or plan.remove or plan.secrets or plan.chown_data or plan.placeholder_certs or owed
             or plan.turn_secret):
         out.append(write(plan, owed, reload_confs))

@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 
-from fabfile import facts as facts_mod
+from fabfile import facts as facts_mod, steps
 from fabfile.facts import Container, Facts, Stat
 from fabfile.inventory import parse
 from fabfile.plan import applicable, make, sha256
@@ -353,3 +353,35 @@ def test_a_deploy_keeps_the_running_synapse_image_and_an_upgrade_pin_moves_it():
     assert notes == []
     plan = make(render_host(INV, "web", keep_synapse=keep), facts, LOCAL(state), push=True)
     assert plan.synapse_up == ["one.example"]
+
+
+def test_a_run_killed_after_its_write_leaves_every_implied_action_owed():
+    # found by the 100-sequence convergence run: an Element version written, the run
+    # killed before the install, and the next run saw nothing left to do
+    inv = parse(textwrap.dedent("""
+        hosts:
+          web: {address: 203.0.113.10, images: push}
+        homeservers:
+          one.example: {host: web, element: {enabled: true, hostname: element.one.example, version: "1.11.1"}}
+    """))
+    state = render_host(inv, "web")
+    facts = converged(state)
+    site = "/opt/matrix/reverse_proxy/element/element.one.example"
+    facts.element[site] = "releases/1.11.0"
+    facts.hashes[f"{site}/wanted-version"] = "the old version's"
+    plan = make(state, facts, LOCAL(state), push=True)
+    assert plan.element_install == ["element.one.example"]
+    write = next(a for a in plan.actions if a.what.startswith("write"))
+
+    class Script:  # what the write step would send (nothing is sent)
+        def run(self, script, **kw):
+            self.text = script
+    sent = Script()
+    write.how(steps.Run(sent, log=lambda m: None, compose="docker compose"))
+    journal = next(line for line in sent.text.splitlines() if "-pending" in line)
+    assert "element:element.one.example" in journal, journal
+    # the next run, after the kill: the file is new, the journal says what is owed
+    facts = converged(state)
+    facts.element[site] = "releases/1.11.0"
+    facts.pending = {"element:element.one.example"}
+    assert make(state, facts, LOCAL(state), push=True).element_install == ["element.one.example"]
