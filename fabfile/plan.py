@@ -56,6 +56,7 @@ class Plan:
     guest_up: list[str] = field(default_factory=list)  # server_names: `up` their workers' stack here
     guest_restart: list[str] = field(default_factory=list)  # server_names: restart their workers here
     guest_remove: list[str] = field(default_factory=list)  # server_names: their workers left this host
+    certbot_leftovers: bool = False  # certbot containers of certificate runs that died (a cut SSH session)
     engine_start: bool = False
     turn_secret: bool = False  # the host's TURN shared secret is to be made
     turn_restart: bool = False  # coturn's config or secret changed while it runs
@@ -71,7 +72,7 @@ class Plan:
             or self.pending_done
             or self.element_install or self.proxy_up or self.nginx_reload
             or self.synapse_up or self.synapse_restart or self.engine_start or self.firewall
-            or self.guest_up or self.guest_restart or self.guest_remove
+            or self.guest_up or self.guest_restart or self.guest_remove or self.certbot_leftovers
             or self.turn_secret or self.turn_restart
         )
 
@@ -227,6 +228,10 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
         for hs in state.homeservers:
             trigger(f"synapse:{hs.server_name}:restart", "a new TURN shared secret")
 
+    if state.acme and state.certificates and any(c.project == PROXY_PROJECT and c.service == "certbot"
+                                                 for c in facts.containers):
+        plan.certbot_leftovers = True
+        plan.changes.append(Change("remove", "certbot container", "left by a certificate run that died"))
     if state.acme:
         for sn in state.certificates:
             pending = lay.acme_live(sn) not in facts.stats

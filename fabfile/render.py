@@ -466,7 +466,7 @@ def render_host(
             )
         )
     if inv.acme.enabled and certificates:
-        add(lay.bin("renew-certificates"), "reverse_proxy/bin/renew-certificates.j2", mode=0o755,
+        add(lay.bin("renew-certificates"), "reverse_proxy/bin/renew-certificates.j2", mode=0o755, project=PROXY_PROJECT,
             proxy_dir=lay.proxy, cert_names=sorted(certificates), turn=turn)
         files += _periodic("synapse-fabric-certificates", proxy_dir=lay.proxy)
     if host.firewall.enabled:

@@ -272,6 +272,14 @@ def install_cert(lay, sn: str) -> Action:
     return Action(f"install certbot's certificate of {sn}", "nginx serves another one", how)
 
 
+def certbot_leftovers(lay) -> Action:
+    def how(run: Run) -> None:
+        run.log("removing the certbot container a certificate run that died left")
+        run.remote.run(f"{proxy.certificates_program(lay)} --leftovers", what="certbot leftovers", timeout=900)
+    return Action("remove certbot containers left by a certificate run that died",
+                  "`run --rm` could not remove them", how)
+
+
 def issue_cert(lay, sn: str, names: list[str], acme) -> Action:
     def how(run: Run) -> None:
         run.log(f"{sn}: asking the ACME CA ({acme.directory}) for a certificate")
@@ -390,6 +398,8 @@ def actions(plan) -> list[Action]:
     if plan.turn_restart:
         out.append(turn_restart(why("turn:restart")))
     out.append(wait_healthy())
+    if plan.certbot_leftovers:
+        out.append(certbot_leftovers(lay))
     out += [install_cert(lay, sn) for sn in plan.install_cert]
     out += [issue_cert(lay, sn, list(state.certificates[sn]), state.acme) for sn in plan.issue]
     if plan.install_cert or plan.issue:

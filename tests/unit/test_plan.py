@@ -385,3 +385,15 @@ def test_a_run_killed_after_its_write_leaves_every_implied_action_owed():
     facts.element[site] = "releases/1.11.0"
     facts.pending = {"element:element.one.example"}
     assert make(state, facts, LOCAL(state), push=True).element_install == ["element.one.example"]
+
+
+def test_a_certbot_container_left_by_a_run_that_died_is_removed():
+    # found by the 100-sequence convergence run: a deploy cut while certbot ran left
+    # its `run --rm` container (the client that removes it died with the session)
+    state = render_host(INV, "web")
+    facts = converged(state)
+    assert make(state, facts, LOCAL(state), push=True).empty
+    facts.containers.append(Container(PROXY_PROJECT, "certbot", "exited", "Exited (0)", "d", "certbot/certbot"))
+    plan = make(state, facts, LOCAL(state), push=True)
+    assert plan.certbot_leftovers and any(a.what.startswith("remove certbot containers") for a in plan.actions)
+    assert "--leftovers" in state.file("/opt/matrix/reverse_proxy/bin/renew-certificates").content.decode()
