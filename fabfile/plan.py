@@ -56,6 +56,9 @@ class Plan:
     guest_up: list[str] = field(default_factory=list)  # server_names: `up` their workers' stack here
     guest_restart: list[str] = field(default_factory=list)  # server_names: restart their workers here
     guest_remove: list[str] = field(default_factory=list)  # server_names: their workers left this host
+    # server_name -> its workers this run starts here that may run on another host of
+    # the private network (a move): stopped there first
+    starting_workers: dict[str, list[str]] = field(default_factory=dict)
     certbot_leftovers: bool = False  # certbot containers of certificate runs that died (a cut SSH session)
     engine_start: bool = False
     turn_secret: bool = False  # the host's TURN shared secret is to be made
@@ -298,6 +301,10 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
             trigger(f"synapse:{sn}:stack", "its data was not owned by 991:991")
         if f"synapse:{sn}:stack" in triggers:
             plan.synapse_up.append(sn)
+            starting = [w.name for w in state.workers.get(sn, [])
+                        if w.host == hs.host and not facts.running(project, w.name)]
+            if starting and _private_peers(state):
+                plan.starting_workers[sn] = starting
         # a restart is owed by the processes that run with the old settings: when
         # only a new worker is missing, the others still do
         if f"synapse:{sn}:restart" in triggers and facts.running(project, "synapse"):
@@ -309,6 +316,9 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
             trigger(f"workers:{sn}:stack", "its workers here are not all running")
         if f"workers:{sn}:stack" in triggers:
             plan.guest_up.append(sn)
+            starting = [w.name for w in ws if not facts.running(project, w.name)]
+            if starting:
+                plan.starting_workers[sn] = starting
         running = [w.name for w in ws if facts.running(project, w.name)]
         if f"workers:{sn}:restart" in triggers and running:
             plan.guest_restart.append(sn)
@@ -318,3 +328,9 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
         plan.changes.append(Change("remove", f"{lay.guest(sn)}/", "its workers no longer run on this host"))
     plan.actions = steps.actions(plan)
     return plan
+
+
+def _private_peers(state: DesiredState) -> bool:
+    """Whether this host is on a private network with others: only then can a
+    worker it starts have run elsewhere before."""
+    return bool(state.host.private_address)

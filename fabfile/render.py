@@ -581,7 +581,9 @@ def render_host(
                "postgres_image": postgres_images[sn], "synapse_image": synapse_images[sn],
                "hs_network": synapse_network(hs), "turn": turn, "workers": [], "redis_image": images["redis"],
                "replication_listener": workers_mod.main_replication_listener() if hs_workers else None,
-               "publish": _published(hs, host_name, private), "db": ("postgres", 5432), "guest": False}
+               "publish": _published(hs, host_name, private), "db": ("postgres", 5432), "guest": False,
+               # Redis, the secrets, egress: every homeserver with workers, even all elsewhere
+               "has_workers": bool(hs_workers)}
         dirs += [
             RemoteDir(root),
             RemoteDir(lay.data(sn), 0o750, SYNAPSE_UID),

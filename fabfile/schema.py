@@ -230,7 +230,7 @@ class Host(_Model):
         if v is None:
             return v
         addr = ipaddress.ip_address(v)
-        if not addr.is_private or addr.is_loopback:
+        if not addr.is_private or addr.is_loopback or addr.is_unspecified or addr.is_link_local or addr.is_reserved:
             raise ValueError(f"{v!r} is not an address of a private network (10/8, 172.16/12, 192.168/16, fc00::/7)")
         return str(addr)
 

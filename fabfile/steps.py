@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from . import docker, element, proxy, synapse, turn
-from .errors import RemoteError
+from .errors import RemoteError, SfabError
 from .layout import FIREWALL_DIR, SYSTEMD_DIR
 from .shell import program
 from .render import HIDDEN, PROXY_PROJECT, RemoteFile, synapse_project
@@ -208,6 +208,35 @@ def synapse_restart(hs, why: str, processes: list[str]) -> Action:
     return Action(f"restart {what} of {sn}", why, how, f"{sn} (restart)")
 
 
+def stop_elsewhere(hs, names: list[str], here: str) -> Action:
+    """Before workers start on this host: the same workers on the other hosts of
+    the private network (where they ran before a move) are stopped, so no worker
+    ever runs twice under one name. A host that cannot be reached is reported."""
+    from .remote import open_remote
+    from .render import guest_project
+
+    def how(run: Run) -> None:
+        inv = run.remote.inv
+        for name, host in inv.hosts.items():
+            if name == here or not host.private_address:
+                continue
+            try:
+                other = open_remote(inv, host)
+                try:
+                    out = other.run(program("stop-workers.sh", project=guest_project(hs), names=" ".join(names)),
+                                    what=f"{hs.server_name}: stop moved workers").out.split()
+                finally:
+                    other.close()
+            except SfabError as exc:
+                run.log(f"{hs.server_name}: could not reach {name} to stop {', '.join(names)} there, where they "
+                        f"may have run before ({str(exc).splitlines()[0]})")
+                continue
+            if out:
+                run.log(f"{hs.server_name}: stopped {', '.join(out)} on {name} (they run here now)")
+    return Action(f"stop {', '.join(names)} of {hs.server_name} on the other hosts if they run there",
+                  "they start here", how)
+
+
 def guest_up(lay, guest, why: str, only_if=None) -> Action:
     """`up` the stack of another host's homeserver's workers on this host."""
     sn = guest.hs.server_name
@@ -275,7 +304,7 @@ def install_cert(lay, sn: str) -> Action:
 def certbot_leftovers(lay) -> Action:
     def how(run: Run) -> None:
         run.log("removing the certbot container a certificate run that died left")
-        run.remote.run(f"{proxy.certificates_program(lay)} --leftovers", what="certbot leftovers", timeout=900)
+        run.remote.run(f"{proxy.certificates_program(lay)} --leftovers", what="certbot leftovers", timeout=1200)
     return Action("remove certbot containers left by a certificate run that died",
                   "`run --rm` could not remove them", how)
 
@@ -378,6 +407,9 @@ def actions(plan) -> list[Action]:
     elif if_pulled("proxy:stack"):
         out.append(proxy_up(lay, "when the pull brings a new nginx image", if_pulled("proxy:stack")))
     out += [generate(lay, by_name[sn]) for sn in plan.generate]
+    for sn, names in plan.starting_workers.items():
+        hs = by_name[sn] if sn in by_name else state.guests[sn].hs
+        out.append(stop_elsewhere(hs, names, state.host.name))
     for sn, hs in by_name.items():
         if sn in plan.synapse_up:
             default = "its data is not owned by 991:991" if sn in plan.chown_data else "it is not running"

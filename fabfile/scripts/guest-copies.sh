@@ -20,6 +20,7 @@ emit "$server_name.signing.key" "$data/$server_name.signing.key"
 if [ -s "$data/$server_name.log.config" ]; then emit "$server_name.log.config" "$data/$server_name.log.config"; fi
 for name in postgres_password replication_secret redis_password; do emit "$name" "$secrets/$name"; done
 if [ -n "$turn_secret" ] && [ -s "$turn_secret" ]; then emit turn_shared_secret "$turn_secret"; fi
-id=$(docker ps -q --filter "label=com.docker.compose.project=$project" \
+# (a stopped main too: its workers must not start another version meanwhile)
+id=$(docker ps -aq --filter "label=com.docker.compose.project=$project" \
   --filter label=com.docker.compose.service=synapse | head -n 1)
 if [ -n "$id" ]; then printf 'I\t%s\n' "$(docker inspect -f '{{.Config.Image}}' "$id")"; fi

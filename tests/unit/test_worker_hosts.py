@@ -133,3 +133,38 @@ def test_a_deploy_of_a_homeserver_includes_the_hosts_of_its_workers():
     assert select_hosts(inv(), None, ["w.example"]) == ["web", "helper"]
     assert select_hosts(inv(), None, None) == ["web", "helper"]  # helper has no homeserver of its own
     assert select_hosts(inv("{preset: balanced}"), None, None) == ["web"]
+
+
+def test_with_every_worker_elsewhere_main_still_has_redis_and_the_secrets():
+    st = render_host(inv("{federation_sender: 1, sync: 1, hosts: {federation_sender: helper, sync: helper}}"), "web")
+    stack = yaml.safe_load(files(st)[f"{MAIN}/docker-compose.yml"].content)["services"]
+    assert "redis" in stack and "redis" in stack["synapse"]["depends_on"]
+    assert "./secrets/replication_secret:/run/secrets/replication_secret:ro" in stack["synapse"]["volumes"]
+    assert st.synapse_services(st.homeservers[0]) == ["synapse", "postgres", "redis"]
+
+
+def test_containers_of_the_same_host_cannot_use_the_published_ports():
+    web = files(render_host(inv(), "web"))["/etc/synapse-fabric/firewall/rules.v4"].content.decode()
+    reject = "-A SFAB-FORWARD -i br-+ -p tcp -m conntrack --ctorigdst 10.0.0.10 --ctorigdstport 7100 -j REJECT"
+    assert reject in web and web.index(reject) < web.index("-A SFAB-FORWARD -i br-+ -j RETURN")
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "169.254.1.1", "fe80::1", "::"])
+def test_a_private_address_that_is_no_host_address_is_refused(address):
+    with pytest.raises(InventoryError, match="private_address"):
+        parse(textwrap.dedent(INV % "{}").replace("10.0.0.12", f'"{address}"'))
+
+
+def test_workers_about_to_start_are_first_stopped_where_they_ran_before_a_move():
+    from fabfile.facts import Container
+    st = render_host(inv("{sync: 1, event_persister: 1, hosts: {sync: helper}}"), "web")
+    facts = Facts(docker=True, engine="27", compose="v2",
+                  containers=[Container("synapse-w-example", "synapse", "running", "Up", "a")])
+    plan = make(st, facts, {}, push=False)
+    assert plan.starting_workers == {"w.example": ["event-persister-1"]}  # it may have run on helper
+    stop = [a for a in plan.actions if a.what.startswith("stop event-persister-1")]
+    up = [a for a in plan.actions if a.what.startswith("start the stack of w.example")]
+    assert stop and up and plan.actions.index(stop[0]) < plan.actions.index(up[0])
+    guest = make(render_host(inv("{sync: 1, hosts: {sync: helper}}"), "helper"), Facts(docker=True, engine="27",
+                                                                                       compose="v2"), {}, push=False)
+    assert guest.starting_workers == {"w.example": ["sync-1"]}
