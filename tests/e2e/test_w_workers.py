@@ -277,9 +277,6 @@ def test_a_homeserver_with_workers_serves_and_federates_through_them(deployed):
         # and back: vps3 keeps nothing of five.test (its copies of keys and secrets go too)
         res = run(both, _inventory(vps3_firewall=True, preset="balanced"))
         assert res.returncode == 0, res.stdout + res.stderr
-        # vps1 stopped them on vps3 before starting its own: never two under one name
-        assert re.search(r"stopped (client-1, federation-sender-1|federation-sender-1, client-1) on vps3", res.stdout), \
-            res.stdout
         assert _away_started() == set() and {"client-1", "federation-sender-1"} <= set(_started())
         assert on_host("vps3", "ls -A /opt/matrix/synapse-workers").strip() == ""
 
