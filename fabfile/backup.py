@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Optional
 from .errors import SfabError, TaskError
 from .inventory import Homeserver, Host, Inventory
 from .layout import BACKUP_ENV, BACKUP_PASSWORD, Layout
-from .remote import Remote, locked, open_remote
+from .remote import Remote, locked, session
 from .render import synapse_project
 from .shell import program
 
@@ -207,11 +207,8 @@ def newest(inv: Inventory, servers: list[Homeserver]) -> dict[str, Optional[Snap
                             f'--host {hs.server_name} --tag "{tag(hs)}" | jq -c \'sort_by(.time) | last\'\n'
                             for hs in group))
         try:
-            remote = open_remote(inv, inv.hosts[host_name])
-            try:
+            with session(inv, inv.hosts[host_name]) as remote:
                 res = remote.run(script, check=False, what="newest snapshots")
-            finally:
-                remote.close()
         except SfabError as exc:
             found.update({hs.server_name: str(exc).splitlines()[0] for hs in group})
             continue

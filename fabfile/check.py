@@ -266,7 +266,7 @@ def turn_rows(inv: Inventory, servers: list[Homeserver]) -> list[Row]:
     real relay allocated with them from this machine, over UDP (3478) and over TLS
     (5349, the certificate checked against the name)."""
     from . import admin, turn
-    from .remote import open_remote
+    from .remote import session
     from .errors import SfabError
 
     rows = []
@@ -277,12 +277,9 @@ def turn_rows(inv: Inventory, servers: list[Homeserver]) -> list[Row]:
         creds, problems = None, []
         for _ in range(2):  # once more after a failure: a container restarting is not a broken TURN
             try:
-                remote = open_remote(inv, host)
-                try:
+                with session(inv, host) as remote:
                     creds = admin.call(remote, hs, "GET", "/_matrix/client/v3/voip/turnServer")
-                    break
-                finally:
-                    remote.close()
+                break
             except SfabError as exc:
                 problems.append(" | ".join(line.strip() for line in str(exc).splitlines() if line.strip())[-400:])
                 time.sleep(2)
@@ -332,7 +329,7 @@ def worker_rows(inv: Inventory, servers: list[Homeserver]) -> list[Row]:
 
     from . import workers as workers_mod
     from .errors import SfabError
-    from .remote import open_remote
+    from .remote import session
     from .render import guest_project, synapse_project
     from .shell import program
 
@@ -361,11 +358,8 @@ def worker_rows(inv: Inventory, servers: list[Homeserver]) -> list[Row]:
                              workers=" ".join(w.name for w in here),
                              http=" ".join(w.name for w in here if w.serves_http))
             try:
-                remote = open_remote(inv, inv.hosts[host])
-                try:
+                with session(inv, inv.hosts[host]) as remote:
                     out += remote.run(script, what=f"{hs.server_name}: workers on {host}").out
-                finally:
-                    remote.close()
             except SfabError as exc:
                 rows.append(Row(hs.server_name, f"workers on {host}", False, str(exc).splitlines()[0]))
         health, seen = {}, {}

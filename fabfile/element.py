@@ -10,7 +10,7 @@ from typing import Callable
 
 from .errors import TaskError
 from .inventory import Inventory
-from .remote import open_remote
+from .remote import session
 from .layout import Layout
 
 
@@ -38,9 +38,6 @@ def element_update(inv: Inventory, host: str | None, version: str | None, check:
         names = [host]
     for name in names:
         h = inv.hosts[name]
-        remote = open_remote(inv, h)
-        try:
+        with session(inv, h) as remote:
             remote.run(update_script(Layout(h.base_dir), *flags), what="element-update", timeout=900,
                        on_stdout=lambda line, name=name: out(f"{name}: {line}"))
-        finally:
-            remote.close()

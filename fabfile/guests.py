@@ -16,7 +16,7 @@ from . import workers as workers_mod
 from .errors import RemoteError
 from .inventory import Homeserver, Inventory
 from .layout import Layout
-from .remote import open_remote
+from .remote import session
 from .render import synapse_project
 from .shell import program
 
@@ -27,13 +27,10 @@ def read_copies(inv: Inventory, hs: Homeserver) -> dict:
     host = inv.hosts[hs.host]
     lay = Layout(host.base_dir)
     turn = lay.turn_secret if host.turn.enabled else ""
-    remote = open_remote(inv, host)
-    try:
+    with session(inv, host) as remote:
         out = remote.run(program("guest-copies.sh", data=lay.data(hs.server_name), secrets=lay.secrets(hs.server_name),
                                  server_name=hs.server_name, turn_secret=turn, project=synapse_project(hs)),
                          what=f"{hs.server_name}: read what its workers elsewhere need").out
-    finally:
-        remote.close()
     copies: dict = {"files": {}, "image": ""}
     for line in out.splitlines():
         kind, _, rest = line.partition("\t")

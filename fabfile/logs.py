@@ -11,7 +11,7 @@ from typing import Callable
 from .docker import container
 from .errors import TaskError
 from .inventory import Inventory
-from .remote import open_remote
+from .remote import session
 from .render import PROXY_PROJECT, admin_ui_service, synapse_project
 
 SERVICES = ("synapse", "postgres", "nginx", "admin-ui")
@@ -37,9 +37,6 @@ def logs(inv: Inventory, homeserver: str, service: str, since: str, tail: int, f
     script = (f"c={container(project, service)}\n"
               f'if [ -z "$c" ]; then echo "{service} of {hs.server_name} is not running on this host" >&2; exit 4; fi\n'
               f'exec docker logs {" ".join(shlex.quote(f) for f in flags)} "$c" 2>&1\n')
-    remote = open_remote(inv, inv.hosts[hs.host])
-    try:
+    with session(inv, inv.hosts[hs.host]) as remote:
         remote.run(script, what=f"{hs.server_name}: {service} logs", on_stdout=out,
                    timeout=30 * 24 * 3600 if follow else 300)
-    finally:
-        remote.close()

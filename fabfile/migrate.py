@@ -39,7 +39,7 @@ from .errors import TaskError
 from .converge import HostResult, converge
 from .deploy import local_images
 from .inventory import Homeserver, Inventory, rewrite
-from .remote import Remote, RemoteError, locked, open_remote
+from .remote import Remote, RemoteError, locked, open_remote, session
 from .docker import COMPOSE_FN, container
 from .layout import Layout
 from .render import render_host, synapse_project
@@ -289,11 +289,8 @@ def record_in_inventory(path: Path, sn: str, to: str, migrated_from: str | None)
 def migrate(inv: Inventory, sn: str, to: str | None, dry_run: bool, abort: bool, log) -> None:
     hs = inv.homeserver(sn)
     refuse_remote(hs, "inv migrate-host")
-    src_probe = open_remote(inv, inv.hosts[hs.host])
-    try:
+    with session(inv, inv.hosts[hs.host]) as src_probe:
         marked_to, phase = read_phase(src_probe, Layout(inv.hosts[hs.host].base_dir), hs.server_name)
-    finally:
-        src_probe.close()
     if marked_to and to and to != marked_to:
         raise TaskError(f"a migration of {sn} to {marked_to} is in progress (done: {phase}); "
                         f"re-run with --to {marked_to} to finish it, or --abort")

@@ -303,7 +303,8 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
             plan.synapse_up.append(sn)
             starting = [w.name for w in state.workers.get(sn, [])
                         if w.host == hs.host and not facts.running(project, w.name)]
-            if starting and _private_peers(state):
+            # only a host on a private network can start a worker that ran elsewhere before
+            if starting and state.host.private_address:
                 plan.starting_workers[sn] = starting
         # a restart is owed by the processes that run with the old settings: when
         # only a new worker is missing, the others still do
@@ -329,8 +330,3 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
     plan.actions = steps.actions(plan)
     return plan
 
-
-def _private_peers(state: DesiredState) -> bool:
-    """Whether this host is on a private network with others: only then can a
-    worker it starts have run elsewhere before."""
-    return bool(state.host.private_address)

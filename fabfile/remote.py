@@ -320,14 +320,22 @@ def connect(inv: Inventory, host: Host) -> Remote:
 
 
 @contextlib.contextmanager
-def locked(inv: Inventory, host: Host) -> Iterator[Remote]:
-    """An open Remote holding the host's run lock, closed (and unlocked) after."""
+def session(inv: Inventory, host: Host) -> Iterator[Remote]:
+    """An open Remote without the run lock (for reads, and for programs that take
+    their own lock on the host), closed after."""
     remote = open_remote(inv, host)
     try:
-        remote.lock(inv.ssh.lock_timeout)
         yield remote
     finally:
         remote.close()
+
+
+@contextlib.contextmanager
+def locked(inv: Inventory, host: Host) -> Iterator[Remote]:
+    """An open Remote holding the host's run lock, closed (and unlocked) after."""
+    with session(inv, host) as remote:
+        remote.lock(inv.ssh.lock_timeout)
+        yield remote
 
 
 def open_remote(inv: Inventory, host: Host) -> Remote:

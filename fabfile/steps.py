@@ -212,7 +212,7 @@ def stop_elsewhere(hs, names: list[str], here: str) -> Action:
     """Before workers start on this host: the same workers on the other hosts of
     the private network (where they ran before a move) are stopped, so no worker
     ever runs twice under one name. A host that cannot be reached is reported."""
-    from .remote import open_remote
+    from .remote import session
     from .render import guest_project
 
     def how(run: Run) -> None:
@@ -221,12 +221,9 @@ def stop_elsewhere(hs, names: list[str], here: str) -> Action:
             if name == here or not host.private_address:
                 continue
             try:
-                other = open_remote(inv, host)
-                try:
+                with session(inv, host) as other:
                     out = other.run(program("stop-workers.sh", project=guest_project(hs), names=" ".join(names)),
                                     what=f"{hs.server_name}: stop moved workers").out.split()
-                finally:
-                    other.close()
             except SfabError as exc:
                 run.log(f"{hs.server_name}: could not reach {name} to stop {', '.join(names)} there, where they "
                         f"may have run before ({str(exc).splitlines()[0]})")
