@@ -141,6 +141,9 @@ def cert_paths(state: DesiredState) -> list[str]:
 
 
 MARKER = "Managed by synapse-fabric"
+# starts a section of the facts' output whose lines are records of the kind after
+# it (no record starts with it: records start with their kind, paths with "/")
+SECTION = "#"
 
 
 def element_sites(state: DesiredState) -> dict[str, str]:
@@ -203,35 +206,45 @@ def script(state: DesiredState) -> str:
     stat_paths = [d.path for d in state.dirs] + files + extra
     q = lambda paths: " ".join(shlex.quote(p) for p in paths)  # noqa: E731
     uid, gid = SYNAPSE_UID.split(":")
+    # Few processes: a no-op deploy of many hosts pays each host's fork+exec of every
+    # helper. Shell builtins (read, printf, parameter expansion) do the small parts;
+    # the outputs of grep and sha256sum are sections (a SECTION line names their kind).
+    data_dirs = {state.layout.data(hs.server_name): hs.server_name for hs in state.homeservers}
     on_disk = [
+        f"printf '{SECTION}M\\n'",
         f"grep -l -s -m 1 {shlex.quote(MARKER)} -- "
-        + " ".join(f"{shlex.quote(d)}/*" for d in managed_dirs(state))
-        + " 2>/dev/null | sed 's/^/M\t/'",
-        f"find {q(owned_dirs(state))} -maxdepth 1 -type f 2>/dev/null | sed 's/^/M\t/'",
+        + " ".join(f"{shlex.quote(d)}/*" for d in managed_dirs(state)) + " 2>/dev/null",
+        f"printf '{SECTION}H\\n'",
+        f"sha256sum -- {q(files + certs)} 2>/dev/null",
+        f"printf '{SECTION}\\n'",
+        f"find {q(owned_dirs(state))} -maxdepth 1 -type f -printf 'M\\t%p\\n' 2>/dev/null",
         f"sed 's/^/P\t/' {shlex.quote(state.layout.pending)} 2>/dev/null",
         *(f"printf 'L\t%s\t%s\n' {shlex.quote(d)} \"$(readlink {shlex.quote(d + '/current')})\""
           for d in element_sites(state)),
         f"stat -c 'S\t%n\t%F\t%a\t%u:%g' -- {q(stat_paths)} 2>/dev/null",
-        f"sha256sum -- {q(files + certs)} 2>/dev/null | sed 's/^\\([0-9a-f]*\\)  /H\\t\\1\\t/'",
-        "printf '1\\t%s\\n' \"$(cat /proc/1/comm 2>/dev/null)\"",
-        *(f"printf 'V\\t%s\\t%s\\n' {shlex.quote(hs.server_name)} \"$(cat {shlex.quote(state.layout.pg_version(hs.server_name))} 2>/dev/null)\""
+        "c=; { read -r c </proc/1/comm; } 2>/dev/null; printf '1\\t%s\\n' \"$c\"",
+        *(f"v=; {{ read -r v <{shlex.quote(state.layout.pg_version(hs.server_name))}; }} 2>/dev/null; "
+          f"printf 'V\\t%s\\t%s\\n' {shlex.quote(hs.server_name)} \"$v\""
           for hs in state.homeservers),
         f"for f in {shlex.quote(state.layout.base)}/synapse/*/docker-compose.yml; do [ -f \"$f\" ] && "
-        "printf 'G\\t%s\\n' \"$(basename \"$(dirname \"$f\")\")\"; done",
+        "{ d=${f%/*}; printf 'G\\t%s\\n' \"${d##*/}\"; }; done",
         f"for f in {shlex.quote(state.layout.base)}/synapse-workers/*/docker-compose.yml; do [ -f \"$f\" ] && "
-        "printf 'Q\\t%s\\n' \"$(basename \"$(dirname \"$f\")\")\"; done",
+        "{ d=${f%/*}; printf 'Q\\t%s\\n' \"${d##*/}\"; }; done",
         f"for f in {shlex.quote(state.layout.handed_over_dir)}/*; do [ -f \"$f\" ] && "
-        "printf 'X\\t%s\\t%s\\n' \"$(basename \"$f\")\" \"$(tr '\\n\\t' '  ' < \"$f\")\"; done",
+        "printf 'X\\t%s\\t%s\\n' \"${f##*/}\" \"$(tr '\\n\\t' '  ' < \"$f\")\"; done",
         f"for f in {shlex.quote(state.layout.uninstalled_dir)}/*; do [ -f \"$f\" ] && "
-        "printf 'U\\t%s\\t%s\\n' \"$(basename \"$f\")\" \"$(tr '\\n\\t' '  ' < \"$f\")\"; done",
+        "printf 'U\\t%s\\t%s\\n' \"${f##*/}\" \"$(tr '\\n\\t' '  ' < \"$f\")\"; done",
         *(f"[ -f {shlex.quote(state.layout.migration_state(hs.server_name))} ] && printf 'R\\t%s\\t%s\\n' "
           f"{shlex.quote(hs.server_name)} \"$(tr '\\n\\t' '  ' < {shlex.quote(state.layout.migration_state(hs.server_name))})\""
           for hs in state.homeservers),
-        f"b=$(cat {BASE_RECORD} 2>/dev/null) && [ -n \"$b\" ] && "
-        "printf 'W\\t%s\\t%s\\n' \"$b\" \"$(ls -A \"$b/synapse\" 2>/dev/null | tr '\\n' ' ')\"",
-        *(f"[ -d {shlex.quote(state.layout.data(hs.server_name))} ] && find {shlex.quote(state.layout.data(hs.server_name))} "
-          f"-maxdepth 2 \\( ! -uid {uid} -o ! -gid {gid} \\) -printf 'O\\t{hs.server_name}\\t%p\\n' -quit"
-          for hs in state.homeservers),
+        # the base_dir recorded on this host, and what its synapse/ holds (ls -A, by globs)
+        f"b=; {{ read -r b <{BASE_RECORD}; }} 2>/dev/null; [ -n \"$b\" ] && {{ l=; "
+        "for e in \"$b\"/synapse/* \"$b\"/synapse/.[!.]* \"$b\"/synapse/..?*; do "
+        "if [ -e \"$e\" ] || [ -L \"$e\" ]; then l=\"$l ${e##*/}\"; fi; done; "
+        "printf 'W\\t%s\\t%s\\n' \"$b\" \"$l\"; }",
+        # data not owned by 991:991: one find for every homeserver (%H: which one)
+        *([f"find {q(data_dirs)} -maxdepth 2 \\( ! -uid {uid} -o ! -gid {gid} \\) "
+           "-printf 'O\\t%H\\t%p\\n' 2>/dev/null"] if data_dirs else []),
     ]
     # one systemctl for every timer: its enabled and active states, a T record each
     systemd = ([f"[ \"$(cat /proc/1/comm)\" = systemd ] && systemctl show -p Id -p UnitFileState -p ActiveState "
@@ -247,9 +260,20 @@ def script(state: DesiredState) -> str:
     return "\n".join(out) + "\n"
 
 
-def parse(output: str) -> Facts:
+def parse(output: str, state: DesiredState | None = None) -> Facts:
+    """The facts script's records. `state` (the one the script was made for) maps
+    the O records' data directories to homeservers."""
     facts = Facts()
+    homeserver_of = {state.layout.data(hs.server_name): hs.server_name for hs in state.homeservers} if state else {}
+    section = ""
     for line in output.splitlines():
+        if line.startswith(SECTION):
+            section = line[len(SECTION):]
+            continue
+        if section == "H":  # sha256sum: "<hash>  <path>"
+            line = "H\t" + line.replace("  ", "\t", 1)
+        elif section:
+            line = f"{section}\t{line}"
         kind, _, rest = line.partition("\t")
         parts = rest.split("\t")
         if kind == "S" and len(parts) == 4:
@@ -285,7 +309,7 @@ def parse(output: str) -> Facts:
         elif kind == "V" and len(parts) == 2 and parts[1].strip().isdigit():
             facts.pg_major[parts[0]] = int(parts[1])
         elif kind == "O" and len(parts) == 2:
-            facts.wrong_owner[parts[0]] = parts[1]
+            facts.wrong_owner.setdefault(homeserver_of.get(parts[0].rstrip("/"), parts[0]), parts[1])
         elif kind == "L" and len(parts) == 2:
             facts.element[parts[0]] = parts[1]
         elif kind == "P" and parts[0]:

@@ -107,7 +107,7 @@ def upgrade_postgres(inv: Inventory, sn: str, to: Optional[int], finish: bool, r
             raise TaskError(f"{sn} was moved to PostgreSQL {record['to']} on {record.get('at', '?')}: finish it "
                             f"(--finish) or roll it back (--rollback) first")
         state = render_host(inv, remote.name)
-        facts = parse_facts(remote.run(facts_script(state), what="gather facts").out)
+        facts = parse_facts(remote.run(facts_script(state), what="gather facts").out, state)
         old = facts.pg_major.get(sn)
         if old is None:
             raise TaskError(f"{sn} has no database on {hs.host} yet")

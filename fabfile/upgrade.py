@@ -62,7 +62,7 @@ class Step:
 
 def _facts(remote: Remote, inv: Inventory):
     state = render_host(inv, remote.name)
-    return state, parse_facts(remote.run(facts_script(state), what="gather facts").out)
+    return state, parse_facts(remote.run(facts_script(state), what="gather facts").out, state)
 
 
 def plan(inv: Inventory, homeserver: Optional[str]) -> list[Step]:

@@ -87,3 +87,60 @@ def test_rendered_backup_program_passes_shellcheck(tmp_path):
     path.write_bytes(state.file("/opt/matrix/reverse_proxy/bin/backup").content)
     res = subprocess.run([SHELLCHECK, "-s", "sh", str(path)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout
+
+
+def test_facts_script_passes_shellcheck_and_reads_a_host(tmp_path):
+    """The facts script (fabfile/facts.py builds it per host) is POSIX sh, and run by
+    dash on a small tree it reports what is there: files and their hashes (a section
+    of sha256sum's output), managed files (grep's), compose stacks, data not owned
+    by 991:991 (one find for every homeserver), the recorded pg major."""
+    import hashlib
+    import os
+
+    from fabfile import facts as facts_mod
+
+    inv = parse(textwrap.dedent("""
+        acme: {email: ops@example.org}
+        hosts:
+          web: {address: 203.0.113.10, firewall: {enabled: false}}
+        homeservers:
+          one.example: {host: web}
+          two.example: {host: web}
+    """))
+    state = render_host(inv, "web")
+    # the host's tree lives under tmp_path: its paths in the script, and back in the output
+    root = str(tmp_path / "root")
+    script = facts_mod.script(state).replace("/opt/matrix", root + "/opt/matrix").replace(
+        "/etc/synapse-fabric", root + "/etc/synapse-fabric")
+    at = lambda p: Path(root + p)  # noqa: E731
+    path = tmp_path / "facts"
+    path.write_text(script)
+    res = subprocess.run([SHELLCHECK, "-s", "sh", "-e", "SC2016", str(path)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout
+
+    lay = state.layout
+    conf = next(f for f in state.files if f.path.startswith(lay.base + "/"))
+    at(conf.path).parent.mkdir(parents=True, exist_ok=True)
+    at(conf.path).write_bytes(conf.content)
+    managed = f"{lay.synapse('one.example')}/conf.d/99-old.yaml"
+    at(managed).parent.mkdir(parents=True, exist_ok=True)
+    at(managed).write_text(f"# {facts_mod.MARKER}\n")
+    at(lay.synapse("two.example")).mkdir(parents=True, exist_ok=True)
+    at(lay.synapse("two.example") + "/docker-compose.yml").write_text("services: {}\n")
+    at(lay.data("two.example")).mkdir(parents=True)
+    at(lay.data("two.example") + "/stray").write_text("x")
+    at(lay.pg_version("one.example")).parent.mkdir(parents=True, exist_ok=True)
+    at(lay.pg_version("one.example")).write_text("16\n")
+    tools = tmp_path / "bin"  # the helpers the script may use, and no docker
+    tools.mkdir()
+    for tool in ("grep", "find", "sed", "stat", "sha256sum", "mktemp", "cat", "rm", "readlink", "tr"):
+        os.symlink(shutil.which(tool), tools / tool)
+    run = subprocess.run([shutil.which("dash"), "-c", script], capture_output=True, text=True, env={"PATH": str(tools)})
+    assert run.returncode == 0, run.stderr
+    facts = facts_mod.parse(run.stdout.replace(root, ""), state)
+    assert facts.hashes[conf.path] == hashlib.sha256(conf.content).hexdigest()
+    assert managed in facts.managed and facts.stats[conf.path].kind == "regular file"
+    assert facts.hosted == {"two.example"} and facts.pg_major == {"one.example": 16}
+    if os.getuid() != 991:
+        assert facts.wrong_owner == {"two.example": lay.data("two.example")}
+    assert not facts.docker and facts.pid1
