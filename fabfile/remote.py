@@ -293,6 +293,23 @@ def _read_until(chan, buf: bytes, stop: bytes | None, deadline: float) -> bytes:
     return buf
 
 
+_known_cache: dict[tuple[str, int, int], paramiko.HostKeys] = {}
+_known_lock = threading.Lock()
+
+
+def _known_hosts(path: Path) -> paramiko.HostKeys:
+    """The known_hosts file, parsed once per run (and again when it changes)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return paramiko.HostKeys()
+    with _known_lock:
+        cache_key = (str(path), st.st_mtime_ns, st.st_size)
+        if cache_key not in _known_cache:
+            _known_cache[cache_key] = paramiko.HostKeys(str(path))
+        return _known_cache[cache_key]
+
+
 def connect(inv: Inventory, host: Host) -> Remote:
     """A Remote for `host` with strict host-key checking (see inventory `ssh`)."""
     config = Config(overrides={"load_ssh_configs": False})
@@ -309,9 +326,12 @@ def connect(inv: Inventory, host: Host) -> Remote:
     )
     known = inv.ssh.known_hosts or Path("~/.ssh/known_hosts").expanduser()
     client = conn.client
-    client.get_host_keys().clear()
-    if known.exists():
-        client.load_host_keys(str(known))
+    keys = client.get_host_keys()
+    keys.clear()
+    # only this host's recorded keys (the file is read once per run, not per host)
+    name = host.address if host.port == 22 else f"[{host.address}]:{host.port}"
+    for keytype, key in (_known_hosts(known).lookup(name) or {}).items():
+        keys.add(name, keytype, key)
     if inv.ssh.accept_new_hosts:
         client.set_missing_host_key_policy(_AcceptNewPolicy(known))
     else:
