@@ -68,6 +68,22 @@ def reset_password(c, homeserver, user, password_file=None, logout=False):
 
 
 @task(
+    name="database-password",
+    help={
+        "homeserver": "the homeserver (server_name) whose postgres.external this is for",
+        "password_file": "read the password from this file ('-' for stdin); default: prompt twice",
+    }
+)
+def database_password(c, homeserver, password_file=None):
+    """Put an external database's password on the homeserver's host (tried first, TLS verify-full)."""
+    from fabfile import database
+
+    inv = load_inventory(c)
+    with expected_failures():
+        print(database.set_password(inv, homeserver, password_file))
+
+
+@task(
     help={
         "homeserver": "the homeserver (server_name) to move",
         "to": "the inventory host to move it to",
@@ -377,6 +393,6 @@ def check(c, homeserver=None):
         raise Exit(code=1)
 
 
-ns = Collection(deploy, register_user, reset_password, users, deactivate_user, make_admin, registration_token,
+ns = Collection(deploy, register_user, reset_password, database_password, users, deactivate_user, make_admin, registration_token,
                 purge_remote_media, purge_history, logs, upgrade, upgrade_postgres, backup, backups, restore, uninstall, migrate_host, adopt_homeserver, element_update, dns, check)
 ns.configure(CONFIG_DEFAULTS)

@@ -17,6 +17,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 
+from . import database
 from .errors import TaskError
 from .inventory import Homeserver, Inventory
 from .remote import Remote, locked
@@ -48,7 +49,7 @@ def call(remote: Remote, hs: Homeserver, method: str, path: str, body: dict | No
     """One admin API call; its JSON answer. A non-2xx answer raises TaskError with
     Synapse's own error."""
     script = program("homeserver.sh", "admin-api.sh", project=synapse_project(hs), server_name=hs.server_name,
-                     pg_user=hs.postgres.user, pg_db=hs.postgres.database, admin=ADMIN, method=method, path=path,
+                     **database.inputs(remote.inv, hs), admin=ADMIN, method=method, path=path,
                      register_python=register_program(ADMIN, admin=True), call_python=_CALL_PY)
     out = remote.run(script, stdin=json.dumps(body).encode() if body is not None else b"",
                      what=f"{method} {path.split('?')[0]}").out

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+from . import database
 from .errors import SfabError, TaskError
 from .inventory import Homeserver, Host, Inventory
 from .layout import BACKUP_ENV, BACKUP_PASSWORD, Layout
@@ -92,7 +93,7 @@ def _snapshot_program(inv: Inventory, hs: Homeserver) -> str:
     lay = Layout(inv.hosts[hs.host].base_dir)
     return program("restic.sh", "dump.sh", "backup.sh", **repository_inputs(inv, hs.host, create=True),
                    one_time_keys="no", cleanup="yes", project=synapse_project(hs),
-                   server_name=hs.server_name, pg_user=hs.postgres.user, pg_db=hs.postgres.database,
+                   server_name=hs.server_name, **database.inputs(inv, hs),
                    staging=lay.backup_staging(hs.server_name), tag=tag(hs),
                    paths="\n".join(lay.backup_paths(hs.server_name)))
 

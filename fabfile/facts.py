@@ -126,7 +126,8 @@ def secret_paths(state: DesiredState) -> list[str]:
 def synapse_secrets(state: DesiredState, hs) -> tuple[str, ...]:
     """The secrets a homeserver's processes read: its database's, and with workers
     the replication secret and Redis's password (fabfile/scripts/synapse-secrets.sh)."""
-    return ("postgres_password", "pgpass") + (WORKER_SECRETS if state.workers.get(hs.server_name) else ())
+    database = ("pgpass",) if hs.postgres.external else ("postgres_password", "pgpass")
+    return database + (WORKER_SECRETS if state.workers.get(hs.server_name) else ())
 
 
 def generated_paths(state: DesiredState) -> list[str]:

@@ -174,6 +174,9 @@ def _with_names_and_paths(data: dict, base: Path) -> dict:
         fed = hs.get("federation")
         if isinstance(fed, dict) and "trusted_ca" in fed:
             hs["federation"] = {**fed, "trusted_ca": rel(fed["trusted_ca"])}
+        pg = hs.get("postgres")
+        if isinstance(pg, dict) and isinstance(pg.get("external"), dict) and "ca" in pg["external"]:
+            hs["postgres"] = {**pg, "external": {**pg["external"], "ca": rel(pg["external"]["ca"])}}
         el = hs.get("element")
         if isinstance(el, dict):
             hs["element"] = {**el, **{k: rel(el[k]) for k in ("signing_key", "feed_ca") if k in el}}
@@ -258,6 +261,11 @@ def _cross_check(inv: Inventory, path: Path, lines: dict) -> None:
                  f"{hs.host!r}; put one of them on another host")
         slugs[(hs.host, hs.slug)] = key
     _check_worker_hosts(inv, fail)
+    for key, hs in inv.homeservers.items():
+        if hs.postgres.external and hs.workers.hosts:
+            fail(("homeservers", key, "postgres", "external"),
+                 "an external database with workers on other hosts is not supported yet: keep the workers "
+                 "on the homeserver's host (remove workers.hosts)")
 
 
 def _check_worker_hosts(inv: Inventory, fail) -> None:

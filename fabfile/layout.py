@@ -107,6 +107,10 @@ class Layout:
     def synapse(self, server_name: str) -> str:
         return f"{self.base}/synapse/{server_name}"
 
+    def db_ca(self, server_name: str) -> str:
+        """The CA an external database's certificate is checked against."""
+        return f"{self.synapse(server_name)}/db-ca.pem"
+
     def data(self, server_name: str) -> str:
         """What Synapse's `generate` wrote (owned 991:991)."""
         return f"{self.synapse(server_name)}/data"

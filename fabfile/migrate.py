@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .database import refuse_external
 from .errors import TaskError
 from .converge import HostResult, converge
 from .deploy import local_images
@@ -289,6 +290,8 @@ def record_in_inventory(path: Path, sn: str, to: str, migrated_from: str | None)
 def migrate(inv: Inventory, sn: str, to: str | None, dry_run: bool, abort: bool, log) -> None:
     hs = inv.homeserver(sn)
     refuse_remote(hs, "inv migrate-host")
+    refuse_external(hs, "inv migrate-host", "not built yet (the database would stay where it is); "
+                    "bootstrap the new host, set the password there, then move `host:` and deploy")
     with session(inv, inv.hosts[hs.host]) as src_probe:
         marked_to, phase = read_phase(src_probe, Layout(inv.hosts[hs.host].base_dir), hs.server_name)
     if marked_to and to and to != marked_to:

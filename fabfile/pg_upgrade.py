@@ -22,6 +22,7 @@ import shlex
 import time
 from typing import Callable, Optional
 
+from .database import refuse_external
 from . import docker
 from .converge import HostResult, converge
 from .deploy import local_images
@@ -87,6 +88,7 @@ def upgrade_postgres(inv: Inventory, sn: str, to: Optional[int], finish: bool, r
     """Move one homeserver's database to PostgreSQL `to` (or finish / roll back)."""
     hs = inv.homeserver(sn)
     refuse_remote(hs, "inv upgrade-postgres")
+    refuse_external(hs, "inv upgrade-postgres", "its major version is upgraded where that server runs")
     host = inv.hosts[hs.host]
     lay = Layout(host.base_dir)
     root = lay.synapse(sn)

@@ -43,6 +43,8 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 NETWORK = "synapse-fabric"
 FIREWALL_UNIT = "synapse-fabric-firewall.service"
 PROXY_PROJECT = "synapse-fabric-proxy"
+# where Synapse's processes (and psql) read an external database's CA
+DB_CA_MOUNT = "/run/db-ca.pem"
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,8 @@ class DesiredState:
         """The compose services of a homeserver's stack: Synapse's main process and
         the workers on its host, PostgreSQL, and with workers Redis."""
         has_workers = bool(self.workers.get(hs.server_name))
-        return self.synapse_processes(hs) + ["postgres"] + ([REDIS_SERVICE] if has_workers else [])
+        postgres = [] if hs.postgres.external else ["postgres"]
+        return self.synapse_processes(hs) + postgres + ([REDIS_SERVICE] if has_workers else [])
 
     def synapse_processes(self, hs: Homeserver) -> list[str]:
         """The services that run Synapse (main first): what a restart of its settings restarts."""
@@ -126,7 +129,7 @@ class DesiredState:
         proxy = (self.image_refs.get("nginx"), self.image_refs.get("admin_ui"), self.image_refs.get("coturn"))
         out = {"proxy:stack"} if ref in proxy else set()
         out |= {f"synapse:{hs.server_name}:stack" for hs in self.homeservers
-                if ref in (self.synapse_image(hs), self.postgres_image(hs))
+                if ref == self.synapse_image(hs) or (ref == self.postgres_image(hs) and not hs.postgres.external)
                 or (self.workers.get(hs.server_name) and ref == self.image_refs.get("redis"))}
         out |= {f"workers:{sn}:stack" for sn, g in self.guests.items() if ref == g.image}
         return out
@@ -348,7 +351,7 @@ def _guest_stack(inv: Inventory, hs: Homeserver, host_name: str, lay: Layout, pr
                                 restart, secret=HIDDEN))
     files.append(_shared_workers_file(hs, host_name, private, f"{root}/conf.d/60-workers.yaml", restart))
     ctx = {"hs": hs, "upstream": synapse_upstream(hs), "project": guest_project(hs), "synapse_image": synapse_image,
-           "turn": turn, "redis_image": redis_image, "replication_listener": None, "db": (db_host, db_port),
+           "turn": turn, "redis_image": redis_image, "replication_listener": None, "db": (db_host, db_port), "db_ca": "",
            "publish": _published(hs, host_name, private), "guest": True, "main_host": hs.host,
            "postgres_image": "", "hs_network": ""}
     ctx["workers"] = _worker_files(hs, host_name, f"{root}/workers", stack, files)
@@ -581,14 +584,17 @@ def render_host(
                "postgres_image": postgres_images[sn], "synapse_image": synapse_images[sn],
                "hs_network": synapse_network(hs), "turn": turn, "workers": [], "redis_image": images["redis"],
                "replication_listener": workers_mod.main_replication_listener() if hs_workers else None,
-               "publish": _published(hs, host_name, private), "db": ("postgres", 5432), "guest": False,
+               "publish": _published(hs, host_name, private), "guest": False,
+               # the database: the stack's own PostgreSQL, or the operator's over verify-full TLS
+               "db": (ext.host, ext.port) if (ext := hs.postgres.external) else ("postgres", 5432),
+               "db_ca": DB_CA_MOUNT if ext else "",
                # Redis, the secrets, egress: every homeserver with workers, even all elsewhere
                "has_workers": bool(hs_workers)}
         dirs += [
             RemoteDir(root),
             RemoteDir(lay.data(sn), 0o750, SYNAPSE_UID),
             RemoteDir(lay.conf_d(sn)),
-            RemoteDir(lay.postgres(sn), 0o700, POSTGRES_UID),
+            *([] if ext else [RemoteDir(lay.postgres(sn), 0o700, POSTGRES_UID)]),
             RemoteDir(lay.secrets(sn), 0o700),
         ]
         stack = f"synapse:{sn}:stack"
@@ -603,6 +609,9 @@ def render_host(
         if hs.synapse_settings:
             files.append(RemoteFile(f"{lay.conf_d(sn)}/90-operator.yaml", _operator_settings(hs), 0o644, ROOT,
                                     restart, secret=SETTINGS))
+        if ext:
+            files.append(RemoteFile(lay.db_ca(sn), _read_local(ext.ca, f"homeservers.{sn}.postgres.external.ca", read),
+                                    trigger=restart))
         if hs.federation.trusted_ca:
             dirs.append(RemoteDir(f"{root}/ca"))
             key = f"homeservers.{sn}.federation.trusted_ca"

@@ -20,6 +20,7 @@ import shlex
 import time
 from typing import Callable, Optional
 
+from .database import refuse_external
 from . import backup as backup_mod
 from .converge import HostResult, converge
 from .deploy import local_images
@@ -122,6 +123,8 @@ def restore(inv: Inventory, sn: str, snapshot: Optional[str], to: Optional[str],
     """Bring a homeserver back from its newest (or a given) snapshot."""
     hs = inv.homeserver(sn)
     refuse_remote(hs, "inv restore")
+    refuse_external(hs, "inv restore", "the snapshot's database.pgdump is restored into that server "
+                    "with pg_restore by its operator")
     target: Host = inv.host_by_name_or_address(to) if to else inv.hosts[hs.host]
     moving = target.name != hs.host
     if moving and inv.backup.repository.startswith("/"):

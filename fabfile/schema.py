@@ -372,12 +372,34 @@ class Workers(_Model):
         return v
 
 
+class ExternalPostgres(_Model):
+    """A PostgreSQL server the operator runs (a provider's, a cluster of their own):
+    reached over TLS that checks its name against `ca` (libpq's verify-full)."""
+    host: str
+    port: int = Field(5432, ge=1, le=65535)
+    # PEM file of the CA that signed the server's certificate (a local path)
+    ca: Path
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        try:
+            ipaddress.ip_address(v)
+            return v
+        except ValueError:
+            return check_domain(v)
+
+
 class Postgres(_Model):
     database: str = "synapse"
     user: str = "synapse"
     # This homeserver's PostgreSQL image (default: images.postgres); its major
-    # version must be the one its database was created with.
+    # version must be the one its database was created with. With `external`, the
+    # image whose client tools (psql) reach that server.
     image: Optional[str] = None
+    # The database is not run here: an existing server, its password set on the
+    # homeserver's host with `inv database-password`.
+    external: Optional[ExternalPostgres] = None
 
     @field_validator("image")
     @classmethod

@@ -16,7 +16,8 @@ def secrets_script(lay: Layout, hs: Homeserver, workers: bool = False) -> str:
     existing secret is never replaced (fabfile/scripts/synapse-secrets.sh)."""
     return program("synapse-secrets.sh", dir=lay.secrets(hs.server_name), pgdata=lay.postgres(hs.server_name),
                    server_name=hs.server_name, db=hs.postgres.database, user=hs.postgres.user,
-                   postgres_uid=POSTGRES_UID, synapse_uid=SYNAPSE_UID, workers=int(workers)) + "\n"
+                   postgres_uid=POSTGRES_UID, synapse_uid=SYNAPSE_UID, workers=int(workers),
+                   external=int(hs.postgres.external is not None)) + "\n"
 
 
 def chown_data_script(lay: Layout, hs: Homeserver) -> str:

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from . import database
+from .database import refuse_external
 from . import admin, docker
 from .converge import HostResult, converge
 from .deploy import local_images
@@ -106,8 +108,8 @@ def upgrade_one(remote: Remote, inv: Inventory, hs: Homeserver, old: str, new: s
     t0 = time.monotonic()
     remote.run(f"{COMPOSE_FN}cd {root} && compose stop {processes(hs)}", what=f"{sn}: stop Synapse")
     log(f"{sn}: Synapse stopped")
-    remote.run(program("dump.sh", project=synapse_project(hs), server_name=sn, pg_user=hs.postgres.user,
-                       pg_db=hs.postgres.database, staging=dump_dir), what=f"{sn}: dump its database", timeout=7200)
+    remote.run(program("dump.sh", project=synapse_project(hs), server_name=sn, **database.inputs(inv, hs),
+                       staging=dump_dir), what=f"{sn}: dump its database", timeout=7200)
     schema = remote.run(f"cat {shlex.quote(dump_dir)}/schema-version", what="schema version").out.strip()
     log(f"{sn}: database dumped ({dump_dir}/database.pgdump, schema version {schema})")
     try:
@@ -148,6 +150,9 @@ def upgrade(inv: Inventory, homeserver: Optional[str], check: bool, log: Log) ->
     for step in steps:
         if step.due:
             refuse_remote(inv.homeserver(step.server_name), "inv upgrade")
+            refuse_external(inv.homeserver(step.server_name), "inv upgrade",
+                            "its way back (the dump restored into an emptied database) is not built yet "
+                            "for a server synapse-fabric does not run")
     downtimes = {}
     for step in steps:
         if not step.due:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from . import database
 from .errors import TaskError
 from .inventory import Homeserver, Inventory
 from .passwords import read_password
@@ -52,14 +53,14 @@ def parse_user(name: str, hs: Homeserver) -> UserId:
     return UserId(localpart, hs.server_name)
 
 
-def _users(hs: Homeserver, uid: UserId, action: str, **inputs) -> str:
+def _users(inv: Inventory, hs: Homeserver, uid: UserId, action: str, **inputs) -> str:
     """fabfile/scripts/users.sh for one action on `uid` of `hs`."""
-    return program("homeserver.sh", "users.sh", action=action, project=synapse_project(hs), server_name=hs.server_name, uid=uid,
-                   pg_user=hs.postgres.user, pg_db=hs.postgres.database, **inputs)
+    return program("homeserver.sh", "users.sh", action=action, project=synapse_project(hs), server_name=hs.server_name,
+                   uid=uid, **database.inputs(inv, hs), **inputs)
 
 
 def user_exists(remote: Remote, hs: Homeserver, uid: UserId) -> bool:
-    return remote.run(_users(hs, uid, "exists"), what=f"look up {uid}").out.strip() == "1"
+    return remote.run(_users(remote.inv, hs, uid, "exists"), what=f"look up {uid}").out.strip() == "1"
 
 
 _REGISTER_PY = """\
@@ -82,7 +83,7 @@ def register_program(localpart: str, admin: bool) -> str:
 def register(remote: Remote, hs: Homeserver, uid: UserId, password: str, admin: bool) -> None:
     """Shared-secret registration, in the homeserver's own container."""
     code = register_program(uid.localpart, admin)
-    remote.run(_users(hs, uid, "register", python=code), stdin=password.encode("utf-8"), what=f"register {uid}")
+    remote.run(_users(remote.inv, hs, uid, "register", python=code), stdin=password.encode("utf-8"), what=f"register {uid}")
 
 
 _HASH_PY = """\
@@ -125,7 +126,7 @@ def reset_password(
     PostgreSQL that changes exactly one row. The old hash goes to a 0600 file on
     the host first. With `logout`, Synapse itself then ends every session.
     Returns the backup file's path."""
-    script = _users(hs, uid, "reset", python=_HASH_PY, backups=lay.secret(hs.server_name, "password-backups"),
+    script = _users(remote.inv, hs, uid, "reset", python=_HASH_PY, backups=lay.secret(hs.server_name, "password-backups"),
                     backup_name=backup_name(uid), logout="yes" if logout else "no", logout_python=_LOGOUT_ALL_PY)
     try:
         return remote.run(script, stdin=password.encode("utf-8"), what=f"reset the password of {uid}").out.strip()

@@ -1,0 +1,76 @@
+"""A homeserver's database as the host-side programs reach it: its own PostgreSQL
+container (found by compose's labels), or an external server the operator runs
+(`homeservers.S.postgres.external`), reached by a throwaway container of the
+PostgreSQL image with libpq's verify-full TLS. And `inv database-password`, which
+puts that server's password on the homeserver's host."""
+
+from __future__ import annotations
+
+from .errors import TaskError
+from .inventory import Homeserver, Inventory
+from .layout import SYNAPSE_UID, Layout
+from .passwords import read_password
+from .remote import locked
+from .render import DB_CA_MOUNT
+from .shell import program
+
+
+def client_image(inv: Inventory, hs: Homeserver) -> str:
+    """The image whose psql reaches an external database (postgres.image, else images.postgres)."""
+    return hs.postgres.image or inv.image("postgres")
+
+
+def inputs(inv: Inventory, hs: Homeserver) -> dict:
+    """What fabfile/scripts/homeserver.sh needs to run psql on the homeserver's database."""
+    ext = hs.postgres.external
+    common = {"pg_user": hs.postgres.user, "pg_db": hs.postgres.database}
+    if ext is None:  # every name set all the same (a rendered program is shellchecked)
+        return {**common, "external": "", "db_host": "", "db_port": "", "db_ca": "", "db_ca_mount": "",
+                "pgpass": "", "pg_image": ""}
+    lay = Layout(inv.hosts[hs.host].base_dir)
+    return {**common, "external": "1", "db_host": ext.host, "db_port": ext.port, "db_ca": lay.db_ca(hs.server_name),
+            "db_ca_mount": DB_CA_MOUNT, "pgpass": f"{lay.secrets(hs.server_name)}/pgpass",
+            "pg_image": client_image(inv, hs)}
+
+
+def passfile_line(hs: Homeserver, password: str) -> bytes:
+    """libpq's passfile line for any host and port ('\\' and ':' escaped)."""
+    escaped = password.replace("\\", "\\\\").replace(":", "\\:")
+    return f"*:*:{hs.postgres.database}:{hs.postgres.user}:{escaped}\n".encode()
+
+
+def set_password(inv: Inventory, homeserver: str, password_file: str | None) -> str:
+    """`inv database-password`: the external database's password, tried against the
+    server first (TLS verify-full, the inventory's CA), then kept on the host
+    (secrets/pgpass, 0400). A password the server refuses changes nothing."""
+    hs = inv.homeserver(homeserver)
+    ext = hs.postgres.external
+    if ext is None:
+        raise TaskError(f"{hs.server_name} runs its own PostgreSQL, whose password synapse-fabric made; "
+                        "`inv database-password` is for postgres.external")
+    try:
+        ca = ext.ca.read_bytes()
+    except OSError as exc:
+        raise TaskError(f"homeservers.{hs.server_name}.postgres.external.ca: cannot read {ext.ca}: "
+                        f"{exc.strerror or exc}") from None
+    password = read_password(password_file, f"the database user {hs.postgres.user} of {hs.server_name}")
+    if "\n" in password or "\r" in password:
+        raise TaskError("the password contains a line break, which libpq's passfile cannot hold")
+    host = inv.hosts[hs.host]
+    lay = Layout(host.base_dir)
+    with locked(inv, host) as remote:
+        # stdin: the passfile line, then the CA (the password never reaches an argv)
+        remote.run(program("database-password.sh", **inputs(inv, hs), secrets=lay.secrets(hs.server_name),
+                           server_name=hs.server_name, synapse_uid=SYNAPSE_UID),
+                   stdin=passfile_line(hs, password) + ca, what=f"{hs.server_name}: set the database password",
+                   timeout=600)
+    return (f"{hs.server_name}: the password works ({ext.host}:{ext.port}, TLS verify-full) and is kept on "
+            f"{host.name} in {lay.secrets(hs.server_name)}/pgpass (0400); Synapse's new connections use it")
+
+
+def refuse_external(hs: Homeserver, what: str, why: str) -> None:
+    """Operations that rebuild or move the database itself stay with the databases
+    synapse-fabric runs; refused for an external one, saying why."""
+    if hs.postgres.external is not None:
+        raise TaskError(f"{hs.server_name}: {what} is not available with an external database "
+                        f"(postgres.external: {hs.postgres.external.host}): {why}")
