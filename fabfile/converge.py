@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from . import docker, facts as facts_mod, firewall, guard, guests, plan as plan_mod, postgres, steps, versions
+from . import database, docker, facts as facts_mod, firewall, guard, guests, plan as plan_mod, postgres, steps, versions
 from .plan import Plan
 from .remote import Remote, RemoteError
 from .render import PROXY_PROJECT, render_host, synapse_project
@@ -59,6 +59,7 @@ def converge(remote: Remote, state, local_images, report: Reporter, result: Host
     if not facts.compose:
         raise RemoteError(f"{name}: neither `docker compose` nor `docker-compose` is installed; run bootstrap")
     guard.check(state, facts, remote.inv.path, migrating)
+    database.require_passwords(state, facts)
     firewall.check_ssh(remote.inv, name, facts.sshd_ports)
     keep, notes = postgres.keep_majors(state, facts)
     keep_synapse, synapse_notes = versions.keep_synapse(state, facts, synapse_pins)

@@ -74,3 +74,15 @@ def refuse_external(hs: Homeserver, what: str, why: str) -> None:
     if hs.postgres.external is not None:
         raise TaskError(f"{hs.server_name}: {what} is not available with an external database "
                         f"(postgres.external: {hs.postgres.external.host}): {why}")
+
+
+def require_passwords(state, facts) -> None:
+    """Before a deploy changes anything: every homeserver on an external database
+    has its password on the host (`inv database-password` puts it there)."""
+    missing = [hs.server_name for hs in state.homeservers
+               if hs.postgres.external and state.layout.secret(hs.server_name, "pgpass") not in facts.stats]
+    if missing:
+        raise TaskError(f"{state.host.name}: the external database's password of {', '.join(missing)} is not on "
+                        "the host yet; nothing was changed: run "
+                        + "; ".join(f"inv database-password --homeserver {sn}" for sn in missing)
+                        + ", then deploy again")

@@ -48,7 +48,7 @@ DNS_API_PORT = 8055
 DNS_API = f"http://{INFRA_IP}:{DNS_API_PORT}"
 
 IMAGE_ENV = {"host": "SFAB_HOST_IMAGE", "host13": "SFAB_HOST13_IMAGE", "infra": "SFAB_INFRA_IMAGE",
-             "nginx": "SFAB_NGINX_IMAGE", "store": "SFAB_STORE_IMAGE"}
+             "nginx": "SFAB_NGINX_IMAGE", "store": "SFAB_STORE_IMAGE", "postgres": "SFAB_POSTGRES_IMAGE"}
 
 # The registry in sfab-infra: this machine pushes to it on 127.0.0.1, hosts with
 # `images: pull` use it as their Docker registry mirror (a host-level setting,
@@ -84,6 +84,11 @@ RELEASES_IP = "172.29.231.3"
 # restic's REST server: a backup repository off the hosts (rest:http://store.test:8000/<name>)
 STORE_NAME = "store.test"
 STORE_IP = "172.29.231.4"
+# an external PostgreSQL (postgres.external): TLS with a certificate from the sandbox
+# CA (state/pebble-ca.pem) for db.test; role and database synapse, the password in
+# state/extdb-password
+EXTDB_NAME = "db.test"
+EXTDB_IP = "172.29.231.5"
 
 DNS_RECORDS: dict[str, str] = {
     ACME_NAME: INFRA_IP,
@@ -98,6 +103,7 @@ DNS_RECORDS: dict[str, str] = {
     "admin.two.test": HOSTS["vps2"].ip,  # two.test's admin UI, when a test turns it on
     RELEASES_NAME: RELEASES_IP,
     STORE_NAME: STORE_IP,
+    EXTDB_NAME: EXTDB_IP,
 }
 
 
@@ -313,7 +319,35 @@ def make_state(log=print) -> SandboxInfo:
     (REPO_CACHE / "registry").mkdir(parents=True, exist_ok=True)
     _make_pebble_certs(p, log)
     _make_releases_site(p, log)
+    _make_extdb(p, log)
     return info()
+
+
+def _server_cert(p: dict[str, Path], name: str, tmp: Path) -> tuple[bytes, bytes]:
+    """(certificate, key) for `name`, from the sandbox CA."""
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl("req", "-new", *ec, "-keyout", str(tmp / "key.pem"), "-out", str(tmp / "csr.pem"), "-subj", f"/CN={name}")
+    (tmp / "ext.cnf").write_text(f"subjectAltName=DNS:{name}\nbasicConstraints=critical,CA:FALSE\n"
+                                 "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n")
+    _openssl("x509", "-req", "-in", str(tmp / "csr.pem"), "-CA", str(p["ca"]), "-CAkey", str(p["ca_key"]),
+             "-set_serial", "0x" + secrets.token_hex(16), "-days", "825", "-sha256",
+             "-extfile", str(tmp / "ext.cnf"), "-out", str(tmp / "cert.pem"))
+    return (tmp / "cert.pem").read_bytes(), (tmp / "key.pem").read_bytes()
+
+
+def _make_extdb(p: dict[str, Path], log) -> None:
+    """The external PostgreSQL's certificate (db.test), key and password."""
+    s = state_dir()
+    cert, key, password = s / "extdb-cert.pem", s / "extdb-key.pem", s / "extdb-password"
+    if not (cert.is_file() and key.is_file()):
+        with tempfile.TemporaryDirectory(prefix="sfab-db-") as tmp:
+            chain, private = _server_cert(p, EXTDB_NAME, Path(tmp))
+            _write_if_changed(key, private, 0o640)
+            _write_if_changed(cert, chain, 0o644)
+    # PostgreSQL (999 in its container) reads its key only when root owns it 0640 with its group
+    os.chown(key, 0, 999)
+    if not password.is_file():
+        _write_if_changed(password, secrets.token_urlsafe(24), 0o644)  # read by the server's entry point
 
 
 def _make_releases_site(p: dict[str, Path], log) -> None:

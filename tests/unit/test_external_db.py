@@ -108,3 +108,12 @@ def test_operations_on_the_database_itself_are_refused_with_why():
     database.refuse_external(i.homeservers["own.example"], "inv upgrade-postgres", "")
     with pytest.raises(TaskError, match="for postgres.external"):
         database.set_password(i, "own.example", None)
+
+
+def test_a_deploy_without_the_password_on_the_host_stops_before_any_change():
+    from fabfile.facts import Facts, Stat
+    st = state()
+    with pytest.raises(TaskError, match=r"ext\.example is not on the host yet; nothing was changed: run "
+                                        r"inv database-password --homeserver ext\.example"):
+        database.require_passwords(st, Facts())
+    database.require_passwords(st, Facts(stats={f"{ROOT}/secrets/pgpass": Stat("regular file", 0o400, "991:991")}))

@@ -1,0 +1,126 @@
+"""An external PostgreSQL (postgres.external, issue #18): six.test on vps1 keeps its
+database on the sandbox's own PostgreSQL server (sfab-extdb, db.test), reached over
+TLS verify-full against the sandbox CA. The password is put on the host by `inv
+database-password` (tried first: a wrong one and a wrong CA change nothing); deploy,
+users and a snapshot (pg_dump over TLS, by `inv uninstall`'s last backup) work with
+it; what lands in the database is read on the server itself."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import subprocess
+
+import pytest
+from nio import LoginResponse, RoomCreateResponse, RoomSendResponse
+
+from tests.e2e.helpers import REPO, https_get, on_host, run, variant
+from tests.e2e.test_users import cli
+from tests.sandbox import sandbox as sb
+from tests.sandbox.client import SandboxClient
+from tests.e2e.helpers import ROOTS
+
+pytestmark = pytest.mark.e2e
+
+SN = "six.test"
+RUN = secrets.token_hex(3)
+SANDBOX_CA = "tests/sandbox/state/pebble-ca.pem"   # signed db.test's certificate
+OTHER_CA = "tests/sandbox/state/acme-roots.pem"    # pebble's issuing roots: not db.test's
+TEST_CA = "tests/sandbox/state/acme-roots.pem"
+
+
+def _add(doc, ca: str) -> None:
+    doc["homeservers"][SN] = {
+        "host": "vps1",
+        "postgres": {"external": {"host": sb.EXTDB_NAME, "port": 5432, "ca": ca}},
+        "federation": {"trusted_ca": TEST_CA, "allow_ip_ranges": ["172.29.231.0/24"], "trusted_key_servers": []},
+        "synapse_settings": doc["homeservers"]["one.test"]["synapse_settings"],
+    }
+
+
+def _sql(query: str) -> str:
+    """A query on the external server itself (not through anything synapse-fabric made)."""
+    res = subprocess.run(["docker", "exec", "sfab-extdb", "psql", "-X", "-At", "-U", "synapse", "-d", "synapse",
+                          "-c", query], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
+async def _talk(user: str, password: str) -> None:
+    async with SandboxClient(f"https://matrix.{SN}", ROOTS) as client:
+        assert isinstance(await client.login(user, password), LoginResponse)
+        room = await client.client.room_create(name="kept elsewhere")
+        assert isinstance(room, RoomCreateResponse), room
+        sent = await client.client.room_send(room.room_id, "m.room.message", {"msgtype": "m.text", "body": "hi"})
+        assert isinstance(sent, RoomSendResponse), sent
+
+
+def test_a_homeserver_on_an_external_postgresql(deployed):
+    for _ in range(60):  # the server initialises once, at the sandbox's start
+        if subprocess.run(["docker", "exec", "sfab-extdb", "pg_isready", "-U", "synapse"],
+                          capture_output=True).returncode == 0:
+            break
+        subprocess.run(["sleep", "1"])
+    password = (REPO / "tests/sandbox/state/extdb-password").read_text().strip()
+    secrets_dir = f"/opt/matrix/synapse/{SN}/secrets"
+    for name in (SN, f"matrix.{SN}"):
+        sb.set_dns(name, sb.HOSTS["vps1"].ip)
+    inv = variant("external-db", lambda doc: _add(doc, SANDBOX_CA))
+    wrong_ca = variant("external-db-wrong-ca", lambda doc: _add(doc, OTHER_CA))
+    try:
+        # no password on the host yet: the deploy stops at six.test, naming the command
+        res = run(["inv", "deploy", "--host", "vps1"], inv)
+        assert res.returncode == 1 and f"nothing was changed: run inv database-password --homeserver {SN}" \
+            in res.stdout + res.stderr
+        assert on_host("vps1", f"ls /opt/matrix/synapse/{SN} 2>/dev/null; true").strip() == ""
+        assert https_get("matrix.one.test", "/_matrix/client/versions")[0] == 200
+
+        # refused passwords change nothing: a wrong one, and the right one with a CA that did not sign db.test
+        res = cli(["inv", "database-password", "--homeserver", SN], "not-the-password", inv)
+        assert res.returncode == 1 and "did not take the password" in res.stderr + res.stdout
+        res = cli(["inv", "database-password", "--homeserver", SN], password, wrong_ca)
+        assert res.returncode == 1 and "certificate verify failed" in res.stderr + res.stdout
+        assert on_host("vps1", f"ls {secrets_dir}/pgpass 2>/dev/null; true").strip() == ""
+
+        res = cli(["inv", "database-password", "--homeserver", SN], password, inv)
+        assert res.returncode == 0 and "the password works" in res.stdout
+        assert on_host("vps1", f"stat -c '%a %u' {secrets_dir}/pgpass").strip() == "400 991"
+
+        res = run(["inv", "deploy", "--host", "vps1"], inv)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert https_get(f"matrix.{SN}", "/_matrix/client/versions")[0] == 200
+        # no database of its own on the host
+        assert "six-test" not in on_host("vps1", "docker ps --format '{{.Names}}' | grep postgres; true")
+        assert on_host("vps1", f"ls -d /opt/matrix/synapse/{SN}/postgres 2>/dev/null; true").strip() == ""
+
+        user = f"sam-{RUN}"
+        assert cli(["inv", "register-user", "--homeserver", SN, "--user", user], "first pw", inv).returncode == 0
+        assert cli(["inv", "reset-password", "--homeserver", SN, "--user", user], "second pw", inv).returncode == 0
+        asyncio.run(_talk(user, "second pw"))
+        # it is all on the external server, and Synapse's connections there are TLS
+        assert _sql(f"SELECT count(*) FROM users WHERE name = '@{user}:{SN}'") == "1"
+        assert int(_sql("SELECT count(*) FROM events WHERE type = 'm.room.message'")) >= 1
+        assert _sql("SELECT DISTINCT ssl FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) "
+                    "WHERE usename = 'synapse' AND backend_type = 'client backend' AND pid <> pg_backend_pid() "
+                    "AND client_addr IS NOT NULL") == "t"
+
+        res = run(["inv", "deploy", "--host", "vps1"], inv)
+        assert res.returncode == 0 and "vps1: 0 changed" in res.stdout and "restarted 0" in res.stdout, res.stdout
+
+        # operations on the database itself are refused, saying why
+        res = run(["inv", "upgrade-postgres", "--homeserver", SN, "--to", "17"], inv)
+        assert res.returncode != 0 and "not available with an external database" in res.stdout + res.stderr
+
+        # uninstall takes a last snapshot: the dump comes over TLS from the external server
+        res = run(["inv", "uninstall", "--homeserver", SN], inv)
+        assert res.returncode == 0, res.stdout + res.stderr
+        files = on_host("vps1", "RESTIC_REPOSITORY=/var/backups/synapse-fabric/restic/vps1 "
+                                "RESTIC_PASSWORD_FILE=/etc/synapse-fabric/backup/restic-password "
+                                f"restic ls latest --tag synapse-fabric:{SN}")
+        assert f"/opt/matrix/.synapse-fabric/backup/{SN}/database.pgdump" in files
+        # the external database is the operator's: still there
+        assert _sql(f"SELECT count(*) FROM users WHERE name = '@{user}:{SN}'") == "1"
+    finally:
+        for name in (SN, f"matrix.{SN}"):
+            sb.set_dns(name, None)
+        wrong_ca.unlink(missing_ok=True)
