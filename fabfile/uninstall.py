@@ -70,11 +70,15 @@ def _take_down(remote: Remote, inv: Inventory, hs: Homeserver, backup: bool, log
         return None
     snap = None
     if backup:
-        remote.run(f"{COMPOSE_FN}cd {root} && compose stop {processes(hs)} && compose up -d --no-deps postgres",
-                   what=f"{hs.server_name}: stop Synapse, keep its database up for the snapshot", timeout=300)
-        remote.run(f"{COMPOSE_FN}cd {root} && for i in $(seq 60); do "
-                   f"compose exec -T postgres pg_isready -q -U {shlex.quote(hs.postgres.user)} && exit 0; "
-                   "sleep 1; done; exit 1", what=f"{hs.server_name}: wait for its database", timeout=120)
+        if hs.postgres.external:  # the operator's server: it stays up (and stays theirs)
+            remote.run(f"{COMPOSE_FN}cd {root} && compose stop {processes(hs)}",
+                       what=f"{hs.server_name}: stop Synapse for the snapshot", timeout=300)
+        else:
+            remote.run(f"{COMPOSE_FN}cd {root} && compose stop {processes(hs)} && compose up -d --no-deps postgres",
+                       what=f"{hs.server_name}: stop Synapse, keep its database up for the snapshot", timeout=300)
+            remote.run(f"{COMPOSE_FN}cd {root} && for i in $(seq 60); do "
+                       f"compose exec -T postgres pg_isready -q -U {shlex.quote(hs.postgres.user)} && exit 0; "
+                       "sleep 1; done; exit 1", what=f"{hs.server_name}: wait for its database", timeout=120)
         t0 = time.monotonic()
         taken = backup_mod.snapshot(remote, inv, hs)
         snap = taken.id
@@ -138,7 +142,9 @@ def uninstall_homeserver(inv: Inventory, sn: str, backup: bool, confirm: Confirm
             kept = backup_mod.keep_password(remote, host)
     _release_proxies(inv, after, [hs], log)
     rewrite(inv.path, lambda doc: doc["homeservers"].pop(sn))
-    log(f"done: {sn} is gone from {hs.host}; the others there keep serving. {inv.path} no longer names it.")
+    log(f"done: {sn} is gone from {hs.host}; the others there keep serving. {inv.path} no longer names it."
+        + (f" Its database on {hs.postgres.external.host} was not touched: that server is yours to clear."
+           if hs.postgres.external else ""))
     if snap:
         log(f"Its last snapshot is {snap[:8]} in {backup_mod.repository(inv, hs.host)} "
             f"(repository password: {kept}); `inv backups --homeserver {sn}` lists it while hosts.yaml names it.")

@@ -114,6 +114,7 @@ def test_a_homeserver_on_an_external_postgresql(deployed):
         # uninstall takes a last snapshot: the dump comes over TLS from the external server
         res = run(["inv", "uninstall", "--homeserver", SN], inv)
         assert res.returncode == 0, res.stdout + res.stderr
+        assert f"Its database on {sb.EXTDB_NAME} was not touched" in res.stdout
         files = on_host("vps1", "RESTIC_REPOSITORY=/var/backups/synapse-fabric/restic/vps1 "
                                 "RESTIC_PASSWORD_FILE=/etc/synapse-fabric/backup/restic-password "
                                 f"restic ls latest --tag synapse-fabric:{SN}")
