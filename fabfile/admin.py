@@ -48,7 +48,7 @@ sys.stdout.buffer.write(data)
 def call(remote: Remote, hs: Homeserver, method: str, path: str, body: dict | None = None) -> dict:
     """One admin API call; its JSON answer. A non-2xx answer raises TaskError with
     Synapse's own error."""
-    script = program("homeserver.sh", "admin-api.sh", project=synapse_project(hs), server_name=hs.server_name,
+    script = program("database.sh", "homeserver.sh", "admin-api.sh", project=synapse_project(hs), server_name=hs.server_name,
                      **database.inputs(remote.inv, hs), admin=ADMIN, method=method, path=path,
                      register_python=register_program(ADMIN, admin=True), call_python=_CALL_PY)
     out = remote.run(script, stdin=json.dumps(body).encode() if body is not None else b"",

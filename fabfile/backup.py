@@ -91,7 +91,7 @@ def keep_password(remote: Remote, host: Host) -> Path:
 
 def _snapshot_program(inv: Inventory, hs: Homeserver) -> str:
     lay = Layout(inv.hosts[hs.host].base_dir)
-    return program("restic.sh", "dump.sh", "backup.sh", **repository_inputs(inv, hs.host, create=True),
+    return program("restic.sh", "database.sh", "dump.sh", "backup.sh", **repository_inputs(inv, hs.host, create=True),
                    one_time_keys="no", cleanup="yes", project=synapse_project(hs),
                    server_name=hs.server_name, **database.inputs(inv, hs),
                    staging=lay.backup_staging(hs.server_name), tag=tag(hs),

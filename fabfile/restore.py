@@ -20,11 +20,10 @@ import shlex
 import time
 from typing import Callable, Optional
 
-from .database import refuse_external
-from . import backup as backup_mod
+from . import backup as backup_mod, database, docker
 from .converge import HostResult, converge
+from .database import refuse_external
 from .deploy import local_images
-from . import docker
 from .workers import refuse_remote
 from .docker import COMPOSE_FN, container
 from .errors import TaskError
@@ -99,7 +98,10 @@ def load_dump(remote: Remote, hs: Homeserver, dump_dir: str, log: Log, recreate:
     """pg_restore `dump_dir`/database.pgdump into the homeserver's database, which
     must be empty (`recreate`: dropped and made again first, UTF8 with C collation and
     ctype); `forget_one_time_keys`: empty that table after (a backup's restore). The
-    schema version must be the one the dump recorded; returns it."""
+    schema version must be the one the dump recorded; returns it. An external
+    database is emptied instead of made again (fabfile/scripts/load-dump-external.sh)."""
+    if hs.postgres.external:
+        return _load_external(remote, hs, dump_dir, log, forget_one_time_keys)
     pg = hs.postgres
     find_pg = empty_database(remote, hs, recreate)
     dump = shlex.quote(f"{dump_dir}/database.pgdump")
@@ -115,6 +117,25 @@ def load_dump(remote: Remote, hs: Homeserver, dump_dir: str, log: Log, recreate:
                         f"recorded {expected}")
     log(f"{hs.server_name}: database restored in {time.monotonic() - t0:.1f}s (schema version {found})"
         + ("; one-time keys emptied: clients upload new ones" if forget_one_time_keys else ""))
+    return found
+
+
+def external_load_program(remote: Remote, hs: Homeserver, action: str, dump: str = "", forget: bool = False) -> str:
+    return program("database.sh", "load-dump-external.sh", **database.inputs(remote.inv, hs), project=synapse_project(hs),
+                   server_name=hs.server_name, action=action, dump=dump, forget=int(forget))
+
+
+def _load_external(remote: Remote, hs: Homeserver, dump_dir: str, log: Log, forget_one_time_keys: bool) -> str:
+    t0 = time.monotonic()
+    out = remote.run(external_load_program(remote, hs, "load", f"{dump_dir}/database.pgdump", forget_one_time_keys),
+                     what="empty the external database, pg_restore", timeout=7200).out
+    found = out.strip().splitlines()[-1] if out.strip() else ""
+    expected = remote.run(f"cat {shlex.quote(dump_dir + '/schema-version')}", what="schema version").out.strip()
+    if found != expected:
+        raise TaskError(f"{hs.server_name}: the restored database has schema version {found}, the dump "
+                        f"recorded {expected}")
+    log(f"{hs.server_name}: database restored on {hs.postgres.external.host} in {time.monotonic() - t0:.1f}s "
+        f"(schema version {found})" + ("; one-time keys emptied: clients upload new ones" if forget_one_time_keys else ""))
     return found
 
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from . import database
-from .database import refuse_external
 from . import admin, docker
 from .converge import HostResult, converge
 from .deploy import local_images
@@ -34,7 +33,7 @@ from .layout import Layout
 from .remote import Remote, locked
 from .render import render_host, synapse_project
 from .report import LineWriter, Reporter
-from .restore import load_dump
+from .restore import external_load_program, load_dump
 from .shell import program
 from .workers import processes, refuse_remote
 
@@ -105,10 +104,12 @@ def upgrade_one(remote: Remote, inv: Inventory, hs: Homeserver, old: str, new: s
         docker.push_images(remote, [new], log)
     else:
         docker.pull_images(remote, [new], log)
+    if hs.postgres.external:  # its way back must be possible before Synapse stops
+        remote.run(external_load_program(remote, hs, "check"), what=f"{sn}: can a dump go back into its database")
     t0 = time.monotonic()
     remote.run(f"{COMPOSE_FN}cd {root} && compose stop {processes(hs)}", what=f"{sn}: stop Synapse")
     log(f"{sn}: Synapse stopped")
-    remote.run(program("dump.sh", project=synapse_project(hs), server_name=sn, **database.inputs(inv, hs),
+    remote.run(program("database.sh", "dump.sh", project=synapse_project(hs), server_name=sn, **database.inputs(inv, hs),
                        staging=dump_dir), what=f"{sn}: dump its database", timeout=7200)
     schema = remote.run(f"cat {shlex.quote(dump_dir)}/schema-version", what="schema version").out.strip()
     log(f"{sn}: database dumped ({dump_dir}/database.pgdump, schema version {schema})")
@@ -150,9 +151,6 @@ def upgrade(inv: Inventory, homeserver: Optional[str], check: bool, log: Log) ->
     for step in steps:
         if step.due:
             refuse_remote(inv.homeserver(step.server_name), "inv upgrade")
-            refuse_external(inv.homeserver(step.server_name), "inv upgrade",
-                            "its way back (the dump restored into an emptied database) is not built yet "
-                            "for a server synapse-fabric does not run")
     downtimes = {}
     for step in steps:
         if not step.due:

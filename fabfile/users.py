@@ -55,7 +55,7 @@ def parse_user(name: str, hs: Homeserver) -> UserId:
 
 def _users(inv: Inventory, hs: Homeserver, uid: UserId, action: str, **inputs) -> str:
     """fabfile/scripts/users.sh for one action on `uid` of `hs`."""
-    return program("homeserver.sh", "users.sh", action=action, project=synapse_project(hs), server_name=hs.server_name,
+    return program("database.sh", "homeserver.sh", "users.sh", action=action, project=synapse_project(hs), server_name=hs.server_name,
                    uid=uid, **database.inputs(inv, hs), **inputs)
 
 

@@ -12,7 +12,7 @@
 # register_python call_python; the request body, if any, on stdin.
 # Prints the HTTP status on the first line, the response body after it.
 # shellcheck disable=SC2154
-# After fabfile/scripts/homeserver.sh ($syn, $pg, psql()).
+# After fabfile/scripts/database.sh and homeserver.sh ($syn, psql()).
 set -eu
 uid="@$admin:$server_name"
 

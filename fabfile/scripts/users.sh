@@ -13,7 +13,7 @@
 # action python backups backup_name logout logout_python. $uid is a validated user
 # ID (no quote, no space); it reaches SQL as a psql variable, which psql quotes.
 # shellcheck disable=SC2154
-# After fabfile/scripts/homeserver.sh ($syn, $pg, psql()).
+# After fabfile/scripts/database.sh and homeserver.sh ($syn, psql()).
 set -e
 
 case $action in

@@ -1,9 +1,11 @@
-"""An external PostgreSQL (postgres.external, issue #18): six.test on vps1 keeps its
+"""An external PostgreSQL (postgres.external, issue #18): six.test on vps2 keeps its
 database on the sandbox's own PostgreSQL server (sfab-extdb, db.test), reached over
 TLS verify-full against the sandbox CA. The password is put on the host by `inv
 database-password` (tried first: a wrong one and a wrong CA change nothing); deploy,
-users and a snapshot (pg_dump over TLS, by `inv uninstall`'s last backup) work with
-it; what lands in the database is read on the server itself."""
+users, `inv upgrade`'s way back (a Synapse that moves the schema and dies: the dump
+goes back into the emptied database) and a snapshot (pg_dump over TLS, by `inv
+uninstall`'s last backup) work with it; what lands in the database is read on the
+server itself."""
 
 from __future__ import annotations
 
@@ -14,15 +16,15 @@ import subprocess
 import pytest
 from nio import LoginResponse, RoomCreateResponse, RoomSendResponse
 
-from tests.e2e.helpers import REPO, https_get, on_host, run, variant
+from tests.e2e.helpers import REPO, ROOTS, https_get, on_host, run, variant
 from tests.e2e.test_users import cli
-from tests.sandbox import sandbox as sb
+from tests.sandbox import images, sandbox as sb
 from tests.sandbox.client import SandboxClient
-from tests.e2e.helpers import ROOTS
 
 pytestmark = pytest.mark.e2e
 
 SN = "six.test"
+HOST = "vps2"  # images: push (the broken Synapse is not in the registry)
 RUN = secrets.token_hex(3)
 SANDBOX_CA = "tests/sandbox/state/pebble-ca.pem"   # signed db.test's certificate
 OTHER_CA = "tests/sandbox/state/acme-roots.pem"    # pebble's issuing roots: not db.test's
@@ -31,7 +33,7 @@ TEST_CA = "tests/sandbox/state/acme-roots.pem"
 
 def _add(doc, ca: str) -> None:
     doc["homeservers"][SN] = {
-        "host": "vps1",
+        "host": HOST,
         "postgres": {"external": {"host": sb.EXTDB_NAME, "port": 5432, "ca": ca}},
         "federation": {"trusted_ca": TEST_CA, "allow_ip_ranges": ["172.29.231.0/24"], "trusted_key_servers": []},
         "synapse_settings": doc["homeservers"]["one.test"]["synapse_settings"],
@@ -64,34 +66,39 @@ def test_a_homeserver_on_an_external_postgresql(deployed):
     password = (REPO / "tests/sandbox/state/extdb-password").read_text().strip()
     secrets_dir = f"/opt/matrix/synapse/{SN}/secrets"
     for name in (SN, f"matrix.{SN}"):
-        sb.set_dns(name, sb.HOSTS["vps1"].ip)
+        sb.set_dns(name, sb.HOSTS[HOST].ip)
     inv = variant("external-db", lambda doc: _add(doc, SANDBOX_CA))
     wrong_ca = variant("external-db-wrong-ca", lambda doc: _add(doc, OTHER_CA))
+
+    def broken_synapse(doc):
+        _add(doc, SANDBOX_CA)
+        doc["images"] = {**(doc.get("images") or {}), "synapse": images.tag_of("synapse-broken")}
+    broken = variant("external-db-broken", broken_synapse)
     try:
         # no password on the host yet: the deploy stops at six.test, naming the command
-        res = run(["inv", "deploy", "--host", "vps1"], inv)
+        res = run(["inv", "deploy", "--host", HOST], inv)
         assert res.returncode == 1 and f"nothing was changed: run inv database-password --homeserver {SN}" \
             in res.stdout + res.stderr
-        assert on_host("vps1", f"ls /opt/matrix/synapse/{SN} 2>/dev/null; true").strip() == ""
-        assert https_get("matrix.one.test", "/_matrix/client/versions")[0] == 200
+        assert on_host(HOST, f"ls /opt/matrix/synapse/{SN} 2>/dev/null; true").strip() == ""
+        assert https_get("matrix.two.test", "/_matrix/client/versions")[0] == 200
 
         # refused passwords change nothing: a wrong one, and the right one with a CA that did not sign db.test
         res = cli(["inv", "database-password", "--homeserver", SN], "not-the-password", inv)
         assert res.returncode == 1 and "did not take the password" in res.stderr + res.stdout
         res = cli(["inv", "database-password", "--homeserver", SN], password, wrong_ca)
         assert res.returncode == 1 and "certificate verify failed" in res.stderr + res.stdout
-        assert on_host("vps1", f"ls {secrets_dir}/pgpass 2>/dev/null; true").strip() == ""
+        assert on_host(HOST, f"ls {secrets_dir}/pgpass 2>/dev/null; true").strip() == ""
 
         res = cli(["inv", "database-password", "--homeserver", SN], password, inv)
         assert res.returncode == 0 and "the password works" in res.stdout
-        assert on_host("vps1", f"stat -c '%a %u' {secrets_dir}/pgpass").strip() == "400 991"
+        assert on_host(HOST, f"stat -c '%a %u' {secrets_dir}/pgpass").strip() == "400 991"
 
-        res = run(["inv", "deploy", "--host", "vps1"], inv)
+        res = run(["inv", "deploy", "--host", HOST], inv)
         assert res.returncode == 0, res.stdout + res.stderr
         assert https_get(f"matrix.{SN}", "/_matrix/client/versions")[0] == 200
         # no database of its own on the host
-        assert "six-test" not in on_host("vps1", "docker ps --format '{{.Names}}' | grep postgres; true")
-        assert on_host("vps1", f"ls -d /opt/matrix/synapse/{SN}/postgres 2>/dev/null; true").strip() == ""
+        assert "six-test" not in on_host(HOST, "docker ps --format '{{.Names}}' | grep postgres; true")
+        assert on_host(HOST, f"ls -d /opt/matrix/synapse/{SN}/postgres 2>/dev/null; true").strip() == ""
 
         user = f"sam-{RUN}"
         assert cli(["inv", "register-user", "--homeserver", SN, "--user", user], "first pw", inv).returncode == 0
@@ -104,8 +111,18 @@ def test_a_homeserver_on_an_external_postgresql(deployed):
                     "WHERE usename = 'synapse' AND backend_type = 'client backend' AND pid <> pg_backend_pid() "
                     "AND client_addr IS NOT NULL") == "t"
 
-        res = run(["inv", "deploy", "--host", "vps1"], inv)
-        assert res.returncode == 0 and "vps1: 0 changed" in res.stdout and "restarted 0" in res.stdout, res.stdout
+        res = run(["inv", "deploy", "--host", HOST], inv)
+        assert res.returncode == 0 and f"{HOST}: 0 changed" in res.stdout and "restarted 0" in res.stdout, res.stdout
+
+        # inv upgrade to a Synapse that moves the schema, then dies: the dump goes back
+        # into the emptied external database, and the previous Synapse runs on it again
+        schema = _sql("SELECT version FROM schema_version")
+        res = run(["inv", "upgrade", "--homeserver", SN], broken)
+        assert res.returncode == 1 and "failed and was rolled back" in res.stderr, res.stdout + res.stderr
+        assert f"database restored on {sb.EXTDB_NAME}" in res.stdout
+        assert _sql("SELECT version FROM schema_version") == schema
+        asyncio.run(_talk(user, "second pw"))
+        assert int(_sql("SELECT count(*) FROM events WHERE type = 'm.room.message'")) >= 2
 
         # operations on the database itself are refused, saying why
         res = run(["inv", "upgrade-postgres", "--homeserver", SN, "--to", "17"], inv)
@@ -115,7 +132,7 @@ def test_a_homeserver_on_an_external_postgresql(deployed):
         res = run(["inv", "uninstall", "--homeserver", SN], inv)
         assert res.returncode == 0, res.stdout + res.stderr
         assert f"Its database on {sb.EXTDB_NAME} was not touched" in res.stdout
-        files = on_host("vps1", "RESTIC_REPOSITORY=/var/backups/synapse-fabric/restic/vps1 "
+        files = on_host(HOST, f"RESTIC_REPOSITORY=/var/backups/synapse-fabric/restic/{HOST} "
                                 "RESTIC_PASSWORD_FILE=/etc/synapse-fabric/backup/restic-password "
                                 f"restic ls latest --tag synapse-fabric:{SN}")
         assert f"/opt/matrix/.synapse-fabric/backup/{SN}/database.pgdump" in files
@@ -125,3 +142,4 @@ def test_a_homeserver_on_an_external_postgresql(deployed):
         for name in (SN, f"matrix.{SN}"):
             sb.set_dns(name, None)
         wrong_ca.unlink(missing_ok=True)
+        broken.unlink(missing_ok=True)
