@@ -10,7 +10,8 @@ is resumed by running it again, or undone with --abort):
     stopped   Synapse stopped on the old host (the downtime starts)
     restored  database dumped on the old host and restored on the new one, streamed
               through this machine (never stored here); media changed since `copied`
-              copied again
+              copied again. An external database (postgres.external) stays where it
+              is: the new host must reach it (checked at `copied`, before the stop)
     started   Synapse started on the new host (with the original signing key), healthy
     switching the old host records the hand-over (<base>/.synapse-fabric/handed-over/<sn>,
               which stops any later deploy from starting a copy there), then its
@@ -35,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .database import refuse_external
+from . import database
 from .errors import TaskError
 from .converge import HostResult, converge
 from .deploy import local_images
@@ -45,6 +46,7 @@ from .docker import COMPOSE_FN, container
 from .layout import Layout
 from .render import render_host, synapse_project
 from .report import LineWriter, Reporter
+from .shell import program
 from .workers import processes, refuse_remote
 
 PHASES = ["checked", "copied", "stopped", "restored", "started", "switching", "switched", "recorded"]
@@ -150,6 +152,12 @@ class Migration:
                   f"--exclude='synapse/{sn}/.migration*' -T -; rc=$?; [ $rc -le 1 ]; }}")
         self._copy("copy while running", script)
         self._converge(self.dst, self.moved, hold=(sn,), install=True)
+        if self.hs.postgres.external:  # the server must take the new host before the old Synapse stops
+            moved = self.moved.homeserver(sn)
+            self.dst.run(program("database.sh", **database.inputs(self.moved, moved), project=synapse_project(moved),
+                                 server_name=sn) + "echo 'SELECT 1;' | psql_db >/dev/null\n",
+                         what=f"{sn}: its external database ({self.hs.postgres.external.host}) from {self.to}")
+            self.log(f"{self.to} reaches {sn}'s database on {self.hs.postgres.external.host} (TLS verify-full)")
 
     def stop_old(self) -> None:
         root = shlex.quote(self.old_lay.synapse(self.sn))
@@ -158,7 +166,10 @@ class Migration:
         self.log(f"Synapse of {self.sn} stopped on {self.old_host.name}")
 
     def restore(self) -> None:
-        sn, pg = self.sn, self.hs.postgres
+        pg = self.hs.postgres
+        if pg.external:  # the database stays where it is: only what changed meanwhile moves
+            self._copy_changed()
+            return
         project = synapse_project(self.hs)
         find_pg = f"pg={container(project, 'postgres')}; "
         db, user = pg.database, pg.user  # validated identifiers
@@ -174,6 +185,10 @@ class Migration:
                                            what="pg_dump on the old host"),
                      what="pg_restore on the new host", timeout=7200)
         self.log(f"database streamed from {self.old_host.name} to {self.to} in {time.monotonic() - started:.1f}s")
+        self._copy_changed()
+
+    def _copy_changed(self) -> None:
+        sn = self.sn
         base = shlex.quote(self.old_lay.base)
         mark = f"synapse/{sn}/.migration-mark"
         self._copy("copy what changed meanwhile",
@@ -290,8 +305,6 @@ def record_in_inventory(path: Path, sn: str, to: str, migrated_from: str | None)
 def migrate(inv: Inventory, sn: str, to: str | None, dry_run: bool, abort: bool, log) -> None:
     hs = inv.homeserver(sn)
     refuse_remote(hs, "inv migrate-host")
-    refuse_external(hs, "inv migrate-host", "not built yet (the database would stay where it is); "
-                    "bootstrap the new host, set the password there, then move `host:` and deploy")
     with session(inv, inv.hosts[hs.host]) as src_probe:
         marked_to, phase = read_phase(src_probe, Layout(inv.hosts[hs.host].base_dir), hs.server_name)
     if marked_to and to and to != marked_to:

@@ -180,6 +180,9 @@ def synapse_up(lay, hs, why: str, only_if=None) -> Action:
     sn = hs.server_name
 
     def how(run: Run) -> None:
+        if sn in run.hold and hs.postgres.external:  # held back, and no database of its own to start
+            run.log(f"{sn}: its stack is held back (a migration)")
+            return
         only = " postgres" if sn in run.hold else ""
         run.log(f"{sn}: starting its stack" + (" (PostgreSQL only)" if only else ""))
         run.remote.run(f"cd {shlex.quote(lay.synapse(sn))} && {run.compose} up -d --remove-orphans{only}",

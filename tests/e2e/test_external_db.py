@@ -3,8 +3,9 @@ database on the sandbox's own PostgreSQL server (sfab-extdb, db.test), reached o
 TLS verify-full against the sandbox CA. The password is put on the host by `inv
 database-password` (tried first: a wrong one and a wrong CA change nothing); deploy,
 users, `inv upgrade`'s way back (a Synapse that moves the schema and dies: the dump
-goes back into the emptied database) and a snapshot (pg_dump over TLS, by `inv
-uninstall`'s last backup) work with it; what lands in the database is read on the
+goes back into the emptied database), `inv migrate-host` to vps1 (the database stays;
+the new host reaches it before the old Synapse stops) and a snapshot (pg_dump over
+TLS, by `inv uninstall`'s last backup) work with it; what lands in the database is read on the
 server itself."""
 
 from __future__ import annotations
@@ -124,6 +125,18 @@ def test_a_homeserver_on_an_external_postgresql(deployed):
         asyncio.run(_talk(user, "second pw"))
         assert int(_sql("SELECT count(*) FROM events WHERE type = 'm.room.message'")) >= 2
 
+        # moved to vps1: the database stays where it is, the new host reaches it first
+        res = run(["inv", "migrate-host", "--homeserver", SN, "--to", "vps1"], inv)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert f"vps1 reaches {SN}'s database on {sb.EXTDB_NAME}" in res.stdout and "streamed" not in res.stdout
+        for name in (SN, f"matrix.{SN}"):
+            sb.set_dns(name, sb.HOSTS["vps1"].ip)
+        asyncio.run(_talk(user, "second pw"))
+        res = run(["inv", "migrate-host", "--homeserver", SN, "--finish", "--yes"], inv)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert on_host(HOST, f"ls -d /opt/matrix/synapse/{SN} 2>/dev/null; true").strip() == ""
+        now = "vps1"
+
         # operations on the database itself are refused, saying why
         res = run(["inv", "upgrade-postgres", "--homeserver", SN, "--to", "17"], inv)
         assert res.returncode != 0 and "not available with an external database" in res.stdout + res.stderr
@@ -132,7 +145,7 @@ def test_a_homeserver_on_an_external_postgresql(deployed):
         res = run(["inv", "uninstall", "--homeserver", SN], inv)
         assert res.returncode == 0, res.stdout + res.stderr
         assert f"Its database on {sb.EXTDB_NAME} was not touched" in res.stdout
-        files = on_host(HOST, f"RESTIC_REPOSITORY=/var/backups/synapse-fabric/restic/{HOST} "
+        files = on_host(now, f"RESTIC_REPOSITORY=/var/backups/synapse-fabric/restic/{now} "
                                 "RESTIC_PASSWORD_FILE=/etc/synapse-fabric/backup/restic-password "
                                 f"restic ls latest --tag synapse-fabric:{SN}")
         assert f"/opt/matrix/.synapse-fabric/backup/{SN}/database.pgdump" in files
