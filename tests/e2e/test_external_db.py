@@ -15,12 +15,11 @@ import secrets
 import subprocess
 
 import pytest
-from nio import LoginResponse, RoomCreateResponse, RoomSendResponse
 
-from tests.e2e.helpers import REPO, ROOTS, https_get, on_host, run, variant
+from tests.e2e.helpers import REPO, https_get, on_host, run, variant
+from tests.e2e.test_uninstall import _say_something
 from tests.e2e.test_users import cli
 from tests.sandbox import images, sandbox as sb
-from tests.sandbox.client import SandboxClient
 
 pytestmark = pytest.mark.e2e
 
@@ -47,15 +46,6 @@ def _sql(query: str) -> str:
                           "-c", query], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     return res.stdout.strip()
-
-
-async def _talk(user: str, password: str) -> None:
-    async with SandboxClient(f"https://matrix.{SN}", ROOTS) as client:
-        assert isinstance(await client.login(user, password), LoginResponse)
-        room = await client.client.room_create(name="kept elsewhere")
-        assert isinstance(room, RoomCreateResponse), room
-        sent = await client.client.room_send(room.room_id, "m.room.message", {"msgtype": "m.text", "body": "hi"})
-        assert isinstance(sent, RoomSendResponse), sent
 
 
 def test_a_homeserver_on_an_external_postgresql(deployed):
@@ -104,7 +94,7 @@ def test_a_homeserver_on_an_external_postgresql(deployed):
         user = f"sam-{RUN}"
         assert cli(["inv", "register-user", "--homeserver", SN, "--user", user], "first pw", inv).returncode == 0
         assert cli(["inv", "reset-password", "--homeserver", SN, "--user", user], "second pw", inv).returncode == 0
-        asyncio.run(_talk(user, "second pw"))
+        asyncio.run(_say_something(SN, user, "second pw"))
         # it is all on the external server, and Synapse's connections there are TLS
         assert _sql(f"SELECT count(*) FROM users WHERE name = '@{user}:{SN}'") == "1"
         assert int(_sql("SELECT count(*) FROM events WHERE type = 'm.room.message'")) >= 1
@@ -122,7 +112,7 @@ def test_a_homeserver_on_an_external_postgresql(deployed):
         assert res.returncode == 1 and "failed and was rolled back" in res.stderr, res.stdout + res.stderr
         assert f"database restored on {sb.EXTDB_NAME}" in res.stdout
         assert _sql("SELECT version FROM schema_version") == schema
-        asyncio.run(_talk(user, "second pw"))
+        asyncio.run(_say_something(SN, user, "second pw"))
         assert int(_sql("SELECT count(*) FROM events WHERE type = 'm.room.message'")) >= 2
 
         # moved to vps1: the database stays where it is, the new host reaches it first
@@ -131,7 +121,7 @@ def test_a_homeserver_on_an_external_postgresql(deployed):
         assert f"vps1 reaches {SN}'s database on {sb.EXTDB_NAME}" in res.stdout and "streamed" not in res.stdout
         for name in (SN, f"matrix.{SN}"):
             sb.set_dns(name, sb.HOSTS["vps1"].ip)
-        asyncio.run(_talk(user, "second pw"))
+        asyncio.run(_say_something(SN, user, "second pw"))
         res = run(["inv", "migrate-host", "--homeserver", SN, "--finish", "--yes"], inv)
         assert res.returncode == 0, res.stdout + res.stderr
         assert on_host(HOST, f"ls -d /opt/matrix/synapse/{SN} 2>/dev/null; true").strip() == ""
