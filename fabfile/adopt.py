@@ -36,6 +36,7 @@ from typing import Callable, Optional
 
 import yaml
 
+from .database import refuse_external
 from . import adopt_config as ac
 from .docker import COMPOSE_FN, container
 from .errors import RolledBack, TaskError
@@ -461,6 +462,9 @@ def adopt(inv: Inventory, sn: str, source: str, to: Optional[str], compose: str,
     """Adopt `sn` from `source` (see the module's docstring)."""
     sn = _server_name(sn)
     target, hs = _target_of(inv, sn, source, to)
+    if hs is not None:
+        refuse_external(hs, "inv adopt", "adopting brings the database under synapse-fabric's own PostgreSQL; "
+                        "remove postgres.external from its entry to adopt it, or deploy it as it is")
     a = Adoption(inv, sn, source, target, log)
     a.open()
     try:

@@ -59,7 +59,7 @@ def converge(remote: Remote, state, local_images, report: Reporter, result: Host
     if not facts.compose:
         raise RemoteError(f"{name}: neither `docker compose` nor `docker-compose` is installed; run bootstrap")
     guard.check(state, facts, remote.inv.path, migrating)
-    database.require_passwords(state, facts)
+    database.check_before_deploy(state, facts)
     firewall.check_ssh(remote.inv, name, facts.sshd_ports)
     keep, notes = postgres.keep_majors(state, facts)
     keep_synapse, synapse_notes = versions.keep_synapse(state, facts, synapse_pins)

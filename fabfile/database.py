@@ -76,11 +76,29 @@ def refuse_external(hs: Homeserver, what: str, why: str) -> None:
                         f"(postgres.external: {hs.postgres.external.host}): {why}")
 
 
-def require_passwords(state, facts) -> None:
+def check_before_deploy(state, facts) -> None:
     """Before a deploy changes anything: every homeserver on an external database
-    has its password on the host (`inv database-password` puts it there)."""
-    missing = [hs.server_name for hs in state.homeservers
-               if hs.postgres.external and state.layout.secret(hs.server_name, "pgpass") not in facts.stats]
+    has its password on the host (`inv database-password` puts it there), and none
+    switches between its own database and an external one (the data would stay
+    behind: that move is a dump and a restore, not a deploy)."""
+    problems, missing = [], []
+    for hs in state.homeservers:
+        sn, lay = hs.server_name, state.layout
+        local_data = sn in facts.pg_major
+        external_pass = lay.secret(sn, "pgpass") in facts.stats and lay.secret(sn, "postgres_password") not in facts.stats
+        if hs.postgres.external and local_data:
+            problems.append(f"{sn}: its database is here (PostgreSQL {facts.pg_major[sn]}, {lay.postgres(sn)}) but "
+                            f"hosts.yaml gives it postgres.external ({hs.postgres.external.host}): a deploy does not "
+                            "move a database; dump it (inv backup), restore it on that server, then remove "
+                            f"{lay.postgres(sn)} and deploy")
+        elif not hs.postgres.external and external_pass:
+            problems.append(f"{sn}: it used an external database (its secrets hold only that server's passfile) but "
+                            "hosts.yaml no longer names one: a deploy would start an empty database here; put "
+                            "postgres.external back, or restore its data here first (inv restore)")
+        elif hs.postgres.external and lay.secret(sn, "pgpass") not in facts.stats:
+            missing.append(sn)
+    if problems:
+        raise TaskError(f"{state.host.name}: refusing to deploy; nothing was changed:\n  " + "\n  ".join(problems))
     if missing:
         raise TaskError(f"{state.host.name}: the external database's password of {', '.join(missing)} is not on "
                         "the host yet; nothing was changed: run "

@@ -29,6 +29,9 @@ def logs(inv: Inventory, homeserver: str, service: str, since: str, tail: int, f
         raise TaskError(f"invalid --since {since!r}: 90s, 10m, 2h, or a date like 2026-11-30 or 2026-11-30T12:00")
     if tail < 1:
         raise TaskError("--tail must be at least 1")
+    if service == "postgres" and hs.postgres.external:
+        raise TaskError(f"{hs.server_name}'s database is external ({hs.postgres.external.host}): its logs are "
+                        "that server's")
     if service == "admin-ui" and not hs.admin_ui.enabled:
         raise TaskError(f"{hs.server_name} has no admin UI (admin_ui.enabled is false)")
     project = synapse_project(hs) if service in ("synapse", "postgres") else PROXY_PROJECT

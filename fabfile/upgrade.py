@@ -109,8 +109,13 @@ def upgrade_one(remote: Remote, inv: Inventory, hs: Homeserver, old: str, new: s
     t0 = time.monotonic()
     remote.run(f"{COMPOSE_FN}cd {root} && compose stop {processes(hs)}", what=f"{sn}: stop Synapse")
     log(f"{sn}: Synapse stopped")
-    remote.run(program("database.sh", "dump.sh", project=synapse_project(hs), server_name=sn, **database.inputs(inv, hs),
-                       staging=dump_dir), what=f"{sn}: dump its database", timeout=7200)
+    try:
+        remote.run(program("database.sh", "dump.sh", project=synapse_project(hs), server_name=sn,
+                           **database.inputs(inv, hs), staging=dump_dir), what=f"{sn}: dump its database", timeout=7200)
+    except SfabError:  # nothing changed yet: the same Synapse serves again
+        remote.run(f"{COMPOSE_FN}cd {root} && compose start {processes(hs)}", what=f"{sn}: start Synapse again")
+        log(f"{sn}: no dump, no upgrade: {old} serves again")
+        raise
     schema = remote.run(f"cat {shlex.quote(dump_dir)}/schema-version", what="schema version").out.strip()
     log(f"{sn}: database dumped ({dump_dir}/database.pgdump, schema version {schema})")
     try:
@@ -122,8 +127,8 @@ def upgrade_one(remote: Remote, inv: Inventory, hs: Homeserver, old: str, new: s
                    f"label=com.docker.compose.project={synapse_project(hs)} --filter "
                    f"label=com.docker.compose.service=synapse | head -n 1)}}; "
                    f"[ -n \"$c\" ] && docker logs --tail 2000 \"$c\" > {shlex.quote(failed_log)} 2>&1; "
-                   f"{COMPOSE_FN}cd {root} && compose stop synapse; true",
-                   what=f"{sn}: keep the failed Synapse's logs, stop it")
+                   f"{COMPOSE_FN}cd {root} && compose stop {processes(hs)}; true",
+                   what=f"{sn}: keep the failed Synapse's logs, stop it and its workers")
         log(f"{sn}: {new} failed ({str(exc).splitlines()[0]}); rolling back to {old}")
         load_dump(remote, hs, dump_dir, log, recreate=True, forget_one_time_keys=False)
         _converge(remote, inv, hs, old, log)

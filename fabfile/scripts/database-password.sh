@@ -7,8 +7,8 @@
 # shellcheck disable=SC2154 # inputs (fabfile/shell.py)
 set -e
 umask 077
-t=$(mktemp -d)
-trap 'rm -rf "$t"' EXIT
+t=$(mktemp -d /run/sfab-db-password.XXXXXX)  # memory, not disk; root's
+trap 'rm -rf "$t"' EXIT HUP INT TERM
 IFS= read -r line
 printf '%s\n' "$line" > "$t/pgpass"
 cat > "$t/ca.pem"

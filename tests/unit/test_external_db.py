@@ -115,5 +115,21 @@ def test_a_deploy_without_the_password_on_the_host_stops_before_any_change():
     st = state()
     with pytest.raises(TaskError, match=r"ext\.example is not on the host yet; nothing was changed: run "
                                         r"inv database-password --homeserver ext\.example"):
-        database.require_passwords(st, Facts())
-    database.require_passwords(st, Facts(stats={f"{ROOT}/secrets/pgpass": Stat("regular file", 0o400, "991:991")}))
+        database.check_before_deploy(st, Facts())
+    database.check_before_deploy(st, Facts(stats={f"{ROOT}/secrets/pgpass": Stat("regular file", 0o400, "991:991")}))
+
+
+def test_a_deploy_never_switches_a_homeserver_between_its_own_database_and_an_external_one():
+    from fabfile.facts import Facts, Stat
+    f = Stat("regular file", 0o400, "991:991")
+    # its own data is here, and hosts.yaml now names an external server: the data would stay behind
+    with pytest.raises(TaskError, match=r"ext\.example: its database is here \(PostgreSQL 17"):
+        database.check_before_deploy(state(), Facts(pg_major={"ext.example": 17},
+                                                    stats={f"{ROOT}/secrets/pgpass": f}))
+    # it used an external server, and hosts.yaml no longer names one: an empty database would start
+    own = render_host(inv(INV.replace("    postgres: {external: {host: db.example.net, port: 6432, ca: certs/db-ca.pem}}\n",
+                                      "")), "web", read=lambda p: CA)
+    with pytest.raises(TaskError, match=r"ext\.example: it used an external database"):
+        database.check_before_deploy(own, Facts(stats={f"{ROOT}/secrets/pgpass": f}))
+    database.check_before_deploy(own, Facts(stats={f"{ROOT}/secrets/pgpass": f, f"{ROOT}/secrets/postgres_password": f},
+                                            pg_major={"ext.example": 17}))
