@@ -1,4 +1,4 @@
-"""An external PostgreSQL (postgres.external, issue #18): six.test on vps2 keeps its
+"""An external PostgreSQL (postgres.external, issue #18): external.test on vps2 keeps its
 database on the sandbox's own PostgreSQL server (sfab-extdb, db.test), reached over
 TLS verify-full against the sandbox CA. The password is put on the host by `inv
 database-password` (tried first: a wrong one and a wrong CA change nothing); deploy,
@@ -23,7 +23,7 @@ from tests.sandbox import images, sandbox as sb
 
 pytestmark = pytest.mark.e2e
 
-SN = "six.test"
+SN = "external.test"  # a name of its own: test_restore has six.test, and this one leaves records
 HOST = "vps2"  # images: push (the broken Synapse is not in the registry)
 RUN = secrets.token_hex(3)
 SANDBOX_CA = "tests/sandbox/state/pebble-ca.pem"   # signed db.test's certificate
@@ -54,6 +54,8 @@ def test_a_homeserver_on_an_external_postgresql(deployed):
                           capture_output=True).returncode == 0:
             break
         subprocess.run(["sleep", "1"])
+    for host in ("vps1", HOST):  # an earlier run's records (uninstalled, handed over) on a kept sandbox
+        on_host(host, f"rm -f /opt/matrix/.synapse-fabric/uninstalled/{SN} /opt/matrix/.synapse-fabric/handed-over/{SN}")
     password = (REPO / "tests/sandbox/state/extdb-password").read_text().strip()
     secrets_dir = f"/opt/matrix/synapse/{SN}/secrets"
     for name in (SN, f"matrix.{SN}"):
@@ -66,7 +68,7 @@ def test_a_homeserver_on_an_external_postgresql(deployed):
         doc["images"] = {**(doc.get("images") or {}), "synapse": images.tag_of("synapse-broken")}
     broken = variant("external-db-broken", broken_synapse)
     try:
-        # no password on the host yet: the deploy stops at six.test, naming the command
+        # no password on the host yet: the deploy stops at it, naming the command
         res = run(["inv", "deploy", "--host", HOST], inv)
         assert res.returncode == 1 and f"nothing was changed: run inv database-password --homeserver {SN}" \
             in res.stdout + res.stderr
@@ -88,7 +90,7 @@ def test_a_homeserver_on_an_external_postgresql(deployed):
         assert res.returncode == 0, res.stdout + res.stderr
         assert https_get(f"matrix.{SN}", "/_matrix/client/versions")[0] == 200
         # no database of its own on the host
-        assert "six-test" not in on_host(HOST, "docker ps --format '{{.Names}}' | grep postgres; true")
+        assert SN.replace('.', '-') not in on_host(HOST, "docker ps --format '{{.Names}}' | grep postgres; true")
         assert on_host(HOST, f"ls -d /opt/matrix/synapse/{SN}/postgres 2>/dev/null; true").strip() == ""
 
         user = f"sam-{RUN}"
