@@ -11,7 +11,7 @@ from .inventory import Homeserver, Inventory
 from .layout import SYNAPSE_UID, Layout
 from .passwords import read_password
 from .remote import locked
-from .render import DB_CA_MOUNT
+from .render import DB_CA_MOUNT, synapse_project
 from .shell import program
 
 
@@ -60,8 +60,8 @@ def set_password(inv: Inventory, homeserver: str, password_file: str | None) -> 
     lay = Layout(host.base_dir)
     with locked(inv, host) as remote:
         # stdin: the passfile line, then the CA (the password never reaches an argv)
-        remote.run(program("database-password.sh", **inputs(inv, hs), secrets=lay.secrets(hs.server_name),
-                           server_name=hs.server_name, synapse_uid=SYNAPSE_UID),
+        remote.run(program("database.sh", "database-password.sh", **inputs(inv, hs), project=synapse_project(hs),
+                           secrets=lay.secrets(hs.server_name), server_name=hs.server_name, synapse_uid=SYNAPSE_UID),
                    stdin=passfile_line(hs, password) + ca, what=f"{hs.server_name}: set the database password",
                    timeout=600)
     return (f"{hs.server_name}: the password works ({ext.host}:{ext.port}, TLS verify-full) and is kept on "

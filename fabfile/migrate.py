@@ -154,8 +154,8 @@ class Migration:
         self._converge(self.dst, self.moved, hold=(sn,), install=True)
         if self.hs.postgres.external:  # the server must take the new host before the old Synapse stops
             moved = self.moved.homeserver(sn)
-            self.dst.run(program("database.sh", **database.inputs(self.moved, moved), project=synapse_project(moved),
-                                 server_name=sn) + "echo 'SELECT 1;' | psql_db >/dev/null\n",
+            self.dst.run(program("database.sh", "database-reach.sh", **database.inputs(self.moved, moved),
+                                 project=synapse_project(moved), server_name=sn),
                          what=f"{sn}: its external database ({self.hs.postgres.external.host}) from {self.to}")
             self.log(f"{self.to} reaches {sn}'s database on {self.hs.postgres.external.host} (TLS verify-full)")
 
