@@ -68,8 +68,11 @@ def converge(remote: Remote, state, local_images, report: Reporter, result: Host
     # workers of other hosts' homeservers: what they copy is read there (the paths
     # were in the facts script already; only the contents change)
     copies = guests.copies_for(remote.inv, name) if state.guests else None
-    if keep or keep_synapse or copies:  # same paths, other contents
-        state = render_host(remote.inv, name, keep_postgres=keep, keep_synapse=keep_synapse, guest_copies=copies)
+    # a database on another host: its password, read there, while the passfile is missing here
+    passfiles = database.passfiles(remote.inv, state, facts)
+    if keep or keep_synapse or copies or passfiles:  # same paths, other contents
+        state = render_host(remote.inv, name, keep_postgres=keep, keep_synapse=keep_synapse, guest_copies=copies,
+                            db_passfiles=passfiles)
     push = state.host.images == "push"
     plan = plan_mod.make(state, facts, local_images, push, refresh_tags=pull)
     result.ok = plan.ok
@@ -90,7 +93,7 @@ def converge(remote: Remote, state, local_images, report: Reporter, result: Host
 def host_projects(state) -> list[str]:
     """Every compose project this host runs."""
     return [PROXY_PROJECT] + [synapse_project(hs) for hs in state.homeservers] + [
-        g.project for g in state.guests.values()]
+        g.project for g in state.guests.values()] + [d.project for d in state.databases.values()]
 
 
 def _show_diffs(remote: Remote, plan: Plan, report: Reporter) -> None:

@@ -10,7 +10,7 @@ from .errors import TaskError
 from .inventory import Homeserver, Inventory
 from .layout import SYNAPSE_UID, Layout
 from .passwords import read_password
-from .remote import locked
+from .remote import locked, session
 from .render import DB_CA_MOUNT, synapse_project
 from .shell import program
 
@@ -22,15 +22,24 @@ def client_image(inv: Inventory, hs: Homeserver) -> str:
 
 def inputs(inv: Inventory, hs: Homeserver) -> dict:
     """What fabfile/scripts/homeserver.sh needs to run psql on the homeserver's database."""
-    ext = hs.postgres.external
     common = {"pg_user": hs.postgres.user, "pg_db": hs.postgres.database}
-    if ext is None:  # every name set all the same (a rendered program is shellchecked)
+    if not hs.postgres.elsewhere:  # every name set all the same (a rendered program is shellchecked)
         return {**common, "external": "", "db_host": "", "db_port": "", "db_ca": "", "db_ca_mount": "",
                 "pgpass": "", "pg_image": ""}
     lay = Layout(inv.hosts[hs.host].base_dir)
-    return {**common, "external": "1", "db_host": ext.host, "db_port": ext.port, "db_ca": lay.db_ca(hs.server_name),
-            "db_ca_mount": DB_CA_MOUNT, "pgpass": f"{lay.secrets(hs.server_name)}/pgpass",
-            "pg_image": client_image(inv, hs)}
+    db_host, db_port = server(inv, hs)
+    return {**common, "external": "1", "db_host": db_host, "db_port": db_port,
+            "db_ca": lay.db_ca(hs.server_name) if hs.postgres.external else "", "db_ca_mount": DB_CA_MOUNT,
+            "pgpass": f"{lay.secrets(hs.server_name)}/pgpass", "pg_image": client_image(inv, hs)}
+
+
+def server(inv: Inventory, hs: Homeserver) -> tuple[str, int]:
+    """Where the homeserver's host reaches a database elsewhere: the external
+    server, or the database host's private address and published port."""
+    if hs.postgres.external is not None:
+        return hs.postgres.external.host, hs.postgres.external.port
+    from . import workers  # (workers.py imports nothing of this module)
+    return inv.hosts[hs.postgres.host].private_address, workers.service_port(hs, "postgres")
 
 
 def passfile_line(hs: Homeserver, password: str) -> bytes:
@@ -74,6 +83,9 @@ def refuse_external(hs: Homeserver, what: str, why: str) -> None:
     if hs.postgres.external is not None:
         raise TaskError(f"{hs.server_name}: {what} is not available with an external database "
                         f"(postgres.external: {hs.postgres.external.host}): {why}")
+    if hs.postgres.host is not None:
+        raise TaskError(f"{hs.server_name}: {what} is not available yet with its database on another host "
+                        f"(postgres.host: {hs.postgres.host}): {why}")
 
 
 def check_before_deploy(state, facts) -> None:
@@ -86,15 +98,14 @@ def check_before_deploy(state, facts) -> None:
         sn, lay = hs.server_name, state.layout
         local_data = sn in facts.pg_major
         external_pass = lay.secret(sn, "pgpass") in facts.stats and lay.secret(sn, "postgres_password") not in facts.stats
-        if hs.postgres.external and local_data:
+        if hs.postgres.elsewhere and local_data:
             problems.append(f"{sn}: its database is here (PostgreSQL {facts.pg_major[sn]}, {lay.postgres(sn)}) but "
-                            f"hosts.yaml gives it postgres.external ({hs.postgres.external.host}): a deploy does not "
-                            "move a database; dump it (inv backup), restore it on that server, then remove "
-                            f"{lay.postgres(sn)} and deploy")
-        elif not hs.postgres.external and external_pass:
-            problems.append(f"{sn}: it used an external database (its secrets hold only that server's passfile) but "
-                            "hosts.yaml no longer names one: a deploy would start an empty database here; put "
-                            "postgres.external back, or restore its data here first (inv restore)")
+                            f"hosts.yaml puts it on {hs.postgres.where}: a deploy does not move a database; dump it "
+                            f"(inv backup), restore it there, then remove {lay.postgres(sn)} and deploy")
+        elif not hs.postgres.elsewhere and external_pass:
+            problems.append(f"{sn}: its database was elsewhere (its secrets hold only that server's passfile) but "
+                            "hosts.yaml no longer says where: a deploy would start an empty database here; put "
+                            "postgres.external or postgres.host back, or restore its data here first (inv restore)")
         elif hs.postgres.external and lay.secret(sn, "pgpass") not in facts.stats:
             missing.append(sn)
     if problems:
@@ -104,3 +115,23 @@ def check_before_deploy(state, facts) -> None:
                         "the host yet; nothing was changed: run "
                         + "; ".join(f"inv database-password --homeserver {sn}" for sn in missing)
                         + ", then deploy again")
+
+
+def passfiles(inv: Inventory, state, facts) -> dict[str, bytes]:
+    """The passfiles this host lacks of its homeservers whose database another
+    inventory host runs (postgres.host): the password is made there (that host
+    converges first) and read there, once; a present passfile is never replaced."""
+    out = {}
+    for hs in state.homeservers:
+        if hs.postgres.host is None or state.layout.secret(hs.server_name, "pgpass") in facts.stats:
+            continue
+        host = inv.hosts[hs.postgres.host]
+        with session(inv, host) as remote:
+            password = remote.run(program("database-host-password.sh",
+                                          dir=f"{Layout(host.base_dir).database(hs.server_name)}/secrets"),
+                                  what=f"{hs.server_name}: its database's password on {host.name}").out.strip()
+        if not password:
+            raise TaskError(f"{hs.server_name}: its database on {host.name} has no password yet: deploy {host.name} "
+                            f"first (inv deploy --host {host.name}), then this host")
+        out[hs.server_name] = passfile_line(hs, password)
+    return out

@@ -39,15 +39,39 @@ def select_hosts(inv: Inventory, hosts: list[str] | None, homeservers: list[str]
                 raise InventoryError(f"{inv.path}: no host {h!r} (known hosts: {', '.join(inv.hosts)})")
         names = [n for n in names if n in hosts]
     if homeservers:
-        wanted = {h for s in homeservers for h in [inv.homeserver(s).host] + worker_hosts(inv.homeserver(s))}
+        wanted = {h for s in homeservers for h in _hosts_of(inv.homeserver(s))}
         names = [n for n in names if n in wanted]
     if not hosts:
         # A host with no homeserver (e.g. a migration target) is left alone
         # unless named (deploying it would only start an idle proxy), or unless it
-        # runs some homeserver's workers.
-        running = {h for hs in inv.homeservers.values() for h in worker_hosts(hs)}
+        # runs some homeserver's workers or database.
+        running = {h for hs in inv.homeservers.values() for h in _hosts_of(hs)}
         names = [n for n in names if inv.homeservers_on(n) or n in running]
     return names
+
+
+def _hosts_of(hs) -> list[str]:
+    """The hosts a homeserver's processes run on: its own, its workers' and its database's."""
+    return [hs.host] + worker_hosts(hs) + ([hs.postgres.host] if hs.postgres.host else [])
+
+
+def waves(states: dict) -> list[list[str]]:
+    """The hosts in the order their dependencies allow: a host that runs another
+    host's database converges before that host, and a host that runs another
+    host's workers after it (it copies what that host made). Hosts of one wave
+    converge side by side."""
+    deps = {n: ({g.hs.host for g in s.guests.values()} | {hs.postgres.host for hs in s.homeservers
+                                                            if hs.postgres.host}) & set(states)
+            for n, s in states.items()}
+    out, done = [], set()
+    while len(done) < len(states):
+        wave = [n for n in states if n not in done and deps[n] <= done]
+        if not wave:
+            raise InventoryError("the hosts' databases and workers depend on each other in a circle: "
+                                 + ", ".join(sorted(set(states) - done)))
+        out.append(wave)
+        done |= set(wave)
+    return out
 
 
 def deploy(
@@ -63,18 +87,17 @@ def deploy(
     report = report or Reporter()
     states = {name: render_host(inv, name) for name in host_names}  # render errors stop all
     local = local_images(inv, list(states.values()))
-    # hosts that run workers of another host's homeserver go second: that host makes
-    # the secrets they copy (the inventory allows no chains)
-    first = [n for n in host_names if not states[n].guests]
     results: dict[str, HostResult] = {}
     with ThreadPoolExecutor(max_workers=max(1, len(host_names))) as pool:
-        for wave in (first, [n for n in host_names if n not in first]):
+        for wave in waves(states):
             futures = {}
             for n in wave:
-                failed = sorted({g.hs.host for g in states[n].guests.values()
-                                 if g.hs.host in results and results[g.hs.host].failed})
+                needs = {g.hs.host: "it runs workers of homeservers on" for g in states[n].guests.values()}
+                needs |= {hs.postgres.host: "its homeservers' databases run on" for hs in states[n].homeservers
+                          if hs.postgres.host}
+                failed = sorted(h for h in needs if h in results and results[h].failed)
                 if failed:
-                    results[n] = HostResult(n, error=f"{n}: not deployed: it runs workers of homeservers on "
+                    results[n] = HostResult(n, error=f"{n}: not deployed: {needs[failed[0]]} "
                                                      f"{', '.join(failed)}, which failed", exit_code=1)
                 else:
                     futures[n] = pool.submit(_converge_host, inv, states[n], local, dry_run, install, report, pull)

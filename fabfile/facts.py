@@ -120,13 +120,19 @@ class Facts:
 def secret_paths(state: DesiredState) -> list[str]:
     lay = state.layout
     return ([lay.secret(hs.server_name, name) for hs in state.homeservers for name in synapse_secrets(state, hs)]
+            + [database_secret(state, sn) for sn in state.databases]
             + ([lay.turn_secret] if state.turn else []))
+
+
+def database_secret(state: DesiredState, server_name: str) -> str:
+    """The password of a database this host runs for another host's homeserver."""
+    return f"{state.layout.database(server_name)}/secrets/postgres_password"
 
 
 def synapse_secrets(state: DesiredState, hs) -> tuple[str, ...]:
     """The secrets a homeserver's processes read: its database's, and with workers
     the replication secret and Redis's password (fabfile/scripts/synapse-secrets.sh)."""
-    database = ("pgpass",) if hs.postgres.external else ("postgres_password", "pgpass")
+    database = ("pgpass",) if hs.postgres.elsewhere else ("postgres_password", "pgpass")
     return database + (WORKER_SECRETS if state.workers.get(hs.server_name) else ())
 
 

@@ -266,6 +266,58 @@ def _cross_check(inv: Inventory, path: Path, lines: dict) -> None:
             fail(("homeservers", key, "postgres", "external"),
                  "an external database with workers on other hosts is not supported yet: keep the workers "
                  "on the homeserver's host (remove workers.hosts)")
+    _check_database_hosts(inv, fail)
+
+
+def _check_database_hosts(inv: Inventory, fail) -> None:
+    """postgres.host: a known host other than the homeserver's, both on one private
+    network; not with an external server or workers elsewhere; and no chains (a
+    database host converges before the homeserver's host, so it is neither one
+    whose own database is elsewhere nor one running another host's workers)."""
+    from . import workers as workers_mod
+    worker_guests = {h for hs in inv.homeservers.values() for h in workers_mod.worker_hosts(hs)}
+    for key, hs in inv.homeservers.items():
+        where = hs.postgres.host
+        if where is None:
+            continue
+        loc = ("homeservers", key, "postgres", "host")
+        if where not in inv.hosts:
+            fail(loc, f"{where!r} is not a host in this inventory (known hosts: {', '.join(inv.hosts)})")
+        if where == hs.host:
+            fail(loc, f"{where} is the homeserver's own host, where its database runs anyway: remove postgres.host")
+        if hs.postgres.external:
+            fail(loc, "a homeserver's database is either external or on an inventory host, not both")
+        if hs.workers.hosts:
+            fail(loc, "a database on another host with workers on other hosts is not supported yet: keep the "
+                      "workers on the homeserver's host (remove workers.hosts)")
+        for name in (hs.host, where):
+            if inv.hosts[name].private_address is None:
+                fail(("hosts", name), f"{key}'s database on {where} is reached over the private network: "
+                                      f"{name} needs a private_address")
+        if (":" in inv.hosts[hs.host].private_address) != (":" in inv.hosts[where].private_address):
+            fail(loc, f"the private addresses of {hs.host} and {where} are not both IPv4 or both IPv6")
+        if where in worker_guests:
+            fail(loc, f"{where} runs workers of another host's homeserver; a database host may not (no chains)")
+        if any(o.host == where and o.postgres.host for o in inv.homeservers.values()):
+            fail(loc, f"{where} is the host of a homeserver whose own database is on another host (no chains)")
+    # one published port per database on a host
+    ports: dict[tuple[str, int], str] = {}
+    for key, hs in inv.homeservers.items():
+        if hs.postgres.host:
+            slot = (hs.postgres.host, workers_mod.service_port(hs, "postgres"))
+            if slot in ports:
+                fail(("homeservers", key, "workers", "port_base"),
+                     f"its database would be published on {slot[0]} at port {slot[1]}, like {ports[slot]}'s: "
+                     f"choose another port_base (the database takes port_base)")
+            ports[slot] = key
+            for other, ohs in inv.homeservers.items():
+                span = ohs.workers.port_base
+                if (workers_mod.worker_hosts(ohs) and slot[0] in [ohs.host] + workers_mod.worker_hosts(ohs)
+                        and span <= slot[1] < span + workers_mod.PORT_SPAN):
+                    fail(("homeservers", key, "workers", "port_base"),
+                         f"its database would be published on {slot[0]} at port {slot[1]}, among the ports of "
+                         f"{other}'s processes there ({span}-{span + workers_mod.PORT_SPAN - 1}): choose another "
+                         "port_base (the database takes port_base)")
 
 
 def _check_worker_hosts(inv: Inventory, fail) -> None:

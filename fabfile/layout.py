@@ -138,6 +138,11 @@ class Layout:
     def postgres(self, server_name: str) -> str:
         return f"{self.synapse(server_name)}/postgres"
 
+    def database(self, server_name: str) -> str:
+        """The database of another host's homeserver that this host runs
+        (postgres.host): its stack, data (postgres/) and password (secrets/)."""
+        return f"{self.base}/synapse-db/{server_name}"
+
     def pg_version(self, server_name: str) -> str:
         return f"{self.postgres(server_name)}/PG_VERSION"
 

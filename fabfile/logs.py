@@ -12,7 +12,7 @@ from .docker import container
 from .errors import TaskError
 from .inventory import Inventory
 from .remote import session
-from .render import PROXY_PROJECT, admin_ui_service, synapse_project
+from .render import PROXY_PROJECT, admin_ui_service, database_project, synapse_project
 
 SERVICES = ("synapse", "postgres", "nginx", "admin-ui")
 SINCE_RE = re.compile(r"^(\d+[smh]|\d{4}-\d\d-\d\d(T\d\d:\d\d(:\d\d)?(Z|[+-]\d\d:\d\d)?)?)$")
@@ -35,11 +35,14 @@ def logs(inv: Inventory, homeserver: str, service: str, since: str, tail: int, f
     if service == "admin-ui" and not hs.admin_ui.enabled:
         raise TaskError(f"{hs.server_name} has no admin UI (admin_ui.enabled is false)")
     project = synapse_project(hs) if service in ("synapse", "postgres") else PROXY_PROJECT
+    host = hs.host
+    if service == "postgres" and hs.postgres.host:  # the host that runs it for it
+        project, host = database_project(hs), hs.postgres.host
     service = admin_ui_service(hs) if service == "admin-ui" else service
     flags = ["--since", since, "--tail", str(tail), "--timestamps"] + (["--follow"] if follow else [])
     script = (f"c={container(project, service)}\n"
-              f'if [ -z "$c" ]; then echo "{service} of {hs.server_name} is not running on this host" >&2; exit 4; fi\n'
+              f'if [ -z "$c" ]; then echo "{service} of {hs.server_name} is not running on {host}" >&2; exit 4; fi\n'
               f'exec docker logs {" ".join(shlex.quote(f) for f in flags)} "$c" 2>&1\n')
-    with session(inv, inv.hosts[hs.host]) as remote:
+    with session(inv, inv.hosts[host]) as remote:
         remote.run(script, what=f"{hs.server_name}: {service} logs", on_stdout=out,
                    timeout=30 * 24 * 3600 if follow else 300)

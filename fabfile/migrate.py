@@ -10,8 +10,9 @@ is resumed by running it again, or undone with --abort):
     stopped   Synapse stopped on the old host (the downtime starts)
     restored  database dumped on the old host and restored on the new one, streamed
               through this machine (never stored here); media changed since `copied`
-              copied again. An external database (postgres.external) stays where it
-              is: the new host must reach it (checked at `copied`, before the stop)
+              copied again. A database elsewhere (postgres.external, postgres.host)
+              stays where it is: the new host must reach it (checked at `copied`,
+              before the stop; a database host first admits both hosts)
     started   Synapse started on the new host (with the original signing key), healthy
     switching the old host records the hand-over (<base>/.synapse-fabric/handed-over/<sn>,
               which stops any later deploy from starting a copy there), then its
@@ -151,13 +152,20 @@ class Migration:
                   f"{{ tar -c -f - --warning=no-file-changed --exclude=synapse/{sn}/postgres "
                   f"--exclude='synapse/{sn}/.migration*' -T -; rc=$?; [ $rc -le 1 ]; }}")
         self._copy("copy while running", script)
+        pg = self.hs.postgres
+        if pg.host:  # its database's host admits both ends of the move (until `--finish`)
+            db_host = self.inv.hosts[pg.host]
+            with locked(self.inv, db_host) as remote:
+                self._converge(remote, self.forwarding)
+            self.log(f"{pg.host} lets {self.old_host.name} and {self.to} reach {sn}'s database")
         self._converge(self.dst, self.moved, hold=(sn,), install=True)
-        if self.hs.postgres.external:  # the server must take the new host before the old Synapse stops
+        if pg.elsewhere:  # the server must take the new host before the old Synapse stops
             moved = self.moved.homeserver(sn)
             self.dst.run(program("database.sh", "database-reach.sh", **database.inputs(self.moved, moved),
                                  project=synapse_project(moved), server_name=sn),
-                         what=f"{sn}: its external database ({self.hs.postgres.external.host}) from {self.to}")
-            self.log(f"{self.to} reaches {sn}'s database on {self.hs.postgres.external.host} (TLS verify-full)")
+                         what=f"{sn}: its database on {pg.where} from {self.to}")
+            self.log(f"{self.to} reaches {sn}'s database on {pg.where}"
+                     + (" (TLS verify-full)" if pg.external else " (private network)"))
 
     def stop_old(self) -> None:
         root = shlex.quote(self.old_lay.synapse(self.sn))
@@ -167,7 +175,7 @@ class Migration:
 
     def restore(self) -> None:
         pg = self.hs.postgres
-        if pg.external:  # the database stays where it is: only what changed meanwhile moves
+        if pg.elsewhere:  # the database stays where it is: only what changed meanwhile moves
             self._copy_changed()
             return
         project = synapse_project(self.hs)
@@ -320,6 +328,9 @@ def migrate(inv: Inventory, sn: str, to: str | None, dry_run: bool, abort: bool,
         raise TaskError(f"no host {to!r} in the inventory (known hosts: {', '.join(inv.hosts)})")
     if to == hs.host:
         raise TaskError(f"{sn} already runs on {to}")
+    if to == hs.postgres.host:
+        raise TaskError(f"{to} runs {sn}'s database (postgres.host): a homeserver and its database on one host "
+                        "is a database of its own; move it to another host")
     if hs.federation.via and not marked_to:
         raise TaskError(f"{sn}'s federation is served by {hs.federation.via} (federation.via), which "
                         f"`inv migrate-host` does not move along yet: it would keep passing requests to {hs.host}. "
@@ -425,6 +436,11 @@ def finish(inv: Inventory, sn: str, yes: bool, keep_backup: bool, log, confirm) 
             if keep_backup else ""
         remote.run(f"{COMPOSE_FN}cd {base} && if [ -f {root}/docker-compose.yml ]; then (cd {root} && "
                    f"compose down); fi && {backup}rm -rf {paths}", what=f"remove {sn} from {old}")
+    if hs.postgres.host:  # its database's host admits the new host only again
+        with locked(inv, inv.hosts[hs.postgres.host]) as remote:
+            state = render_host(after, hs.postgres.host)
+            converge(remote, state, local_images(after, [state]), Reporter(LineWriter(log)),
+                     HostResult(hs.postgres.host))
     record_in_inventory(inv.path, sn, hs.host, None)
     log(f"{old} no longer serves or forwards {sn}"
         + (f"; its old copy is archived on {old} in {lay.base}/{archive}" if keep_backup else ""))

@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from .facts import (Facts, cert_paths, element_sites, generated_paths, optional_paths, secret_paths,
-                    synapse_secrets)
+from .facts import (Facts, cert_paths, database_secret, element_sites, generated_paths, optional_paths,
+                    secret_paths, synapse_secrets)
 from .facts import timers as facts_timers
 from . import steps
 from .render import PROXY_PROJECT, DesiredState, RemoteDir, RemoteFile, admin_ui_service, synapse_project
@@ -56,6 +56,8 @@ class Plan:
     guest_up: list[str] = field(default_factory=list)  # server_names: `up` their workers' stack here
     guest_restart: list[str] = field(default_factory=list)  # server_names: restart their workers here
     guest_remove: list[str] = field(default_factory=list)  # server_names: their workers left this host
+    database_secrets: list[str] = field(default_factory=list)  # server_names: make their database's password here
+    database_up: list[str] = field(default_factory=list)  # server_names: `up` their database's stack here
     # server_name -> its workers this run starts here that may run on another host of
     # the private network (a move): stopped there first
     starting_workers: dict[str, list[str]] = field(default_factory=dict)
@@ -76,6 +78,7 @@ class Plan:
             or self.element_install or self.proxy_up or self.nginx_reload
             or self.synapse_up or self.synapse_restart or self.engine_start or self.firewall
             or self.guest_up or self.guest_restart or self.guest_remove or self.certbot_leftovers
+            or self.database_up
             or self.turn_secret or self.turn_restart
         )
 
@@ -106,6 +109,8 @@ def _pulls(state: DesiredState, facts: Facts, refresh_tags: bool) -> list[str]:
             wanted.setdefault(state.image_refs["redis"], []).append((synapse_project(hs), "redis"))
     for g in state.guests.values():  # the workers of other hosts' homeservers: the image their main runs
         wanted.setdefault(g.image, []).extend((g.project, w.name) for w in g.workers)
+    for db in state.databases.values():  # the databases of other hosts' homeservers
+        wanted.setdefault(db.image, []).append((db.project, "postgres"))
     pulls = []
     for ref, users in sorted(wanted.items()):
         is_tag = "@" not in ref
@@ -224,6 +229,12 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
             plan.changes.append(Change("create", f"{lay.certs(sn)}/", "temporary self-signed certificate"))
             trigger("proxy:reload", f"a temporary certificate for {sn}")
 
+    for sn in state.databases:
+        if database_secret(state, sn) not in existing_secrets:
+            plan.database_secrets.append(sn)
+            plan.changes.append(Change("create", database_secret(state, sn), "new database password"))
+            trigger(f"database:{sn}:stack", "a new database password")
+
     if state.turn and lay.turn_secret not in existing_secrets:
         plan.turn_secret = True
         plan.changes.append(Change("create", lay.turn_secret, "new TURN shared secret"))
@@ -324,6 +335,11 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
         if f"workers:{sn}:restart" in triggers and running:
             plan.guest_restart.append(sn)
             plan.restart_processes[f"workers:{sn}"] = running
+    for sn, db in state.databases.items():
+        if not facts.running(db.project, "postgres"):
+            trigger(f"database:{sn}:stack", "it is not running")
+        if f"database:{sn}:stack" in triggers:
+            plan.database_up.append(sn)
     for sn in sorted(facts.guests - set(state.guests)):
         plan.guest_remove.append(sn)
         plan.changes.append(Change("remove", f"{lay.guest(sn)}/", "its workers no longer run on this host"))

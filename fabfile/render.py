@@ -84,6 +84,17 @@ class Guest:
 
 
 @dataclass(frozen=True)
+class Database:
+    """The database of another host's homeserver that this host runs (postgres.host)."""
+    hs: Homeserver
+    image: str
+
+    @property
+    def project(self) -> str:
+        return database_project(self.hs)
+
+
+@dataclass(frozen=True)
 class DesiredState:
     host: Host
     dirs: tuple[RemoteDir, ...]
@@ -102,6 +113,9 @@ class DesiredState:
     # server_name -> the workers of another host's homeserver this host runs
     # (workers.hosts), in <base>/synapse-workers/<sn>
     guests: dict = field(default_factory=dict)
+    # server_name -> the database of another host's homeserver this host runs
+    # (postgres.host), in <base>/synapse-db/<sn>
+    databases: dict = field(default_factory=dict)
 
     @property
     def layout(self) -> Layout:
@@ -117,7 +131,7 @@ class DesiredState:
         """The compose services of a homeserver's stack: Synapse's main process and
         the workers on its host, PostgreSQL, and with workers Redis."""
         has_workers = bool(self.workers.get(hs.server_name))
-        postgres = [] if hs.postgres.external else ["postgres"]
+        postgres = [] if hs.postgres.elsewhere else ["postgres"]
         return self.synapse_processes(hs) + postgres + ([REDIS_SERVICE] if has_workers else [])
 
     def synapse_processes(self, hs: Homeserver) -> list[str]:
@@ -129,9 +143,10 @@ class DesiredState:
         proxy = (self.image_refs.get("nginx"), self.image_refs.get("admin_ui"), self.image_refs.get("coturn"))
         out = {"proxy:stack"} if ref in proxy else set()
         out |= {f"synapse:{hs.server_name}:stack" for hs in self.homeservers
-                if ref == self.synapse_image(hs) or (ref == self.postgres_image(hs) and not hs.postgres.external)
+                if ref == self.synapse_image(hs) or (ref == self.postgres_image(hs) and not hs.postgres.elsewhere)
                 or (self.workers.get(hs.server_name) and ref == self.image_refs.get("redis"))}
         out |= {f"workers:{sn}:stack" for sn, g in self.guests.items() if ref == g.image}
+        out |= {f"database:{sn}:stack" for sn, d in self.databases.items() if ref == d.image}
         return out
 
     def file(self, path: str) -> RemoteFile:
@@ -140,6 +155,12 @@ class DesiredState:
 
 def synapse_project(hs: Homeserver) -> str:
     return f"synapse-{hs.slug}"
+
+
+def database_project(hs: Homeserver) -> str:
+    """The compose project of a homeserver's database on another host (not
+    `synapse-...`: no homeserver's project can take its name)."""
+    return f"postgres-{hs.slug}"
 
 
 def guest_project(hs: Homeserver) -> str:
@@ -380,7 +401,7 @@ def _operator_settings(hs: Homeserver) -> bytes:
 def render_host(
     inv: Inventory, host_name: str, read: Callable[[Path], bytes] = Path.read_bytes,
     keep_postgres: dict[str, str] | None = None, keep_synapse: dict[str, str] | None = None,
-    guest_copies: dict[str, dict] | None = None,
+    guest_copies: dict[str, dict] | None = None, db_passfiles: dict[str, bytes] | None = None,
 ) -> DesiredState:
     """Everything host `host_name` must hold. `read` loads the local files the
     inventory names (CA bundles). `keep_postgres` names, per homeserver, the
@@ -388,7 +409,9 @@ def render_host(
     major version (see fabfile/postgres.py); `keep_synapse`, the Synapse image a
     homeserver keeps until `inv upgrade` moves it (fabfile/versions.py);
     `guest_copies`, per homeserver whose workers this host runs, what was read
-    from its host (fabfile/guests.py: files, and the Synapse image it runs)."""
+    from its host (fabfile/guests.py: files, and the Synapse image it runs);
+    `db_passfiles`, per homeserver whose database another host runs and whose
+    passfile this host lacks, that passfile (fabfile/database.py passfiles)."""
     host = inv.hosts[host_name]
     lay = Layout(host.base_dir)
     servers = sorted(inv.homeservers_on(host_name), key=lambda hs: hs.server_name)
@@ -580,21 +603,23 @@ def render_host(
         sn = hs.server_name
         root = lay.synapse(sn)
         hs_workers = workers.get(sn, [])
+        ext = hs.postgres.external
         ctx = {"hs": hs, "upstream": synapse_upstream(hs), "project": synapse_project(hs),
                "postgres_image": postgres_images[sn], "synapse_image": synapse_images[sn],
                "hs_network": synapse_network(hs), "turn": turn, "workers": [], "redis_image": images["redis"],
                "replication_listener": workers_mod.main_replication_listener() if hs_workers else None,
                "publish": _published(hs, host_name, private), "guest": False,
                # the database: the stack's own PostgreSQL, or the operator's over verify-full TLS
-               "db": (ext.host, ext.port) if (ext := hs.postgres.external) else ("postgres", 5432),
-               "db_ca": DB_CA_MOUNT if ext else "",
+               "db": workers_mod.endpoint(hs, "postgres", host_name, private) if hs.postgres.host
+               else (ext.host, ext.port) if ext else ("postgres", 5432),
+               "db_ca": DB_CA_MOUNT if ext else "", "own_db": not hs.postgres.elsewhere,
                # Redis, the secrets, egress: every homeserver with workers, even all elsewhere
                "has_workers": bool(hs_workers)}
         dirs += [
             RemoteDir(root),
             RemoteDir(lay.data(sn), 0o750, SYNAPSE_UID),
             RemoteDir(lay.conf_d(sn)),
-            *([] if ext else [RemoteDir(lay.postgres(sn), 0o700, POSTGRES_UID)]),
+            *([] if hs.postgres.elsewhere else [RemoteDir(lay.postgres(sn), 0o700, POSTGRES_UID)]),
             RemoteDir(lay.secrets(sn), 0o700),
         ]
         stack = f"synapse:{sn}:stack"
@@ -609,6 +634,9 @@ def render_host(
         if hs.synapse_settings:
             files.append(RemoteFile(f"{lay.conf_d(sn)}/90-operator.yaml", _operator_settings(hs), 0o644, ROOT,
                                     restart, secret=SETTINGS))
+        if sn in (db_passfiles or {}):  # made once on the database's host, read there
+            files.append(RemoteFile(lay.secret(sn, "pgpass"), db_passfiles[sn], 0o400, SYNAPSE_UID, stack,
+                                    secret=HIDDEN))
         if ext:
             files.append(RemoteFile(lay.db_ca(sn), _read_local(ext.ca, f"homeservers.{sn}.postgres.external.ca", read),
                                     trigger=restart))
@@ -633,6 +661,21 @@ def render_host(
         guests[hs.server_name] = Guest(hs, tuple(w for w in workers_mod.placed(hs) if w.host == host_name), image)
         _guest_stack(inv, hs, host_name, lay, private, copies, image, images["redis"], dirs, files, read)
 
+    # -- databases of other hosts' homeservers (postgres.host) ----------------
+    databases = {}
+    for hs in sorted(inv.homeservers.values(), key=lambda hs: hs.server_name):
+        if hs.postgres.host != host_name:
+            continue
+        db = Database(hs, hs.postgres.image or images["postgres"])
+        databases[hs.server_name] = db
+        root = lay.database(hs.server_name)
+        dirs += [RemoteDir(f"{lay.base}/synapse-db"), RemoteDir(root), RemoteDir(f"{root}/postgres", 0o700, POSTGRES_UID),
+                 RemoteDir(f"{root}/secrets", 0o700)]
+        files.append(RemoteFile(f"{root}/docker-compose.yml",
+                                _template("synapse/database-compose.yml.j2", hs=hs, project=db.project,
+                                          postgres_image=db.image, publish=_published(hs, host_name, private)),
+                                0o644, ROOT, f"database:{hs.server_name}:stack"))
+
     return DesiredState(
         host=host,
         dirs=tuple(sorted(set(dirs), key=lambda d: d.path)),
@@ -646,11 +689,13 @@ def render_host(
         turn=turn,
         workers=workers,
         guests=guests,
+        databases=databases,
         acme=inv.acme if inv.acme.enabled else None,
         postgres_images=postgres_images,
         synapse_images=synapse_images,
         images=tuple(sorted({images["nginx"], images["certbot"]} | ({images["admin_ui"]} if admin_uis else set())
                             | ({images["coturn"]} if turn else set())
                             | ({images["redis"]} if workers else set())
-                            | {*synapse_images.values(), *postgres_images.values(), *(g.image for g in guests.values())})),
+                            | {*synapse_images.values(), *postgres_images.values(), *(g.image for g in guests.values()),
+                               *(d.image for d in databases.values())})),
     )

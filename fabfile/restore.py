@@ -100,7 +100,7 @@ def load_dump(remote: Remote, hs: Homeserver, dump_dir: str, log: Log, recreate:
     ctype); `forget_one_time_keys`: empty that table after (a backup's restore). The
     schema version must be the one the dump recorded; returns it. An external
     database is emptied instead of made again (fabfile/scripts/load-dump-external.sh)."""
-    if hs.postgres.external:
+    if hs.postgres.elsewhere:
         return _load_external(remote, hs, dump_dir, log, forget_one_time_keys)
     pg = hs.postgres
     find_pg = empty_database(remote, hs, recreate)
@@ -128,13 +128,13 @@ def external_load_program(remote: Remote, hs: Homeserver, action: str, dump: str
 def _load_external(remote: Remote, hs: Homeserver, dump_dir: str, log: Log, forget_one_time_keys: bool) -> str:
     t0 = time.monotonic()
     out = remote.run(external_load_program(remote, hs, "load", f"{dump_dir}/database.pgdump", forget_one_time_keys),
-                     what="empty the external database, pg_restore", timeout=7200).out
+                     what="empty the database elsewhere, pg_restore", timeout=7200).out
     found = out.strip().splitlines()[-1] if out.strip() else ""
     expected = remote.run(f"cat {shlex.quote(dump_dir + '/schema-version')}", what="schema version").out.strip()
     if found != expected:
         raise TaskError(f"{hs.server_name}: the restored database has schema version {found}, the dump "
                         f"recorded {expected}")
-    log(f"{hs.server_name}: database restored on {hs.postgres.external.host} in {time.monotonic() - t0:.1f}s "
+    log(f"{hs.server_name}: database restored on {hs.postgres.where} in {time.monotonic() - t0:.1f}s "
         f"(schema version {found})" + ("; one-time keys emptied: clients upload new ones" if forget_one_time_keys else ""))
     return found
 

@@ -400,6 +400,19 @@ class Postgres(_Model):
     # The database is not run here: an existing server, its password set on the
     # homeserver's host with `inv database-password`.
     external: Optional[ExternalPostgres] = None
+    # The database runs on this other inventory host (<base_dir>/synapse-db/<sn>),
+    # published on its private address only and open to the homeserver's host only.
+    host: Optional[str] = None
+
+    @property
+    def elsewhere(self) -> bool:
+        """Not in the homeserver's own stack: an external server or another host's."""
+        return self.external is not None or self.host is not None
+
+    @property
+    def where(self) -> str:
+        """Where a database elsewhere runs, for messages."""
+        return self.external.host if self.external is not None else f"host {self.host}"
 
     @field_validator("image")
     @classmethod

@@ -128,6 +128,7 @@ def write(plan, owed: list[str], reload_confs: list[str]) -> Action:
             lines.append(f"mv -f {p} {p}{proxy.BACKUP}" if path in reload_confs else f"rm -f {p}")
         lines += [synapse.secrets_script(lay, by_name[sn], bool(plan.state.workers.get(sn))) for sn in plan.secrets]
         lines += [synapse.chown_data_script(lay, by_name[sn]) for sn in plan.chown_data]
+        lines += [synapse.database_secret_script(lay, state.databases[sn].hs) for sn in plan.database_secrets]
         if plan.turn_secret:
             lines.append(turn.secret_script(lay))
         run.remote.run("\n".join(lines) + "\n", stdin=_tar(files, ".sfab-new") if files else None,
@@ -235,6 +236,19 @@ def stop_elsewhere(hs, names: list[str], here: str) -> Action:
                 run.log(f"{hs.server_name}: stopped {', '.join(out)} on {name} (they run here now)")
     return Action(f"stop {', '.join(names)} of {hs.server_name} on the other hosts if they run there",
                   "they start here", how)
+
+
+def database_up(lay, db, why: str, only_if=None) -> Action:
+    """`up` the stack of another host's homeserver's database on this host."""
+    sn = db.hs.server_name
+
+    def how(run: Run) -> None:
+        run.log(f"{sn}: starting its database here")
+        run.remote.run(f"cd {shlex.quote(lay.database(sn))} && {run.compose} up -d --remove-orphans",
+                       what=f"{sn}: database up")
+        run.restarted.append(f"{sn} database (up)")
+        run.touched.append(db.project)
+    return Action(f"start the database of {sn} here (up)", why, how, f"{sn} database (up)", only_if)
 
 
 def guest_up(lay, guest, why: str, only_if=None) -> Action:
@@ -369,7 +383,7 @@ def actions(plan) -> list[Action]:
     why = lambda trigger, default="": _because(reasons.get(trigger, [])) or default  # noqa: E731
     pulled = {t: [ref for ref in plan.pulls if t in state.image_triggers(ref)]
               for t in ["proxy:stack"] + [f"synapse:{sn}:stack" for sn in by_name]
-              + [f"workers:{sn}:stack" for sn in state.guests]}
+              + [f"workers:{sn}:stack" for sn in state.guests] + [f"database:{sn}:stack" for sn in state.databases]}
 
     def if_pulled(trigger: str):
         refs = pulled.get(trigger)
@@ -392,7 +406,7 @@ def actions(plan) -> list[Action]:
     # a reloaded timer, ...), and the next run's plan finds it in the journal
     owed = sorted(plan.triggers)
     if (plan.dirs or plan.files or plan.remove or plan.secrets or plan.chown_data or plan.placeholder_certs or owed
-            or plan.turn_secret):
+            or plan.turn_secret or plan.database_secrets):
         out.append(write(plan, owed, reload_confs))
     # the firewall before any stack starts: a port is never published unfiltered
     if plan.firewall:
@@ -406,6 +420,12 @@ def actions(plan) -> list[Action]:
         out.append(proxy_up(lay, why("proxy:stack", "nginx is not running")))
     elif if_pulled("proxy:stack"):
         out.append(proxy_up(lay, "when the pull brings a new nginx image", if_pulled("proxy:stack")))
+    # the databases this host runs for other hosts' homeservers (those hosts converge after this one)
+    for sn, db in state.databases.items():
+        if sn in plan.database_up:
+            out.append(database_up(lay, db, why(f"database:{sn}:stack", "it is not running")))
+        elif if_pulled(f"database:{sn}:stack"):
+            out.append(database_up(lay, db, "when the pull brings a new image", if_pulled(f"database:{sn}:stack")))
     out += [generate(lay, by_name[sn]) for sn in plan.generate]
     for sn, names in plan.starting_workers.items():
         hs = by_name[sn] if sn in by_name else state.guests[sn].hs

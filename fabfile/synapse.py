@@ -17,7 +17,15 @@ def secrets_script(lay: Layout, hs: Homeserver, workers: bool = False) -> str:
     return program("synapse-secrets.sh", dir=lay.secrets(hs.server_name), pgdata=lay.postgres(hs.server_name),
                    server_name=hs.server_name, db=hs.postgres.database, user=hs.postgres.user,
                    postgres_uid=POSTGRES_UID, synapse_uid=SYNAPSE_UID, workers=int(workers),
-                   external=int(hs.postgres.external is not None)) + "\n"
+                   external=int(hs.postgres.elsewhere)) + "\n"
+
+
+def database_secret_script(lay: Layout, hs: Homeserver) -> str:
+    """Shell that makes, ONCE, the password of the database this host runs for
+    another host's homeserver (fabfile/scripts/database-host-secret.sh)."""
+    root = lay.database(hs.server_name)
+    return program("database-host-secret.sh", dir=f"{root}/secrets", pgdata=f"{root}/postgres",
+                   server_name=hs.server_name, postgres_uid=POSTGRES_UID) + "\n"
 
 
 def chown_data_script(lay: Layout, hs: Homeserver) -> str:

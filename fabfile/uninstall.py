@@ -70,7 +70,7 @@ def _take_down(remote: Remote, inv: Inventory, hs: Homeserver, backup: bool, log
         return None
     snap = None
     if backup:
-        if hs.postgres.external:  # the operator's server: it stays up (and stays theirs)
+        if hs.postgres.elsewhere:  # the operator's server, or another host's: it stays up
             remote.run(f"{COMPOSE_FN}cd {root} && compose stop {processes(hs)}",
                        what=f"{hs.server_name}: stop Synapse for the snapshot", timeout=300)
         else:
@@ -121,6 +121,32 @@ def _release_proxies(inv: Inventory, after: Inventory, servers: list[Homeserver]
         log(f"{via} no longer serves {', '.join(hs.server_name for hs in gone)}")
 
 
+def _release_databases(inv: Inventory, after: Inventory, servers: list[Homeserver], log: Log) -> None:
+    """The databases other hosts ran for `servers` (postgres.host), after their last
+    snapshot: each stack down, its directory (data, password) removed, and that host
+    converged without it (its firewall closes the port)."""
+    for hs in servers:
+        if not hs.postgres.host:
+            continue
+        host = inv.hosts[hs.postgres.host]
+        root = shlex.quote(Layout(host.base_dir).database(hs.server_name))
+        with locked(inv, host) as remote:
+            remote.run(f"{COMPOSE_FN}if [ -f {root}/docker-compose.yml ]; then (cd {root} && compose down "
+                       f"--remove-orphans); fi && rm -rf {root}", what=f"{hs.server_name}: its database removed",
+                       timeout=600)
+            if host.name in after.hosts:
+                state = render_host(after, host.name)
+                converge(remote, state, local_images(after, [state]), Reporter(LineWriter(log)), HostResult(host.name))
+        log(f"{hs.server_name}: its database on {host.name} is removed ({Layout(host.base_dir).database(hs.server_name)})")
+
+
+def _refuse_databases_of_others(inv: Inventory, host_name: str) -> None:
+    for hs in inv.homeservers.values():
+        if hs.postgres.host == host_name and hs.host != host_name:
+            raise InventoryError(f"{host_name} runs the database of {hs.server_name} (on {hs.host}): uninstall "
+                                 f"{hs.server_name} first, or move its database elsewhere (a dump and a restore)")
+
+
 def uninstall_homeserver(inv: Inventory, sn: str, backup: bool, confirm: Confirm, log: Log) -> None:
     """Stop and remove one homeserver from its host (after a snapshot, or with the
     operator's typed confirmation); the host's other homeservers keep running."""
@@ -141,6 +167,7 @@ def uninstall_homeserver(inv: Inventory, sn: str, backup: bool, confirm: Confirm
         if backup:
             kept = backup_mod.keep_password(remote, host)
     _release_proxies(inv, after, [hs], log)
+    _release_databases(inv, after, [hs], log)
     rewrite(inv.path, lambda doc: doc["homeservers"].pop(sn))
     log(f"done: {sn} is gone from {hs.host}; the others there keep serving. {inv.path} no longer names it."
         + (f" Its database on {hs.postgres.external.host} was not touched: that server is yours to clear."
@@ -163,6 +190,7 @@ def uninstall_host(inv: Inventory, host_name: str, backup: bool, confirm: Confir
         if host.name in worker_hosts(hs):
             raise InventoryError(f"{host.name} runs workers of {hs.server_name} (on {hs.host}): take {host.name} "
                                  f"out of homeservers.{hs.server_name}.workers.hosts and deploy first")
+    _refuse_databases_of_others(inv, host.name)
     forwarded = inv.forwarded_from(host.name)
     if forwarded:
         raise TaskError(f"{host.name} still forwards {', '.join(hs.server_name for hs in forwarded)} to its new "
@@ -194,6 +222,7 @@ def uninstall_host(inv: Inventory, host_name: str, backup: bool, confirm: Confir
     after = _without(inv, {hs.server_name for hs in servers})
     _release_proxies(inv, after.model_copy(update={"hosts": {k: v for k, v in after.hosts.items() if k != host.name}}),
                      servers, log)
+    _release_databases(inv, after, servers, log)
 
     def change(doc):
         for hs in servers:

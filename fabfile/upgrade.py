@@ -104,7 +104,7 @@ def upgrade_one(remote: Remote, inv: Inventory, hs: Homeserver, old: str, new: s
         docker.push_images(remote, [new], log)
     else:
         docker.pull_images(remote, [new], log)
-    if hs.postgres.external:  # its way back must be possible before Synapse stops
+    if hs.postgres.elsewhere:  # its way back must be possible before Synapse stops
         remote.run(external_load_program(remote, hs, "check"), what=f"{sn}: can a dump go back into its database")
     t0 = time.monotonic()
     remote.run(f"{COMPOSE_FN}cd {root} && compose stop {processes(hs)}", what=f"{sn}: stop Synapse")

@@ -229,10 +229,12 @@ def service_port(hs, service: str) -> int:
 
 def published(hs, host_name: str) -> dict[str, tuple[int, int]]:
     """What processes of `hs` on its other hosts reach on `host_name`: service ->
-    (published port, port in the container). Nothing unless some of its workers
-    run elsewhere; then main's replication listener, PostgreSQL and Redis on its
-    own host, and on any host the replication and HTTP listeners of the workers
+    (published port, port in the container). Its database, on the host that runs
+    it for it (postgres.host); else nothing unless some of its workers run
+    elsewhere; then main's replication listener, PostgreSQL and Redis on its own host, and on any host the replication and HTTP listeners of the workers
     others reach there (nginx on its host reaches HTTP workers elsewhere)."""
+    if hs.postgres.host:  # its database on another host (no workers elsewhere then)
+        return {"postgres": (service_port(hs, "postgres"), 5432)} if host_name == hs.postgres.host else {}
     if not remote(hs):
         return {}
     here = [w for w in placed(hs) if w.host == host_name]
@@ -247,7 +249,10 @@ def published(hs, host_name: str) -> dict[str, tuple[int, int]]:
 
 def peers(hs, host_name: str) -> list[str]:
     """The other hosts of `hs`'s processes, which reach what `host_name` publishes."""
-    return [h for h in [hs.host] + worker_hosts(hs) if h != host_name]
+    every = [hs.host] + worker_hosts(hs) + ([hs.postgres.host] if hs.postgres.host else [])
+    if hs.postgres.host and hs.migrated_from:  # its database admits both ends of a move until it is finished
+        every.append(hs.migrated_from)
+    return [h for h in dict.fromkeys(every) if h != host_name]
 
 
 def endpoint(hs, service: str, viewer: str, private: dict[str, str]) -> tuple[str, int]:
@@ -255,7 +260,7 @@ def endpoint(hs, service: str, viewer: str, private: dict[str, str]) -> tuple[st
     with ':http' a worker's HTTP listener): by its compose name on the same host,
     else at its host's private address and published port."""
     name = service.partition(":")[0]
-    where = hs.host if name in (MAIN_SERVICE, REDIS_SERVICE, "postgres") else \
+    where = (hs.postgres.host or hs.host) if name == "postgres" else hs.host if name in (MAIN_SERVICE, REDIS_SERVICE) else \
         next(w.host for w in placed(hs) if w.name == name)
     inner = {"postgres": 5432, REDIS_SERVICE: 6379}.get(name, HTTP_PORT if service.endswith(":http")
                                                          else REPLICATION_PORT)

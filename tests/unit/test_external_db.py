@@ -129,7 +129,7 @@ def test_a_deploy_never_switches_a_homeserver_between_its_own_database_and_an_ex
     # it used an external server, and hosts.yaml no longer names one: an empty database would start
     own = render_host(inv(INV.replace("    postgres: {external: {host: db.example.net, port: 6432, ca: certs/db-ca.pem}}\n",
                                       "")), "web", read=lambda p: CA)
-    with pytest.raises(TaskError, match=r"ext\.example: it used an external database"):
+    with pytest.raises(TaskError, match=r"ext\.example: its database was elsewhere"):
         database.check_before_deploy(own, Facts(stats={f"{ROOT}/secrets/pgpass": f}))
     database.check_before_deploy(own, Facts(stats={f"{ROOT}/secrets/pgpass": f, f"{ROOT}/secrets/postgres_password": f},
                                             pg_major={"ext.example": 17}))
