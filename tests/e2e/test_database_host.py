@@ -1,8 +1,9 @@
 """A homeserver's database on another inventory host (postgres.host, issue #18):
 dbhost.test runs on vps2, its PostgreSQL on vps3 (in /opt/matrix/synapse-db/<sn>),
 published on vps3's private address only, with vps3's firewall letting in the
-homeserver's host only. One `inv deploy --homeserver` converges vps3 first (it makes
-the password), then vps2 (it reads the password there once, for its passfile).
+homeserver's host only. `fab -H vps3 bootstrap` installs Docker there and starts the
+database (vps3 makes its password); `inv deploy --homeserver` converges vps3 first,
+then vps2 (it reads the password on vps3 once, for its passfile).
 Users, `inv upgrade`'s way back (a Synapse that moves the schema and dies), `inv
 migrate-host` to vps1 (the database stays; vps3 lets both ends in until `--finish`)
 and `inv uninstall` (a last snapshot, then the database removed from vps3) work with
@@ -64,9 +65,13 @@ def test_a_homeserver_with_its_database_on_another_host(deployed):
         doc["images"] = {**(doc.get("images") or {}), "synapse": images.tag_of("synapse-broken")}
     broken = variant("database-host-broken", broken_synapse)
     try:
-        res = run(["inv", "deploy", "--homeserver", SN], inv)
+        # vps3 is bare (the migration target): bootstrap installs Docker, then deploys its part
+        res = run(["fab", "-H", DB_HOST, "bootstrap"], inv)
         assert res.returncode == 0, res.stdout + res.stderr
         assert f"{SN}: starting its database here" in res.stdout
+        res = run(["inv", "deploy", "--homeserver", SN], inv)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert f"{DB_HOST}: 0 changed" in res.stdout, res.stdout
         assert https_get(f"matrix.{SN}", "/_matrix/client/versions")[0] == 200
         # the database runs on vps3, not on vps2; vps2 keeps only its passfile
         assert on_host(DB_HOST, f"docker ps --filter name={CONTAINER} --format '{{{{.Status}}}}'").startswith("Up")
