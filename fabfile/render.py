@@ -671,6 +671,8 @@ def render_host(
         root = lay.database(hs.server_name)
         dirs += [RemoteDir(f"{lay.base}/synapse-db"), RemoteDir(root), RemoteDir(f"{root}/postgres", 0o700, POSTGRES_UID),
                  RemoteDir(f"{root}/secrets", 0o700)]
+        files.append(RemoteFile(f"{root}/.env", _template("synapse/.env.j2", project=db.project), 0o644, ROOT,
+                                f"database:{hs.server_name}:stack"))
         files.append(RemoteFile(f"{root}/docker-compose.yml",
                                 _template("synapse/database-compose.yml.j2", hs=hs, project=db.project,
                                           postgres_image=db.image, publish=_published(hs, host_name, private)),

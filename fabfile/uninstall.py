@@ -206,6 +206,9 @@ def uninstall_host(inv: Inventory, host_name: str, backup: bool, confirm: Confir
         remote.run(
             f"{COMPOSE_FN}if [ -f {shlex.quote(lay.proxy)}/docker-compose.yml ]; then "
             f"(cd {shlex.quote(lay.proxy)} && compose down --remove-orphans); fi\n"
+            # stacks of other hosts' homeservers the inventory no longer names (workers, a database)
+            f"for f in {base}/synapse-workers/*/docker-compose.yml {base}/synapse-db/*/docker-compose.yml; do "
+            "[ -f \"$f\" ] && (cd \"${f%/*}\" && compose down --remove-orphans); done\n"
             f"if [ \"$(cat /proc/1/comm)\" = systemd ]; then systemctl disable --now {' '.join(units)} "
             f">/dev/null 2>&1 || true; fi\n"
             f"rm -f {' '.join(shlex.quote(f'{SYSTEMD_DIR}/{u}') for u in units)} "

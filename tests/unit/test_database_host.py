@@ -89,6 +89,7 @@ def test_the_database_host_runs_it_published_on_its_private_address_only():
     compose = yaml.safe_load(files(st)[f"{DB}/docker-compose.yml"].content)
     pg = compose["services"]["postgres"]
     assert pg["ports"] == ["10.0.0.11:7100:5432"]
+    assert files(st)[f"{DB}/.env"].content == b"COMPOSE_PROJECT_NAME=postgres-far-example\n"
     assert pg["environment"]["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
     assert "./postgres:/var/lib/postgresql/data" in pg["volumes"]
     assert {d.path: (d.mode, d.owner) for d in st.dirs}[f"{DB}/postgres"] == (0o700, "999:999")
