@@ -112,6 +112,12 @@ class Migration:
         converge(remote, state, local_images(inv, [state]), Reporter(LineWriter(self.log)),
                  result, install=install, hold=hold, migrating=self.sn)
 
+    def _admit(self, inv: Inventory) -> None:
+        """Converge the host of the homeserver's database (postgres.host) as `inv`
+        says: its firewall lets in the hosts `inv` names for it."""
+        with locked(inv, inv.hosts[self.hs.postgres.host]) as remote:
+            self._converge(remote, inv)
+
     def _copy(self, what: str, src_script: str) -> None:
         started = time.monotonic()
         dst_base = shlex.quote(self.new_lay.base)
@@ -154,9 +160,7 @@ class Migration:
         self._copy("copy while running", script)
         pg = self.hs.postgres
         if pg.host:  # its database's host admits both ends of the move (until `--finish`)
-            db_host = self.inv.hosts[pg.host]
-            with locked(self.inv, db_host) as remote:
-                self._converge(remote, self.forwarding)
+            self._admit(self.forwarding)
             self.log(f"{pg.host} lets {self.old_host.name} and {self.to} reach {sn}'s database")
         self._converge(self.dst, self.moved, hold=(sn,), install=True)
         if pg.elsewhere:  # the server must take the new host before the old Synapse stops
@@ -274,6 +278,8 @@ class Migration:
                               f"fi; fi\nrm -rf {rm}", what="remove the partial copy", timeout=300).out.strip()
         if docker == "docker":
             self._converge(self.dst, self.inv)  # drops the vhosts it got
+        if self.hs.postgres.host:  # its database's host lets the old host only in again
+            self._admit(self.inv)
         root = shlex.quote(self.old_lay.synapse(sn))
         self.src.run(f"rm -f {shlex.quote(self.old_lay.migration_state(sn))} {root}/.migration-mark", what="clear state")
 

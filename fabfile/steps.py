@@ -181,7 +181,7 @@ def synapse_up(lay, hs, why: str, only_if=None) -> Action:
     sn = hs.server_name
 
     def how(run: Run) -> None:
-        if sn in run.hold and hs.postgres.external:  # held back, and no database of its own to start
+        if sn in run.hold and hs.postgres.elsewhere:  # held back, and no database of its own to start
             run.log(f"{sn}: its stack is held back (a migration)")
             return
         only = " postgres" if sn in run.hold else ""
@@ -238,30 +238,29 @@ def stop_elsewhere(hs, names: list[str], here: str) -> Action:
                   "they start here", how)
 
 
+def _stack_up(directory: str, project: str, sn: str, what: str, started: str, why: str, only_if) -> Action:
+    """`up` the stack in `directory` that this host runs for another host's
+    homeserver `sn` (its `what`: workers, database)."""
+    def how(run: Run) -> None:
+        run.log(f"{sn}: starting its {started} here")
+        run.remote.run(f"cd {shlex.quote(directory)} && {run.compose} up -d --remove-orphans",
+                       what=f"{sn}: {what} up")
+        run.restarted.append(f"{sn} {what} (up)")
+        run.touched.append(project)
+    return Action(f"start the {what} of {sn} here (up)", why, how, f"{sn} {what} (up)", only_if)
+
+
 def database_up(lay, db, why: str, only_if=None) -> Action:
     """`up` the stack of another host's homeserver's database on this host."""
     sn = db.hs.server_name
-
-    def how(run: Run) -> None:
-        run.log(f"{sn}: starting its database here")
-        run.remote.run(f"cd {shlex.quote(lay.database(sn))} && {run.compose} up -d --remove-orphans",
-                       what=f"{sn}: database up")
-        run.restarted.append(f"{sn} database (up)")
-        run.touched.append(db.project)
-    return Action(f"start the database of {sn} here (up)", why, how, f"{sn} database (up)", only_if)
+    return _stack_up(lay.database(sn), db.project, sn, "database", "database", why, only_if)
 
 
 def guest_up(lay, guest, why: str, only_if=None) -> Action:
     """`up` the stack of another host's homeserver's workers on this host."""
     sn = guest.hs.server_name
-
-    def how(run: Run) -> None:
-        run.log(f"{sn}: starting its workers here ({', '.join(w.name for w in guest.workers)})")
-        run.remote.run(f"cd {shlex.quote(lay.guest(sn))} && {run.compose} up -d --remove-orphans",
-                       what=f"{sn}: workers up")
-        run.restarted.append(f"{sn} workers (up)")
-        run.touched.append(guest.project)
-    return Action(f"start the workers of {sn} here (up)", why, how, f"{sn} workers (up)", only_if)
+    return _stack_up(lay.guest(sn), guest.project, sn, "workers",
+                     f"workers ({', '.join(w.name for w in guest.workers)})", why, only_if)
 
 
 def guest_restart(guest, why: str, names: list[str]) -> Action:

@@ -12,13 +12,15 @@ it; what lands in the database is read on vps3 itself."""
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
+import subprocess
 
 import pytest
 
-from tests.e2e.helpers import https_get, on_host, run, variant
+from tests.e2e.helpers import BIN, REPO, https_get, on_host, run, variant
 from tests.e2e.test_uninstall import _say_something
-from tests.e2e.test_users import cli
+from tests.e2e.test_external_db import a_user_writes
 from tests.e2e.test_w_workers import _probe
 from tests.sandbox import images, sandbox as sb
 from tests.sandbox.portscan import open_tcp_ports
@@ -54,11 +56,23 @@ def _names(host: str) -> None:
         sb.set_dns(name, sb.HOSTS[host].ip)
 
 
+def _uninstall(inventory) -> None:
+    """dbhost.test off whichever host holds it, without a snapshot (nothing if none does)."""
+    for host in (HOST, "vps1"):
+        if on_host(host, f"ls /opt/matrix/synapse/{SN}/docker-compose.yml 2>/dev/null; true").strip():
+            moved = variant("database-host-leftover", lambda doc: (_add(doc), doc["homeservers"][SN].update(host=host)))
+            subprocess.run([str(BIN / "inv"), "uninstall", "--homeserver", SN, "--no-backup"], cwd=REPO,
+                           env={**os.environ, "INVOKE_INVENTORY": str(moved)}, input=f"{SN}\n",
+                           text=True, capture_output=True, timeout=600)
+            moved.unlink(missing_ok=True)
+
+
 def test_a_homeserver_with_its_database_on_another_host(deployed):
-    for host in ("vps1", HOST):  # an earlier run's records (uninstalled, handed over) on a kept sandbox
-        on_host(host, f"rm -f /opt/matrix/.synapse-fabric/uninstalled/{SN} /opt/matrix/.synapse-fabric/handed-over/{SN}")
     _names(HOST)
     inv = variant("database-host", _add)
+    _uninstall(inv)  # an earlier run's leftovers on a kept sandbox (its database's password is not this run's)
+    for host in ("vps1", HOST):  # and its records (uninstalled, handed over)
+        on_host(host, f"rm -f /opt/matrix/.synapse-fabric/uninstalled/{SN} /opt/matrix/.synapse-fabric/handed-over/{SN}")
 
     def broken_synapse(doc):
         _add(doc)
@@ -82,11 +96,7 @@ def test_a_homeserver_with_its_database_on_another_host(deployed):
         assert on_host(HOST, f"stat -c '%a %u' /opt/matrix/synapse/{SN}/secrets/pgpass").strip() == "400 991"
 
         user = f"dana-{RUN}"
-        assert cli(["inv", "register-user", "--homeserver", SN, "--user", user], "first pw", inv).returncode == 0
-        assert cli(["inv", "reset-password", "--homeserver", SN, "--user", user], "second pw", inv).returncode == 0
-        asyncio.run(_say_something(SN, user, "second pw"))
-        assert _sql(f"SELECT count(*) FROM users WHERE name = '@{user}:{SN}'") == "1"
-        assert int(_sql("SELECT count(*) FROM events WHERE type = 'm.room.message'")) >= 1
+        a_user_writes(SN, user, inv, _sql)
         # Synapse's connections come from vps2, over the private network
         assert _sql("SELECT DISTINCT host(client_addr) FROM pg_stat_activity WHERE usename = 'synapse' "
                     "AND client_addr IS NOT NULL AND pid <> pg_backend_pid()") == PRIVATE[HOST]
@@ -143,6 +153,7 @@ def test_a_homeserver_with_its_database_on_another_host(deployed):
         assert on_host(DB_HOST, "ls -A /opt/matrix/synapse-db 2>/dev/null; true").strip() == ""
         assert CONTAINER not in on_host(DB_HOST, "docker ps -a --format '{{.Names}}'")
     finally:
+        _uninstall(inv)
         for name in (SN, f"matrix.{SN}"):
             sb.set_dns(name, None)
         broken.unlink(missing_ok=True)

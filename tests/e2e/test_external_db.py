@@ -48,6 +48,16 @@ def _sql(query: str) -> str:
     return res.stdout.strip()
 
 
+def a_user_writes(sn: str, user: str, inventory, sql) -> None:
+    """register-user, reset-password, log in and send; the user and the message are
+    read with `sql` on the database server itself."""
+    assert cli(["inv", "register-user", "--homeserver", sn, "--user", user], "first pw", inventory).returncode == 0
+    assert cli(["inv", "reset-password", "--homeserver", sn, "--user", user], "second pw", inventory).returncode == 0
+    asyncio.run(_say_something(sn, user, "second pw"))
+    assert sql(f"SELECT count(*) FROM users WHERE name = '@{user}:{sn}'") == "1"
+    assert int(sql("SELECT count(*) FROM events WHERE type = 'm.room.message'")) >= 1
+
+
 def test_a_homeserver_on_an_external_postgresql(deployed):
     for _ in range(60):  # the server initialises once, at the sandbox's start
         if subprocess.run(["docker", "exec", "sfab-extdb", "pg_isready", "-U", "synapse"],
@@ -94,12 +104,8 @@ def test_a_homeserver_on_an_external_postgresql(deployed):
         assert on_host(HOST, f"ls -d /opt/matrix/synapse/{SN}/postgres 2>/dev/null; true").strip() == ""
 
         user = f"sam-{RUN}"
-        assert cli(["inv", "register-user", "--homeserver", SN, "--user", user], "first pw", inv).returncode == 0
-        assert cli(["inv", "reset-password", "--homeserver", SN, "--user", user], "second pw", inv).returncode == 0
-        asyncio.run(_say_something(SN, user, "second pw"))
-        # it is all on the external server, and Synapse's connections there are TLS
-        assert _sql(f"SELECT count(*) FROM users WHERE name = '@{user}:{SN}'") == "1"
-        assert int(_sql("SELECT count(*) FROM events WHERE type = 'm.room.message'")) >= 1
+        a_user_writes(SN, user, inv, _sql)
+        # Synapse's connections to the external server are TLS
         assert _sql("SELECT DISTINCT ssl FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) "
                     "WHERE usename = 'synapse' AND backend_type = 'client backend' AND pid <> pg_backend_pid() "
                     "AND client_addr IS NOT NULL") == "t"

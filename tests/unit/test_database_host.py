@@ -16,6 +16,7 @@ from fabfile.inventory import InventoryError, parse
 from fabfile.plan import make
 from fabfile.render import database_project, render_host
 from tests.unit.test_plan import LOCAL, converged
+from tests.unit.test_worker_hosts import files
 
 INV = """
 hosts:
@@ -34,10 +35,6 @@ DB = "/opt/matrix/synapse-db/far.example"
 
 def inv(text: str = INV):
     return parse(textwrap.dedent(text))
-
-
-def files(st):
-    return {f.path: f for f in st.files}
 
 
 @pytest.mark.parametrize("change, words", [
