@@ -19,6 +19,7 @@ The script prints one tab-separated record a line:
     L  site_dir target             the Element release a site serves (its `current` link)
     T  unit enabled active         a systemd timer of ours (systemd hosts only)
     V  server_name major           the PostgreSQL major version of a homeserver's database
+    Y  server_name major           ... of a database this host runs for another host's homeserver
     G  server_name                 a homeserver whose stack is on this host (synapse/<sn>/docker-compose.yml)
     X  server_name record          a homeserver this host handed over (inv migrate-host)
     U  server_name record          a homeserver `inv uninstall` removed from this host
@@ -76,6 +77,8 @@ class Facts:
     digests: dict[str, str] = field(default_factory=dict)  # repo@sha256:... -> image ID
     timers: dict[str, tuple[str, str]] = field(default_factory=dict)  # unit -> (enabled, active)
     pg_major: dict[str, int] = field(default_factory=dict)  # server_name -> its database's major
+    # server_name -> the major of the database this host runs for it (postgres.host)
+    database_major: dict[str, int] = field(default_factory=dict)
     hosted: set[str] = field(default_factory=set)  # homeservers whose stack is here
     uninstalled: dict[str, dict[str, str]] = field(default_factory=dict)  # removed by inv uninstall
     handed_over: dict[str, dict[str, str]] = field(default_factory=dict)  # sn -> {to, address, at}
@@ -233,6 +236,9 @@ def script(state: DesiredState) -> str:
         *(f"v=; {{ read -r v <{shlex.quote(state.layout.pg_version(hs.server_name))}; }} 2>/dev/null; "
           f"printf 'V\\t%s\\t%s\\n' {shlex.quote(hs.server_name)} \"$v\""
           for hs in state.homeservers),
+        *(f"v=; {{ read -r v <{shlex.quote(state.layout.database(sn) + '/postgres/PG_VERSION')}; }} 2>/dev/null; "
+          f"printf 'Y\\t%s\\t%s\\n' {shlex.quote(sn)} \"$v\""
+          for sn in state.databases),
         f"for f in {shlex.quote(state.layout.base)}/synapse/*/docker-compose.yml; do [ -f \"$f\" ] && "
         "{ d=${f%/*}; printf 'G\\t%s\\n' \"${d##*/}\"; }; done",
         f"for f in {shlex.quote(state.layout.base)}/synapse-workers/*/docker-compose.yml; do [ -f \"$f\" ] && "
@@ -315,6 +321,8 @@ def parse(output: str, state: DesiredState | None = None) -> Facts:
             facts.migrating[parts[0]] = _fields(parts[1])
         elif kind == "V" and len(parts) == 2 and parts[1].strip().isdigit():
             facts.pg_major[parts[0]] = int(parts[1])
+        elif kind == "Y" and len(parts) == 2 and parts[1].strip().isdigit():
+            facts.database_major[parts[0]] = int(parts[1])
         elif kind == "O" and len(parts) == 2:
             facts.wrong_owner.setdefault(homeserver_of.get(parts[0].rstrip("/"), parts[0]), parts[1])
         elif kind == "L" and len(parts) == 2:

@@ -21,10 +21,13 @@ def keep_majors(state: DesiredState, facts: Facts) -> tuple[dict[str, str], list
     InventoryError when no image of the right major is known."""
     keep: dict[str, str] = {}
     notes: list[str] = []
-    for hs in state.homeservers:
+    # its own database, and those this host runs for other hosts' homeservers
+    databases = [(hs, facts.pg_major.get(hs.server_name), state.postgres_image(hs),
+                  facts.container_image(synapse_project(hs), "postgres")) for hs in state.homeservers]
+    databases += [(db.hs, facts.database_major.get(sn), db.image, facts.container_image(db.project, "postgres"))
+                  for sn, db in state.databases.items()]
+    for hs, have, wanted, running in databases:
         sn = hs.server_name
-        have = facts.pg_major.get(sn)
-        wanted = state.postgres_image(hs)
         if have is None or postgres_major(wanted) == have:
             continue
         key = f"homeservers.{sn}.postgres.image"
@@ -33,7 +36,6 @@ def keep_majors(state: DesiredState, facts: Facts) -> tuple[dict[str, str], list
                 f"{key} is {wanted} (PostgreSQL {postgres_major(wanted)}) but {sn}'s database is "
                 f"PostgreSQL {have}: an image cannot change the major version of existing data; "
                 f"name a PostgreSQL {have} image there, or upgrade the database first")
-        running = facts.container_image(synapse_project(hs), "postgres")
         if running and _major_or_none(running) == have:
             keep[sn] = running
             notes.append(f"{sn}: its database is PostgreSQL {have}: keeping {running} "

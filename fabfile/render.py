@@ -666,7 +666,7 @@ def render_host(
     for hs in sorted(inv.homeservers.values(), key=lambda hs: hs.server_name):
         if hs.postgres.host != host_name:
             continue
-        db = Database(hs, hs.postgres.image or images["postgres"])
+        db = Database(hs, (keep_postgres or {}).get(hs.server_name) or hs.postgres.image or images["postgres"])
         databases[hs.server_name] = db
         root = lay.database(hs.server_name)
         dirs += [RemoteDir(f"{lay.base}/synapse-db"), RemoteDir(root), RemoteDir(f"{root}/postgres", 0o700, POSTGRES_UID),

@@ -156,3 +156,18 @@ def test_what_is_refused_names_the_host():
     with pytest.raises((InventoryError, ErrorsInventoryError), match="circle"):
         a, b = render_host(inv(), "web"), render_host(inv(), "db")
         waves({"web": a, "db": b.__class__(**{**b.__dict__, "homeservers": a.homeservers})})
+
+
+def test_a_new_major_in_the_inventory_keeps_the_database_host_s_running_image():
+    from fabfile import postgres
+    i = inv()
+    st = render_host(i, "db")
+    facts = Facts(database_major={"far.example": 16},
+                  containers=[Container("postgres-far-example", "postgres", "running", "Up", "d", "postgres:16-trixie")])
+    keep, notes = postgres.keep_majors(st, facts)
+    assert keep == {"far.example": "postgres:16-trixie"} and "keeping postgres:16-trixie" in notes[0]
+    assert render_host(i, "db", keep_postgres=keep).databases["far.example"].image == "postgres:16-trixie"
+    # and the facts script asks for it
+    from fabfile.facts import parse, script
+    assert f"{DB}/postgres/PG_VERSION" in script(st)
+    assert parse("Y\tfar.example\t16\n", st).database_major == {"far.example": 16}
