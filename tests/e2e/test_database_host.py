@@ -20,7 +20,7 @@ import pytest
 
 from tests.e2e.helpers import BIN, REPO, https_get, on_host, run, variant
 from tests.e2e.test_uninstall import _say_something
-from tests.e2e.test_external_db import a_user_writes
+from tests.e2e.test_external_db import a_user_writes, an_upgrade_that_dies_goes_back
 from tests.e2e.test_w_workers import _probe
 from tests.sandbox import images, sandbox as sb
 from tests.sandbox.portscan import open_tcp_ports
@@ -114,12 +114,7 @@ def test_a_homeserver_with_its_database_on_another_host(deployed):
 
         # inv upgrade to a Synapse that moves the schema, then dies: the dump goes back
         # into the emptied database on vps3, and the previous Synapse runs on it again
-        schema = _sql("SELECT version FROM schema_version")
-        res = run(["inv", "upgrade", "--homeserver", SN], broken)
-        assert res.returncode == 1 and "failed and was rolled back" in res.stderr, res.stdout + res.stderr
-        assert f"database restored on host {DB_HOST}" in res.stdout
-        assert _sql("SELECT version FROM schema_version") == schema
-        asyncio.run(_say_something(SN, user, "second pw"))
+        an_upgrade_that_dies_goes_back(SN, user, broken, f"host {DB_HOST}", _sql)
 
         # moved to vps1: the database stays on vps3, which lets both hosts in until --finish
         res = run(["inv", "migrate-host", "--homeserver", SN, "--to", "vps1"], inv)

@@ -58,6 +58,20 @@ def a_user_writes(sn: str, user: str, inventory, sql) -> None:
     assert int(sql("SELECT count(*) FROM events WHERE type = 'm.room.message'")) >= 1
 
 
+def an_upgrade_that_dies_goes_back(sn: str, user: str, broken, where: str, sql) -> None:
+    """`inv upgrade` to the broken Synapse (it moves the schema, then dies) is rolled
+    back: the dump goes back into the database (on `where`), the schema version is
+    the one before, and `user` logs in and sends again."""
+    schema = sql("SELECT version FROM schema_version")
+    messages = int(sql("SELECT count(*) FROM events WHERE type = 'm.room.message'"))
+    res = run(["inv", "upgrade", "--homeserver", sn], broken)
+    assert res.returncode == 1 and "failed and was rolled back" in res.stderr, res.stdout + res.stderr
+    assert f"database restored on {where}" in res.stdout
+    assert sql("SELECT version FROM schema_version") == schema
+    asyncio.run(_say_something(sn, user, "second pw"))
+    assert int(sql("SELECT count(*) FROM events WHERE type = 'm.room.message'")) > messages
+
+
 def test_a_homeserver_on_an_external_postgresql(deployed):
     for _ in range(60):  # the server initialises once, at the sandbox's start
         if subprocess.run(["docker", "exec", "sfab-extdb", "pg_isready", "-U", "synapse"],
@@ -115,13 +129,7 @@ def test_a_homeserver_on_an_external_postgresql(deployed):
 
         # inv upgrade to a Synapse that moves the schema, then dies: the dump goes back
         # into the emptied external database, and the previous Synapse runs on it again
-        schema = _sql("SELECT version FROM schema_version")
-        res = run(["inv", "upgrade", "--homeserver", SN], broken)
-        assert res.returncode == 1 and "failed and was rolled back" in res.stderr, res.stdout + res.stderr
-        assert f"database restored on {sb.EXTDB_NAME}" in res.stdout
-        assert _sql("SELECT version FROM schema_version") == schema
-        asyncio.run(_say_something(SN, user, "second pw"))
-        assert int(_sql("SELECT count(*) FROM events WHERE type = 'm.room.message'")) >= 2
+        an_upgrade_that_dies_goes_back(SN, user, broken, sb.EXTDB_NAME, _sql)
 
         # moved to vps1: the database stays where it is, the new host reaches it first
         res = run(["inv", "migrate-host", "--homeserver", SN, "--to", "vps1"], inv)
