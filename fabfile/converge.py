@@ -90,6 +90,16 @@ def converge(remote: Remote, state, local_images, report: Reporter, result: Host
         docker.wait_healthy(remote, host_projects(state), log)
 
 
+def converge_as(remote: Remote, inv, log, **options) -> None:
+    """Converge the open, locked host `remote` to what `inv` says it holds, its
+    lines going to `log`: a step of an operation (a migration, an uninstall, an
+    upgrade) that changes the inventory it converges to. `options`: converge's."""
+    from .deploy import local_images  # (deploy.py imports this module)
+    from .report import LineWriter
+    state = render_host(inv, remote.name)
+    converge(remote, state, local_images(inv, [state]), Reporter(LineWriter(log)), HostResult(remote.name), **options)
+
+
 def host_projects(state) -> list[str]:
     """Every compose project this host runs."""
     return [PROXY_PROJECT] + [synapse_project(hs) for hs in state.homeservers] + [

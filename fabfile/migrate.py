@@ -39,14 +39,12 @@ from typing import Callable
 
 from . import database
 from .errors import TaskError
-from .converge import HostResult, converge
-from .deploy import local_images
+from .converge import converge_as
 from .inventory import Homeserver, Inventory, rewrite
 from .remote import Remote, RemoteError, locked, open_remote, session
 from .docker import COMPOSE_FN, container
 from .layout import Layout
-from .render import render_host, synapse_project
-from .report import LineWriter, Reporter
+from .render import synapse_project
 from .shell import program
 from .workers import processes, refuse_remote
 
@@ -107,10 +105,7 @@ class Migration:
                 r.close()
 
     def _converge(self, remote: Remote, inv: Inventory, hold=(), install=False) -> None:
-        state = render_host(inv, remote.name)
-        result = HostResult(remote.name)
-        converge(remote, state, local_images(inv, [state]), Reporter(LineWriter(self.log)),
-                 result, install=install, hold=hold, migrating=self.sn)
+        converge_as(remote, inv, self.log, install=install, hold=hold, migrating=self.sn)
 
     def _admit(self, inv: Inventory) -> None:
         """Converge the host of the homeserver's database (postgres.host) as `inv`
@@ -431,8 +426,7 @@ def finish(inv: Inventory, sn: str, yes: bool, keep_backup: bool, log, confirm) 
         raise TaskError("nothing was removed")
     after = inv.with_homeserver(hs, migrated_from=None)
     with locked(inv, old_host) as remote:
-        state = render_host(after, old)
-        converge(remote, state, local_images(after, [state]), Reporter(LineWriter(log)), HostResult(old))
+        converge_as(remote, after, log)
         base = shlex.quote(lay.base)
         root = f"synapse/{sn}"
         paths = " ".join(shlex.quote(p) for p in [root] + Layout.acme_paths(sn)[:-1])
@@ -444,9 +438,7 @@ def finish(inv: Inventory, sn: str, yes: bool, keep_backup: bool, log, confirm) 
                    f"compose down); fi && {backup}rm -rf {paths}", what=f"remove {sn} from {old}")
     if hs.postgres.host:  # its database's host admits the new host only again
         with locked(inv, inv.hosts[hs.postgres.host]) as remote:
-            state = render_host(after, hs.postgres.host)
-            converge(remote, state, local_images(after, [state]), Reporter(LineWriter(log)),
-                     HostResult(hs.postgres.host))
+            converge_as(remote, after, log)
     record_in_inventory(inv.path, sn, hs.host, None)
     log(f"{old} no longer serves or forwards {sn}"
         + (f"; its old copy is archived on {old} in {lay.base}/{archive}" if keep_backup else ""))

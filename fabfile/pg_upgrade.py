@@ -22,10 +22,9 @@ import shlex
 import time
 from typing import Callable, Optional
 
+from .converge import converge_as
 from .database import refuse_external
 from . import docker
-from .converge import HostResult, converge
-from .deploy import local_images
 from .docker import COMPOSE_FN
 from .errors import RolledBack, SfabError, TaskError
 from .facts import parse as parse_facts, script as facts_script
@@ -33,7 +32,6 @@ from .inventory import Homeserver, Inventory, load, rewrite
 from .layout import Layout
 from .remote import Remote, locked
 from .render import render_host, synapse_project
-from .report import LineWriter, Reporter
 from .schema import postgres_major
 from .shell import program
 from .upgrade import check_answers
@@ -67,8 +65,7 @@ def _set_image(inv: Inventory, sn: str, image: Optional[str]) -> Inventory:
 
 
 def _converge(remote: Remote, inv: Inventory, log: Log) -> None:
-    state = render_host(inv, remote.name)
-    converge(remote, state, local_images(inv, [state]), Reporter(LineWriter(log)), HostResult(remote.name))
+    converge_as(remote, inv, log)
 
 
 def _record(remote: Remote, root: str) -> dict[str, str]:

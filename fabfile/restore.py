@@ -20,18 +20,16 @@ import shlex
 import time
 from typing import Callable, Optional
 
+from .converge import converge_as
 from . import backup as backup_mod, database, docker
-from .converge import HostResult, converge
 from .database import refuse_external
-from .deploy import local_images
 from .workers import refuse_remote
 from .docker import COMPOSE_FN, container
 from .errors import TaskError
 from .inventory import Homeserver, Host, Inventory, rewrite
 from .layout import Layout
 from .remote import Remote, RemoteError, locked, open_remote
-from .render import render_host, synapse_project
-from .report import LineWriter, Reporter
+from .render import synapse_project
 from .shell import program
 
 Log = Callable[[str], None]
@@ -62,9 +60,7 @@ def _old_host_state(inv: Inventory, hs: Homeserver, log: Log) -> None:
 def converge_holding(remote: Remote, inv: Inventory, log: Log, migrating: str, hold=()) -> None:
     """Converge one host for an operation that brings a homeserver (`migrating`) in,
     Docker installed if missing, `hold`'s Synapse not started."""
-    state = render_host(inv, remote.name)
-    converge(remote, state, local_images(inv, [state]), Reporter(LineWriter(log)), HostResult(remote.name),
-             install=True, hold=hold, migrating=migrating)
+    converge_as(remote, inv, log, install=True, hold=hold, migrating=migrating)
 
 
 def empty_database(remote: Remote, hs: Homeserver, recreate: bool = False) -> str:

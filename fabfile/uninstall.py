@@ -21,18 +21,16 @@ import shlex
 import time
 from typing import Callable, Optional
 
+from .converge import converge_as
 from . import backup as backup_mod
-from .converge import HostResult, converge
-from .deploy import local_images
 from .docker import COMPOSE_FN
 from .errors import InventoryError, TaskError
 from .facts import PERIODIC_JOBS
 from .inventory import Homeserver, Inventory, rewrite
 from .layout import BASE_RECORD, CRON_DIR, FIREWALL_DIR, SYSTEMD_DIR, Layout
 from .remote import Remote, locked
-from .render import FIREWALL_UNIT, public_names, render_host, synapse_network
+from .render import FIREWALL_UNIT, public_names, synapse_network
 from .shell import program
-from .report import LineWriter, Reporter
 from .workers import processes, refuse_remote, worker_hosts
 
 Log = Callable[[str], None]
@@ -113,8 +111,7 @@ def _release_proxies(inv: Inventory, after: Inventory, servers: list[Homeserver]
         lay = Layout(host.base_dir)
         gone = [hs for hs in servers if hs.federation.via == via]
         with locked(inv, host) as remote:
-            state = render_host(after, via)
-            converge(remote, state, local_images(after, [state]), Reporter(LineWriter(log)), HostResult(via))
+            converge_as(remote, after, log)
             paths = [p for hs in gone for p in _leftovers(hs, lay) + [lay.upstream_ca(hs.server_name)]]
             remote.run(f"rm -rf {' '.join(shlex.quote(p) for p in paths)}",
                        what=f"{', '.join(hs.server_name for hs in gone)}: certificate and well-known removed from {via}")
@@ -135,8 +132,7 @@ def _release_databases(inv: Inventory, after: Inventory, servers: list[Homeserve
                        f"--remove-orphans); fi && rm -rf {root}", what=f"{hs.server_name}: its database removed",
                        timeout=600)
             if host.name in after.hosts:
-                state = render_host(after, host.name)
-                converge(remote, state, local_images(after, [state]), Reporter(LineWriter(log)), HostResult(host.name))
+                converge_as(remote, after, log)
         log(f"{hs.server_name}: its database on {host.name} is removed ({Layout(host.base_dir).database(hs.server_name)})")
 
 
@@ -159,8 +155,7 @@ def uninstall_homeserver(inv: Inventory, sn: str, backup: bool, confirm: Confirm
     after = _without(inv, {hs.server_name})
     with locked(inv, host) as remote:
         snap = _take_down(remote, inv, hs, backup, log)
-        state = render_host(after, host.name)
-        converge(remote, state, local_images(after, [state]), Reporter(LineWriter(log)), HostResult(host.name))
+        converge_as(remote, after, log)
         remote.run(f"rm -rf {' '.join(shlex.quote(p) for p in _leftovers(hs, lay))}\n"
                    f"docker network rm {shlex.quote(synapse_network(hs))} >/dev/null 2>&1 || true",
                    what=f"{sn}: certificate, well-known and network removed")

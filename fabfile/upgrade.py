@@ -21,10 +21,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from .converge import converge_as
 from . import database
 from . import admin, docker
-from .converge import HostResult, converge
-from .deploy import local_images
 from .docker import COMPOSE_FN, container
 from .errors import RolledBack, SfabError
 from .facts import parse as parse_facts, script as facts_script
@@ -32,7 +31,6 @@ from .inventory import Homeserver, Inventory
 from .layout import Layout
 from .remote import Remote, locked
 from .render import render_host, synapse_project
-from .report import LineWriter, Reporter
 from .restore import external_load_program, load_dump
 from .shell import program
 from .workers import processes, refuse_remote
@@ -81,9 +79,7 @@ def plan(inv: Inventory, homeserver: Optional[str]) -> list[Step]:
 
 
 def _converge(remote: Remote, inv: Inventory, hs: Homeserver, image: str, log: Log) -> None:
-    state = render_host(inv, remote.name)
-    converge(remote, state, local_images(inv, [state]), Reporter(LineWriter(log)), HostResult(remote.name),
-             synapse_pins={hs.server_name: image})
+    converge_as(remote, inv, log, synapse_pins={hs.server_name: image})
 
 
 def check_answers(remote: Remote, hs: Homeserver) -> None:
