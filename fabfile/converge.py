@@ -32,14 +32,16 @@ class HostResult:
 def converge(remote: Remote, state, local_images, report: Reporter, result: HostResult,
              dry_run: bool = False, install: bool = False, hold: tuple[str, ...] = (),
              pull: bool = False, migrating: str = "", facts_out: Optional[str] = None,
-             synapse_pins: Optional[dict[str, str]] = None) -> None:
-    """One host, already opened and locked. `hold`: homeservers whose Synapse must
+             synapse_pins: Optional[dict[str, str]] = None, inv=None) -> None:
+    """One host, already opened and locked, to `state`, rendered from `inv` (default:
+    the inventory the host was opened with). `hold`: homeservers whose Synapse must
     not start (a migration starts only their PostgreSQL, to restore into it);
     `migrating`: the homeserver a migration moves (its records do not stop it);
     `facts_out`: the facts script's output when the lock brought it; `synapse_pins`:
     the Synapse image of some homeservers, set by `inv upgrade` (the others keep the
     one they run: fabfile/versions.py)."""
     name = state.host.name
+    inv = inv or remote.inv
     log = lambda msg: report.line(name, msg)  # noqa: E731
     if install:
         docker.install(remote, log)
@@ -58,20 +60,23 @@ def converge(remote: Remote, state, local_images, report: Reporter, result: Host
         raise RemoteError(f"{name}: Docker is not installed; run `fab -H {name} bootstrap` first")
     if not facts.compose:
         raise RemoteError(f"{name}: neither `docker compose` nor `docker-compose` is installed; run bootstrap")
-    guard.check(state, facts, remote.inv.path, migrating)
+    guard.check(state, facts, inv.path, migrating)
     database.check_before_deploy(state, facts)
-    firewall.check_ssh(remote.inv, name, facts.sshd_ports)
+    firewall.check_ssh(inv, name, facts.sshd_ports)
     keep, notes = postgres.keep_majors(state, facts)
     keep_synapse, synapse_notes = versions.keep_synapse(state, facts, synapse_pins)
     for note in notes + synapse_notes:
         log(note)
+    for sn in sorted(facts.databases - set(state.databases)):  # never removed by a deploy: it holds data
+        log(f"{state.layout.database(sn)} holds a database no homeserver of hosts.yaml runs here (postgres.host); "
+            "it is left as it is: `inv uninstall` of its homeserver removes it, or remove it by hand")
     # workers of other hosts' homeservers: what they copy is read there (the paths
     # were in the facts script already; only the contents change)
-    copies = guests.copies_for(remote.inv, name) if state.guests else None
+    copies = guests.copies_for(inv, name) if state.guests else None
     # a database on another host: its password, read there, while the passfile is missing here
-    passfiles = database.passfiles(remote.inv, state, facts)
+    passfiles = database.passfiles(inv, state, facts, dry_run)
     if keep or keep_synapse or copies or passfiles:  # same paths, other contents
-        state = render_host(remote.inv, name, keep_postgres=keep, keep_synapse=keep_synapse, guest_copies=copies,
+        state = render_host(inv, name, keep_postgres=keep, keep_synapse=keep_synapse, guest_copies=copies,
                             db_passfiles=passfiles)
     push = state.host.images == "push"
     plan = plan_mod.make(state, facts, local_images, push, refresh_tags=pull)
@@ -97,7 +102,16 @@ def converge_as(remote: Remote, inv, log, **options) -> None:
     from .deploy import local_images  # (deploy.py imports this module)
     from .report import LineWriter
     state = render_host(inv, remote.name)
-    converge(remote, state, local_images(inv, [state]), Reporter(LineWriter(log)), HostResult(remote.name), **options)
+    converge(remote, state, local_images(inv, [state]), Reporter(LineWriter(log)), HostResult(remote.name), inv=inv,
+             **options)
+
+
+def converge_other(inv, host_name: str, log, **options) -> None:
+    """Lock another host of the operation and converge it to what `inv` says (e.g.
+    the host of a homeserver's database, to let a new host in)."""
+    from .remote import locked
+    with locked(inv, inv.hosts[host_name]) as remote:
+        converge_as(remote, inv, log, **options)
 
 
 def host_projects(state) -> list[str]:

@@ -6,6 +6,8 @@ puts that server's password on the homeserver's host."""
 
 from __future__ import annotations
 
+from hashlib import sha256
+
 from .errors import TaskError
 from .inventory import Homeserver, Inventory
 from .layout import SYNAPSE_UID, Layout
@@ -106,6 +108,17 @@ def check_before_deploy(state, facts) -> None:
             problems.append(f"{sn}: its database was elsewhere (its secrets hold only that server's passfile) but "
                             "hosts.yaml no longer says where: a deploy would start an empty database here; put "
                             "postgres.external or postgres.host back, or restore its data here first (inv restore)")
+        elif hs.postgres.elsewhere and lay.secret(sn, "postgres_password") in facts.stats:
+            problems.append(f"{sn}: its secrets still hold the password of the database it had here, and its "
+                            f"passfile is that database's; once its data is on {hs.postgres.where}, remove "
+                            f"{lay.secret(sn, 'postgres_password')} and {lay.secret(sn, 'pgpass')}, then "
+                            + ("run inv database-password and deploy" if hs.postgres.external else "deploy"))
+        elif (hs.postgres.host and lay.passfile_for(sn) in facts.stats and lay.secret(sn, "pgpass") in facts.stats
+              and facts.hashes.get(lay.passfile_for(sn)) != sha256(state.file(lay.passfile_for(sn)).content).hexdigest()):
+            problems.append(f"{sn}: its passfile is for another database host than {hs.postgres.host} (see "
+                            f"{lay.passfile_for(sn)}): a deploy does not move a database; once its data is on "
+                            f"{hs.postgres.host}, remove {lay.secret(sn, 'pgpass')} (the deploy reads that host's "
+                            "password again), or put postgres.host back")
         elif hs.postgres.external and lay.secret(sn, "pgpass") not in facts.stats:
             missing.append(sn)
     if problems:
@@ -117,10 +130,11 @@ def check_before_deploy(state, facts) -> None:
                         + ", then deploy again")
 
 
-def passfiles(inv: Inventory, state, facts) -> dict[str, bytes]:
+def passfiles(inv: Inventory, state, facts, dry_run: bool = False) -> dict[str, bytes]:
     """The passfiles this host lacks of its homeservers whose database another
     inventory host runs (postgres.host): the password is made there (that host
-    converges first) and read there, once; a present passfile is never replaced."""
+    converges first) and read there, once; a present passfile is never replaced.
+    A dry run skips a password not made yet (the plan shows the passfile missing)."""
     out = {}
     for hs in state.homeservers:
         if hs.postgres.host is None or state.layout.secret(hs.server_name, "pgpass") in facts.stats:
@@ -128,8 +142,10 @@ def passfiles(inv: Inventory, state, facts) -> dict[str, bytes]:
         host = inv.hosts[hs.postgres.host]
         with session(inv, host) as remote:
             password = remote.run(program("database-host-password.sh",
-                                          dir=f"{Layout(host.base_dir).database(hs.server_name)}/secrets"),
+                                          secret=Layout(host.base_dir).database_secret(hs.server_name)),
                                   what=f"{hs.server_name}: its database's password on {host.name}").out.strip()
+        if not password and dry_run:
+            continue
         if not password:
             raise TaskError(f"{hs.server_name}: its database on {host.name} has no password yet: deploy {host.name} "
                             f"first (inv deploy --host {host.name}), then this host")

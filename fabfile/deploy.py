@@ -19,7 +19,7 @@ from .facts import script as facts_script
 from .inventory import Inventory
 from .remote import Remote, open_remote
 from .render import render_host
-from .workers import worker_hosts
+from .workers import hosts_of
 from .report import Reporter
 
 
@@ -39,20 +39,15 @@ def select_hosts(inv: Inventory, hosts: list[str] | None, homeservers: list[str]
                 raise InventoryError(f"{inv.path}: no host {h!r} (known hosts: {', '.join(inv.hosts)})")
         names = [n for n in names if n in hosts]
     if homeservers:
-        wanted = {h for s in homeservers for h in _hosts_of(inv.homeserver(s))}
+        wanted = {h for s in homeservers for h in hosts_of(inv.homeserver(s))}
         names = [n for n in names if n in wanted]
     if not hosts:
         # A host with no homeserver (e.g. a migration target) is left alone
         # unless named (deploying it would only start an idle proxy), or unless it
         # runs some homeserver's workers or database.
-        running = {h for hs in inv.homeservers.values() for h in _hosts_of(hs)}
+        running = {h for hs in inv.homeservers.values() for h in hosts_of(hs)}
         names = [n for n in names if inv.homeservers_on(n) or n in running]
     return names
-
-
-def _hosts_of(hs) -> list[str]:
-    """The hosts a homeserver's processes run on: its own, its workers' and its database's."""
-    return [hs.host] + worker_hosts(hs) + ([hs.postgres.host] if hs.postgres.host else [])
 
 
 def waves(states: dict) -> list[list[str]]:

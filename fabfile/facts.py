@@ -20,6 +20,7 @@ The script prints one tab-separated record a line:
     T  unit enabled active         a systemd timer of ours (systemd hosts only)
     V  server_name major           the PostgreSQL major version of a homeserver's database
     Y  server_name major           ... of a database this host runs for another host's homeserver
+    Z  server_name                 a database stack this host holds (synapse-db/<sn>)
     G  server_name                 a homeserver whose stack is on this host (synapse/<sn>/docker-compose.yml)
     X  server_name record          a homeserver this host handed over (inv migrate-host)
     U  server_name record          a homeserver `inv uninstall` removed from this host
@@ -79,6 +80,7 @@ class Facts:
     pg_major: dict[str, int] = field(default_factory=dict)  # server_name -> its database's major
     # server_name -> the major of the database this host runs for it (postgres.host)
     database_major: dict[str, int] = field(default_factory=dict)
+    databases: set[str] = field(default_factory=set)  # homeservers whose database has a stack here
     hosted: set[str] = field(default_factory=set)  # homeservers whose stack is here
     uninstalled: dict[str, dict[str, str]] = field(default_factory=dict)  # removed by inv uninstall
     handed_over: dict[str, dict[str, str]] = field(default_factory=dict)  # sn -> {to, address, at}
@@ -129,7 +131,7 @@ def secret_paths(state: DesiredState) -> list[str]:
 
 def database_secret(state: DesiredState, server_name: str) -> str:
     """The password of a database this host runs for another host's homeserver."""
-    return f"{state.layout.database(server_name)}/secrets/postgres_password"
+    return state.layout.database_secret(server_name)
 
 
 def synapse_secrets(state: DesiredState, hs) -> tuple[str, ...]:
@@ -236,13 +238,15 @@ def script(state: DesiredState) -> str:
         *(f"v=; {{ read -r v <{shlex.quote(state.layout.pg_version(hs.server_name))}; }} 2>/dev/null; "
           f"printf 'V\\t%s\\t%s\\n' {shlex.quote(hs.server_name)} \"$v\""
           for hs in state.homeservers),
-        *(f"v=; {{ read -r v <{shlex.quote(state.layout.database(sn) + '/postgres/PG_VERSION')}; }} 2>/dev/null; "
+        *(f"v=; {{ read -r v <{shlex.quote(state.layout.database_data(sn) + '/PG_VERSION')}; }} 2>/dev/null; "
           f"printf 'Y\\t%s\\t%s\\n' {shlex.quote(sn)} \"$v\""
           for sn in state.databases),
         f"for f in {shlex.quote(state.layout.base)}/synapse/*/docker-compose.yml; do [ -f \"$f\" ] && "
         "{ d=${f%/*}; printf 'G\\t%s\\n' \"${d##*/}\"; }; done",
         f"for f in {shlex.quote(state.layout.base)}/synapse-workers/*/docker-compose.yml; do [ -f \"$f\" ] && "
         "{ d=${f%/*}; printf 'Q\\t%s\\n' \"${d##*/}\"; }; done",
+        f"for f in {shlex.quote(state.layout.base)}/synapse-db/*/docker-compose.yml; do [ -f \"$f\" ] && "
+        "{ d=${f%/*}; printf 'Z\\t%s\\n' \"${d##*/}\"; }; done",
         f"for f in {shlex.quote(state.layout.handed_over_dir)}/*; do [ -f \"$f\" ] && "
         "printf 'X\\t%s\\t%s\\n' \"${f##*/}\" \"$(tr '\\n\\t' '  ' < \"$f\")\"; done",
         f"for f in {shlex.quote(state.layout.uninstalled_dir)}/*; do [ -f \"$f\" ] && "
@@ -311,6 +315,8 @@ def parse(output: str, state: DesiredState | None = None) -> Facts:
             facts.hosted.add(parts[0])
         elif kind == "Q" and parts[0]:
             facts.guests.add(parts[0])
+        elif kind == "Z" and parts[0]:
+            facts.databases.add(parts[0])
         elif kind == "X" and len(parts) == 2:
             facts.handed_over[parts[0]] = _fields(parts[1])
         elif kind == "U" and len(parts) == 2:

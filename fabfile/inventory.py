@@ -188,6 +188,12 @@ def _with_names_and_paths(data: dict, base: Path) -> dict:
     return data
 
 
+def check(inv: Inventory) -> None:
+    """The rules that span entries, for an inventory a task derives (what hosts.yaml
+    would say after a move): InventoryError when it breaks one."""
+    _cross_check(inv, inv.path, {})
+
+
 def _cross_check(inv: Inventory, path: Path, lines: dict) -> None:
     """Rules that span several entries."""
 
@@ -300,10 +306,28 @@ def _check_database_hosts(inv: Inventory, fail) -> None:
             fail(loc, f"{where} runs workers of another host's homeserver; a database host may not (no chains)")
         if any(o.host == where and o.postgres.host for o in inv.homeservers.values()):
             fail(loc, f"{where} is the host of a homeserver whose own database is on another host (no chains)")
-    # one published port per database on a host
+    # one compose project and one published port per database on a host
     ports: dict[tuple[str, int], str] = {}
+    slugs: dict[tuple[str, str], str] = {}
     for key, hs in inv.homeservers.items():
         if hs.postgres.host:
+            other = slugs.get((hs.postgres.host, hs.slug))
+            if other is not None:
+                fail(("homeservers", key, "postgres", "host"),
+                     f"its database's compose project on {hs.postgres.host} would be postgres-{hs.slug}, the same "
+                     f"as {other!r}'s there; put one of them on another host")
+            slugs[(hs.postgres.host, hs.slug)] = key
+            host = inv.hosts[hs.postgres.host]
+            port = workers_mod.service_port(hs, "postgres")
+            taken = set(host.firewall.ssh_ports or [host.port]) | set(host.firewall.open_tcp)
+            if host.turn.enabled:
+                taken |= {3478, 5349}
+                low, high = host.turn.relay_range
+                taken |= {port} if low <= port <= high else set()
+            if port in taken:
+                fail(("homeservers", key, "workers", "port_base"),
+                     f"its database would be published on {hs.postgres.host} at port {port}, which that host "
+                     "already uses (SSH, firewall.open_tcp or TURN): choose another port_base")
             slot = (hs.postgres.host, workers_mod.service_port(hs, "postgres"))
             if slot in ports:
                 fail(("homeservers", key, "workers", "port_base"),

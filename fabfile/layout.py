@@ -143,6 +143,16 @@ class Layout:
         (postgres.host): its stack, data (postgres/) and password (secrets/)."""
         return f"{self.base}/synapse-db/{server_name}"
 
+    def database_secret(self, server_name: str) -> str:
+        return f"{self.database(server_name)}/secrets/postgres_password"
+
+    def database_data(self, server_name: str) -> str:
+        return f"{self.database(server_name)}/postgres"
+
+    def passfile_for(self, server_name: str) -> str:
+        """On the homeserver's host: which database host its passfile is for."""
+        return f"{self.secrets(server_name)}/pgpass.for"
+
     def pg_version(self, server_name: str) -> str:
         return f"{self.postgres(server_name)}/PG_VERSION"
 

@@ -38,9 +38,10 @@ from pathlib import Path
 from typing import Callable
 
 from . import database
-from .errors import TaskError
-from .converge import converge_as
-from .inventory import Homeserver, Inventory, rewrite
+from .errors import SfabError, TaskError
+from .converge import converge_as, converge_other
+from .inventory import Homeserver, Inventory, InventoryError, rewrite
+from .inventory import check as inventory_check
 from .remote import Remote, RemoteError, locked, open_remote, session
 from .docker import COMPOSE_FN, container
 from .layout import Layout
@@ -110,8 +111,7 @@ class Migration:
     def _admit(self, inv: Inventory) -> None:
         """Converge the host of the homeserver's database (postgres.host) as `inv`
         says: its firewall lets in the hosts `inv` names for it."""
-        with locked(inv, inv.hosts[self.hs.postgres.host]) as remote:
-            self._converge(remote, inv)
+        converge_other(inv, self.hs.postgres.host, self.log, migrating=self.sn)
 
     def _copy(self, what: str, src_script: str) -> None:
         started = time.monotonic()
@@ -274,7 +274,11 @@ class Migration:
         if docker == "docker":
             self._converge(self.dst, self.inv)  # drops the vhosts it got
         if self.hs.postgres.host:  # its database's host lets the old host only in again
-            self._admit(self.inv)
+            try:
+                self._admit(self.inv)
+            except SfabError as exc:  # the old host is let in either way (it was one end of the move)
+                self.log(f"{self.hs.postgres.host} could not be converged ({str(exc).splitlines()[0]}); it may "
+                         f"still let {to} reach {sn}'s database: deploy it once it answers")
         root = shlex.quote(self.old_lay.synapse(sn))
         self.src.run(f"rm -f {shlex.quote(self.old_lay.migration_state(sn))} {root}/.migration-mark", what="clear state")
 
@@ -332,6 +336,10 @@ def migrate(inv: Inventory, sn: str, to: str | None, dry_run: bool, abort: bool,
     if to == hs.postgres.host:
         raise TaskError(f"{to} runs {sn}'s database (postgres.host): a homeserver and its database on one host "
                         "is a database of its own; move it to another host")
+    try:  # what hosts.yaml will say once it moved must hold (private addresses, no chains, ...)
+        inventory_check(inv.with_homeserver(hs, host=to, migrated_from=hs.host))
+    except InventoryError as exc:
+        raise TaskError(f"{sn} cannot move to {to}: hosts.yaml would then break a rule: {exc}") from None
     if hs.federation.via and not marked_to:
         raise TaskError(f"{sn}'s federation is served by {hs.federation.via} (federation.via), which "
                         f"`inv migrate-host` does not move along yet: it would keep passing requests to {hs.host}. "
@@ -437,8 +445,7 @@ def finish(inv: Inventory, sn: str, yes: bool, keep_backup: bool, log, confirm) 
         remote.run(f"{COMPOSE_FN}cd {base} && if [ -f {root}/docker-compose.yml ]; then (cd {root} && "
                    f"compose down); fi && {backup}rm -rf {paths}", what=f"remove {sn} from {old}")
     if hs.postgres.host:  # its database's host admits the new host only again
-        with locked(inv, inv.hosts[hs.postgres.host]) as remote:
-            converge_as(remote, after, log)
+        converge_other(after, hs.postgres.host, log)
     record_in_inventory(inv.path, sn, hs.host, None)
     log(f"{old} no longer serves or forwards {sn}"
         + (f"; its old copy is archived on {old} in {lay.base}/{archive}" if keep_backup else ""))

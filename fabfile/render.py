@@ -391,6 +391,13 @@ def _guest_stack(inv: Inventory, hs: Homeserver, host_name: str, lay: Layout, pr
                                             read), trigger=restart))
 
 
+def passfile_for(inv: Inventory, hs: Homeserver) -> bytes:
+    """What `Layout.passfile_for` holds: the database host, address and port."""
+    host, port = workers_mod.endpoint(hs, "postgres", hs.host,
+                                      {hs.postgres.host: inv.hosts[hs.postgres.host].private_address})
+    return f"{hs.postgres.host} {host}:{port}\n".encode()
+
+
 def _operator_settings(hs: Homeserver) -> bytes:
     """The operator's extra settings are data, dumped as YAML, never templated."""
     extra = "# Managed by synapse-fabric: synapse_settings from hosts.yaml.\n"
@@ -634,9 +641,12 @@ def render_host(
         if hs.synapse_settings:
             files.append(RemoteFile(f"{lay.conf_d(sn)}/90-operator.yaml", _operator_settings(hs), 0o644, ROOT,
                                     restart, secret=SETTINGS))
-        if sn in (db_passfiles or {}):  # made once on the database's host, read there
-            files.append(RemoteFile(lay.secret(sn, "pgpass"), db_passfiles[sn], 0o400, SYNAPSE_UID, stack,
-                                    secret=HIDDEN))
+        if hs.postgres.host:
+            if sn in (db_passfiles or {}):  # made once on the database's host, read there
+                files.append(RemoteFile(lay.secret(sn, "pgpass"), db_passfiles[sn], 0o400, SYNAPSE_UID, stack,
+                                        secret=HIDDEN))
+            # which database that passfile is for: a deploy refuses to point it at another
+            files.append(RemoteFile(lay.passfile_for(sn), passfile_for(inv, hs), 0o644, ROOT))
         if ext:
             files.append(RemoteFile(lay.db_ca(sn), _read_local(ext.ca, f"homeservers.{sn}.postgres.external.ca", read),
                                     trigger=restart))
@@ -669,8 +679,8 @@ def render_host(
         db = Database(hs, (keep_postgres or {}).get(hs.server_name) or hs.postgres.image or images["postgres"])
         databases[hs.server_name] = db
         root = lay.database(hs.server_name)
-        dirs += [RemoteDir(f"{lay.base}/synapse-db"), RemoteDir(root), RemoteDir(f"{root}/postgres", 0o700, POSTGRES_UID),
-                 RemoteDir(f"{root}/secrets", 0o700)]
+        dirs += [RemoteDir(f"{lay.base}/synapse-db"), RemoteDir(root),
+                 RemoteDir(lay.database_data(hs.server_name), 0o700, POSTGRES_UID), RemoteDir(f"{root}/secrets", 0o700)]
         files.append(RemoteFile(f"{root}/.env", _template("synapse/.env.j2", project=db.project), 0o644, ROOT,
                                 f"database:{hs.server_name}:stack"))
         files.append(RemoteFile(f"{root}/docker-compose.yml",

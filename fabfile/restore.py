@@ -7,7 +7,10 @@ host it ran on after a loss, or onto another host (`--to`, bare or not).
   3. the target converged with the homeserver held (Docker installed if missing,
      PostgreSQL started on an empty data directory, Synapse not started);
   4. the dump restored into that fresh database (never over an existing one), the
-     one-time keys emptied (Synapse's backup guidance), the schema version checked;
+     one-time keys emptied (Synapse's backup guidance), the schema version checked.
+     A database elsewhere (postgres.external, postgres.host; the latter's host
+     converged first, letting the target in) is emptied in the same transaction
+     that restores the dump, what it held dumped aside first;
   5. the target converged again: Synapse starts on the restored signing key,
      secrets and media; with --to, hosts.yaml records the new host.
 A failure before step 5 leaves Synapse stopped and the snapshot untouched: run
@@ -20,9 +23,8 @@ import shlex
 import time
 from typing import Callable, Optional
 
-from .converge import converge_as
+from .converge import converge_as, converge_other
 from . import backup as backup_mod, database, docker
-from .database import refuse_external
 from .workers import refuse_remote
 from .docker import COMPOSE_FN, container
 from .errors import TaskError
@@ -90,14 +92,15 @@ def empty_database(remote: Remote, hs: Homeserver, recreate: bool = False) -> st
 
 
 def load_dump(remote: Remote, hs: Homeserver, dump_dir: str, log: Log, recreate: bool = False,
-              forget_one_time_keys: bool = True) -> str:
+              forget_one_time_keys: bool = True, keep: str = "") -> str:
     """pg_restore `dump_dir`/database.pgdump into the homeserver's database, which
     must be empty (`recreate`: dropped and made again first, UTF8 with C collation and
     ctype); `forget_one_time_keys`: empty that table after (a backup's restore). The
     schema version must be the one the dump recorded; returns it. An external
-    database is emptied instead of made again (fabfile/scripts/load-dump-external.sh)."""
+    database is emptied instead of made again (fabfile/scripts/load-dump-external.sh),
+    what it held dumped to `keep` first when set."""
     if hs.postgres.elsewhere:
-        return _load_external(remote, hs, dump_dir, log, forget_one_time_keys)
+        return _load_external(remote, hs, dump_dir, log, forget_one_time_keys, keep)
     pg = hs.postgres
     find_pg = empty_database(remote, hs, recreate)
     dump = shlex.quote(f"{dump_dir}/database.pgdump")
@@ -116,16 +119,22 @@ def load_dump(remote: Remote, hs: Homeserver, dump_dir: str, log: Log, recreate:
     return found
 
 
-def external_load_program(remote: Remote, hs: Homeserver, action: str, dump: str = "", forget: bool = False) -> str:
+def external_load_program(remote: Remote, hs: Homeserver, action: str, dump: str = "", forget: bool = False,
+                          keep: str = "") -> str:
     return program("database.sh", "load-dump-external.sh", **database.inputs(remote.inv, hs), project=synapse_project(hs),
-                   server_name=hs.server_name, action=action, dump=dump, forget=int(forget))
+                   server_name=hs.server_name, action=action, dump=dump, forget=int(forget), keep=keep)
 
 
-def _load_external(remote: Remote, hs: Homeserver, dump_dir: str, log: Log, forget_one_time_keys: bool) -> str:
+def _load_external(remote: Remote, hs: Homeserver, dump_dir: str, log: Log, forget_one_time_keys: bool,
+                   keep: str = "") -> str:
     t0 = time.monotonic()
-    out = remote.run(external_load_program(remote, hs, "load", f"{dump_dir}/database.pgdump", forget_one_time_keys),
-                     what="empty the database elsewhere, pg_restore", timeout=7200).out
-    found = out.strip().splitlines()[-1] if out.strip() else ""
+    out = remote.run(external_load_program(remote, hs, "load", f"{dump_dir}/database.pgdump", forget_one_time_keys,
+                                           keep), what="empty the database elsewhere, pg_restore", timeout=7200).out
+    lines = out.strip().splitlines()
+    for line in lines:
+        if line.startswith("kept "):
+            log(f"{hs.server_name}: what its database held is kept aside in {line[5:]} (pg_dump -Fc)")
+    found = lines[-1] if lines else ""
     expected = remote.run(f"cat {shlex.quote(dump_dir + '/schema-version')}", what="schema version").out.strip()
     if found != expected:
         raise TaskError(f"{hs.server_name}: the restored database has schema version {found}, the dump "
@@ -140,8 +149,6 @@ def restore(inv: Inventory, sn: str, snapshot: Optional[str], to: Optional[str],
     """Bring a homeserver back from its newest (or a given) snapshot."""
     hs = inv.homeserver(sn)
     refuse_remote(hs, "inv restore")
-    refuse_external(hs, "inv restore", "the snapshot's database.pgdump is restored into that server "
-                    "with pg_restore by its operator")
     target: Host = inv.host_by_name_or_address(to) if to else inv.hosts[hs.host]
     moving = target.name != hs.host
     if moving and inv.backup.repository.startswith("/"):
@@ -162,6 +169,9 @@ def restore(inv: Inventory, sn: str, snapshot: Optional[str], to: Optional[str],
     after = inv.with_homeserver(hs, host=target.name) if moving else inv
     lay = Layout(target.base_dir)
     stamp = time.strftime("%Y%m%dT%H%M%S")
+    keep_aside = f"{lay.base}/.synapse-fabric/before-restore/{sn}-{stamp}"
+    if hs.postgres.host:  # its database's host first: running, and letting the target in
+        converge_other(after, hs.postgres.host, log, migrating=sn)
     with locked(inv, target) as remote:
         running = remote.run(f"docker ps -q --filter label=com.docker.compose.project={synapse_project(hs)} "
                              "2>/dev/null | head -n 1; true", what="is it running here").out.strip()
@@ -174,13 +184,15 @@ def restore(inv: Inventory, sn: str, snapshot: Optional[str], to: Optional[str],
             "restic.sh", "restore.sh", **source, password_stdin="yes" if given else "no", adopt="no" if moving else "yes",
             server_name=sn, tag=backup_mod.tag(hs), snapshot=snapshot or "latest", base=lay.base,
             staging=f"{lay.base}/.synapse-fabric/restore/{sn}.files", dump_dir=dump_dir,
-            keep_aside=f"{lay.base}/.synapse-fabric/before-restore/{sn}-{stamp}")
+            keep_aside=keep_aside)
         t0 = time.monotonic()
         out = remote.run(script, stdin=given, what=f"{sn}: files from the snapshot", timeout=6 * 3600).out
         log(f"{sn}: {out.strip().splitlines()[-1]} in {time.monotonic() - t0:.1f}s")
         remote.run(f"rm -f {shlex.quote(lay.uninstalled(sn))}", what="an uninstall's record, if any")
+        if hs.postgres.host:  # the snapshot's passfile may hold a password its database's host no longer has
+            remote.run(f"rm -f {shlex.quote(lay.secret(sn, 'pgpass'))}", what="the passfile, read again there")
         converge_holding(remote, after, log, sn, hold=(sn,))
-        load_dump(remote, hs, dump_dir, log)
+        load_dump(remote, after.homeserver(sn), dump_dir, log, keep=f"{keep_aside}/database.pgdump")
         converge_holding(remote, after, log, sn)
         remote.run(f"rm -rf {shlex.quote(dump_dir)}", what="the restored dump")
         if moving:

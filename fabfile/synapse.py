@@ -23,8 +23,8 @@ def secrets_script(lay: Layout, hs: Homeserver, workers: bool = False) -> str:
 def database_secret_script(lay: Layout, hs: Homeserver) -> str:
     """Shell that makes, ONCE, the password of the database this host runs for
     another host's homeserver (fabfile/scripts/database-host-secret.sh)."""
-    root = lay.database(hs.server_name)
-    return program("database-host-secret.sh", dir=f"{root}/secrets", pgdata=f"{root}/postgres",
+    return program("database-host-secret.sh", dir=lay.database_secret(hs.server_name).rsplit("/", 1)[0],
+                   pgdata=lay.database_data(hs.server_name),
                    server_name=hs.server_name, postgres_uid=POSTGRES_UID) + "\n"
 
 

@@ -249,10 +249,15 @@ def published(hs, host_name: str) -> dict[str, tuple[int, int]]:
 
 def peers(hs, host_name: str) -> list[str]:
     """The other hosts of `hs`'s processes, which reach what `host_name` publishes."""
-    every = [hs.host] + worker_hosts(hs) + ([hs.postgres.host] if hs.postgres.host else [])
+    every = hosts_of(hs)
     if hs.postgres.host and hs.migrated_from:  # its database admits both ends of a move until it is finished
         every.append(hs.migrated_from)
     return [h for h in dict.fromkeys(every) if h != host_name]
+
+
+def hosts_of(hs) -> list[str]:
+    """The hosts a homeserver's processes run on: its own, its workers' and its database's."""
+    return list(dict.fromkeys([hs.host] + worker_hosts(hs) + ([hs.postgres.host] if hs.postgres.host else [])))
 
 
 def endpoint(hs, service: str, viewer: str, private: dict[str, str]) -> tuple[str, int]:

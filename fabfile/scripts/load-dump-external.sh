@@ -7,7 +7,9 @@
 # create in the database. action=check says whether it can, and whether the client
 # tools are as new as the server (pg_dump refuses a newer server); action=load does
 # it with $dump, with forget=1 empties the one-time keys, and prints Synapse's
-# schema version. Inputs: action dump forget server_name, and database.sh's.
+# schema version; with keep set, what the database held is dumped there first
+# ("kept PATH"), so a restore over it loses nothing.
+# Inputs: action dump forget keep server_name, and database.sh's.
 # shellcheck disable=SC2154
 set -eu
 can=$(echo "SELECT pg_has_role(current_user, nspowner, 'MEMBER') AND has_database_privilege(current_database(), 'CREATE') FROM pg_namespace WHERE nspname = 'public';" | psql_db)
@@ -25,6 +27,12 @@ fi
 if [ ! -s "$dump" ]; then
   echo "$server_name: no dump at $dump; the database was not touched" >&2
   exit 1
+fi
+if [ -n "$keep" ] && [ "$(echo "SELECT count(*) FROM pg_tables WHERE schemaname = 'public';" | psql_db)" != 0 ]; then
+  mkdir -p "${keep%/*}"
+  pgdump -Fc > "$keep.tmp"
+  mv -f "$keep.tmp" "$keep"
+  echo "kept $keep"
 fi
 # COMMIT only after pg_restore read the whole dump: a stream cut short ends the
 # session inside the transaction, which the server rolls back

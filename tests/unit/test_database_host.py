@@ -171,3 +171,43 @@ def test_a_new_major_in_the_inventory_keeps_the_database_host_s_running_image():
     from fabfile.facts import parse, script
     assert f"{DB}/postgres/PG_VERSION" in script(st)
     assert parse("Y\tfar.example\t16\n", st).database_major == {"far.example": 16}
+
+
+def test_databases_on_one_host_need_their_own_projects_and_free_ports():
+    text = INV.replace("  far.example:", "  a.b-c.example:\n    host: other\n    postgres: {host: db}\n"
+                       "    workers: {port_base: 7400}\n  a-b.c.example:")
+    with pytest.raises(InventoryError, match=r"compose project on db would be postgres-a-b-c-example"):
+        inv(text.replace("  far.example:", "").replace("a-b.c.example:\n    host: web", "a-b.c.example:\n    host: web"))
+    with pytest.raises(InventoryError, match=r"at port 2222, which that host already uses"):
+        inv(INV.replace("    postgres: {host: db}", "    postgres: {host: db}\n    workers: {port_base: 2222}")
+            .replace("firewall: {enabled: true}}\n  other", "firewall: {enabled: true, ssh_ports: [2222]}}\n  other"))
+
+
+def test_a_passfile_is_never_pointed_at_another_database():
+    from fabfile.facts import Stat
+    from fabfile.plan import sha256
+    st = render_host(inv(), "web")
+    f = Stat("regular file", 0o400, "991:991")
+    marker = files(st)[f"{MAIN}/secrets/pgpass.for"]
+    assert marker.content == b"db 10.0.0.11:7100\n"
+    same = Facts(stats={f"{MAIN}/secrets/pgpass": f, marker.path: f}, hashes={marker.path: sha256(marker.content)})
+    database.check_before_deploy(st, same)
+    moved = render_host(inv(INV.replace("    postgres: {host: db}", "    postgres: {host: other}")), "web")
+    with pytest.raises(TaskError, match=r"far\.example: its passfile is for another database host than other"):
+        database.check_before_deploy(moved, same)
+    # once the operator removed the passfile (the data moved), the deploy reads the new host's
+    database.check_before_deploy(moved, Facts(stats={marker.path: f}, hashes={marker.path: sha256(marker.content)}))
+    # a passfile of the database it had here is refused, naming what to remove
+    with pytest.raises(TaskError, match=r"its secrets still hold the password of the database it had here"):
+        database.check_before_deploy(st, Facts(stats={f"{MAIN}/secrets/pgpass": f,
+                                                      f"{MAIN}/secrets/postgres_password": f}))
+
+
+def test_a_database_stack_no_homeserver_names_is_reported_not_removed():
+    from fabfile.facts import parse, script
+    st = render_host(inv(), "db")
+    assert "/opt/matrix/synapse-db/*/docker-compose.yml" in script(st)
+    facts = parse("Z\tfar.example\nZ\tgone.example\n", st)
+    assert facts.databases == {"far.example", "gone.example"}
+    plan = make(st, facts, LOCAL(st), push=True)
+    assert not any("gone.example" in c.path for c in plan.changes)
