@@ -5,9 +5,10 @@ homeserver's host only. `fab -H vps3 bootstrap` installs Docker there and starts
 database (vps3 makes its password); `inv deploy --homeserver` converges vps3 first,
 then vps2 (it reads the password on vps3 once, for its passfile).
 Users, `inv upgrade`'s way back (a Synapse that moves the schema and dies), `inv
-migrate-host` to vps1 (the database stays; vps3 lets both ends in until `--finish`)
-and `inv uninstall` (a last snapshot, then the database removed from vps3) work with
-it; what lands in the database is read on vps3 itself."""
+migrate-host` to vps1 (the database stays; vps3 lets both ends in until `--finish`),
+`inv backup` and `inv restore` (the snapshot's database back on vps3, what it held
+dumped aside first) and `inv uninstall` (a last snapshot, then the database removed
+from vps3) work with it; what lands in the database is read on vps3 itself."""
 
 from __future__ import annotations
 
@@ -129,6 +130,20 @@ def test_a_homeserver_with_its_database_on_another_host(deployed):
         assert res.returncode == 0, res.stdout + res.stderr
         assert _probe("vps1", PRIVATE[DB_HOST], [PORT]) == {PORT: True}
         assert _probe(HOST, PRIVATE[DB_HOST], [PORT]) == {PORT: False}
+        asyncio.run(_say_something(SN, user, "second pw"))
+
+        # a snapshot, then a message after it: inv restore brings back the snapshot's
+        # database on vps3 (what it held is dumped aside first), and it serves
+        res = run(["inv", "backup", "--homeserver", SN], inv)
+        assert res.returncode == 0, res.stdout + res.stderr
+        snapshot = int(_sql("SELECT count(*) FROM events WHERE type = 'm.room.message'"))
+        asyncio.run(_say_something(SN, user, "second pw"))
+        assert int(_sql("SELECT count(*) FROM events WHERE type = 'm.room.message'")) == snapshot + 1
+        res = run(["inv", "restore", "--homeserver", SN, "--yes"], inv)
+        assert res.returncode == 0 and f"done: {SN} runs on vps1" in res.stdout, res.stdout + res.stderr
+        assert "what its database held is kept aside in" in res.stdout
+        assert int(_sql("SELECT count(*) FROM events WHERE type = 'm.room.message'")) == snapshot
+        assert on_host("vps1", f"ls /opt/matrix/.synapse-fabric/before-restore/{SN}-*/database.pgdump").strip()
         asyncio.run(_say_something(SN, user, "second pw"))
 
         res = run(["inv", "upgrade-postgres", "--homeserver", SN, "--to", "17"], inv)
