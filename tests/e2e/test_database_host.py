@@ -3,12 +3,13 @@ dbhost.test runs on vps2, its PostgreSQL on vps3 (in /opt/matrix/synapse-db/<sn>
 published on vps3's private address only, with vps3's firewall letting in the
 homeserver's host only. `fab -H vps3 bootstrap` installs Docker there and starts the
 database (vps3 makes its password); `inv deploy --homeserver` converges vps3 first,
-then vps2 (it reads the password on vps3 once, for its passfile).
-Users, `inv upgrade`'s way back (a Synapse that moves the schema and dies), `inv
+then vps2 (it reads the password on vps3 once, for its passfile). Users, `inv
 migrate-host` to vps1 (the database stays; vps3 lets both ends in until `--finish`),
 `inv backup` and `inv restore` (the snapshot's database back on vps3, what it held
-dumped aside first) and `inv uninstall` (a last snapshot, then the database removed
-from vps3) work with it; what lands in the database is read on vps3 itself."""
+dumped aside first; `inv upgrade`'s way back runs the same program, which
+test_external_db covers with a Synapse that dies) and `inv uninstall` (a last
+snapshot, then the database removed from vps3) work with it; what lands in the
+database is read on vps3 itself."""
 
 from __future__ import annotations
 
@@ -21,15 +22,15 @@ import pytest
 
 from tests.e2e.helpers import BIN, REPO, https_get, on_host, run, variant
 from tests.e2e.test_uninstall import _say_something
-from tests.e2e.test_external_db import a_user_writes, an_upgrade_that_dies_goes_back
+from tests.e2e.test_external_db import a_user_writes
 from tests.e2e.test_w_workers import _probe
-from tests.sandbox import images, sandbox as sb
+from tests.sandbox import sandbox as sb
 from tests.sandbox.portscan import open_tcp_ports
 
 pytestmark = pytest.mark.e2e
 
 SN = "dbhost.test"
-HOST, DB_HOST = "vps2", "vps3"  # images: push (the broken Synapse is not in the registry)
+HOST, DB_HOST = "vps2", "vps3"
 PORT = 7100  # workers.port_base: where the database is published on vps3's private address
 PRIVATE = {"vps1": "10.231.0.11", "vps2": "10.231.0.12", "vps3": "10.231.0.13"}
 CONTAINER = "postgres-dbhost-test-postgres-1"
@@ -74,11 +75,6 @@ def test_a_homeserver_with_its_database_on_another_host(deployed):
     _uninstall(inv)  # an earlier run's leftovers on a kept sandbox (its database's password is not this run's)
     for host in ("vps1", HOST):  # and its records (uninstalled, handed over)
         on_host(host, f"rm -f /opt/matrix/.synapse-fabric/uninstalled/{SN} /opt/matrix/.synapse-fabric/handed-over/{SN}")
-
-    def broken_synapse(doc):
-        _add(doc)
-        doc["images"] = {**(doc.get("images") or {}), "synapse": images.tag_of("synapse-broken")}
-    broken = variant("database-host-broken", broken_synapse)
     try:
         # vps3 is bare (the migration target): bootstrap installs Docker, then deploys its part
         res = run(["fab", "-H", DB_HOST, "bootstrap"], inv)
@@ -113,9 +109,6 @@ def test_a_homeserver_with_its_database_on_another_host(deployed):
         for host in (HOST, DB_HOST):
             assert f"{host}: 0 changed" in res.stdout and "restarted 0" in res.stdout, res.stdout
 
-        # inv upgrade to a Synapse that moves the schema, then dies: the dump goes back
-        # into the emptied database on vps3, and the previous Synapse runs on it again
-        an_upgrade_that_dies_goes_back(SN, user, broken, f"host {DB_HOST}", _sql)
 
         # moved to vps1: the database stays on vps3, which lets both hosts in until --finish
         res = run(["inv", "migrate-host", "--homeserver", SN, "--to", "vps1"], inv)
@@ -166,7 +159,6 @@ def test_a_homeserver_with_its_database_on_another_host(deployed):
         _uninstall(inv)
         for name in (SN, f"matrix.{SN}"):
             sb.set_dns(name, None)
-        broken.unlink(missing_ok=True)
         # vps3 as the later tests find it (nothing of synapse-fabric's)
         scratch = variant("database-host-vps3", lambda doc: None)
         run(["inv", "uninstall", "--host", DB_HOST], scratch)
