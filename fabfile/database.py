@@ -6,12 +6,11 @@ puts that server's password on the homeserver's host."""
 
 from __future__ import annotations
 
-from hashlib import sha256
-
 from .errors import TaskError
 from .inventory import Homeserver, Inventory
 from .layout import SYNAPSE_UID, Layout
 from .passwords import read_password
+from .plan import sha256
 from .remote import locked, session
 from .render import DB_CA_MOUNT, synapse_project
 from .shell import program
@@ -41,7 +40,7 @@ def server(inv: Inventory, hs: Homeserver) -> tuple[str, int]:
     if hs.postgres.external is not None:
         return hs.postgres.external.host, hs.postgres.external.port
     from . import workers  # (workers.py imports nothing of this module)
-    return inv.hosts[hs.postgres.host].private_address, workers.service_port(hs, "postgres")
+    return workers.endpoint(hs, "postgres", hs.host, {hs.postgres.host: inv.hosts[hs.postgres.host].private_address})
 
 
 def passfile_line(hs: Homeserver, password: str) -> bytes:
@@ -114,7 +113,7 @@ def check_before_deploy(state, facts) -> None:
                             f"{lay.secret(sn, 'postgres_password')} and {lay.secret(sn, 'pgpass')}, then "
                             + ("run inv database-password and deploy" if hs.postgres.external else "deploy"))
         elif (hs.postgres.host and lay.passfile_for(sn) in facts.stats and lay.secret(sn, "pgpass") in facts.stats
-              and facts.hashes.get(lay.passfile_for(sn)) != sha256(state.file(lay.passfile_for(sn)).content).hexdigest()):
+              and facts.hashes.get(lay.passfile_for(sn)) != sha256(state.file(lay.passfile_for(sn)).content)):
             problems.append(f"{sn}: its passfile is for another database host than {hs.postgres.host} (see "
                             f"{lay.passfile_for(sn)}): a deploy does not move a database; once its data is on "
                             f"{hs.postgres.host}, remove {lay.secret(sn, 'pgpass')} (the deploy reads that host's "

@@ -391,10 +391,9 @@ def _guest_stack(inv: Inventory, hs: Homeserver, host_name: str, lay: Layout, pr
                                             read), trigger=restart))
 
 
-def passfile_for(inv: Inventory, hs: Homeserver) -> bytes:
+def passfile_for(hs: Homeserver, private: dict[str, str]) -> bytes:
     """What `Layout.passfile_for` holds: the database host, address and port."""
-    host, port = workers_mod.endpoint(hs, "postgres", hs.host,
-                                      {hs.postgres.host: inv.hosts[hs.postgres.host].private_address})
+    host, port = workers_mod.endpoint(hs, "postgres", hs.host, private)
     return f"{hs.postgres.host} {host}:{port}\n".encode()
 
 
@@ -646,7 +645,7 @@ def render_host(
                 files.append(RemoteFile(lay.secret(sn, "pgpass"), db_passfiles[sn], 0o400, SYNAPSE_UID, stack,
                                         secret=HIDDEN))
             # which database that passfile is for: a deploy refuses to point it at another
-            files.append(RemoteFile(lay.passfile_for(sn), passfile_for(inv, hs), 0o644, ROOT))
+            files.append(RemoteFile(lay.passfile_for(sn), passfile_for(hs, private), 0o644, ROOT))
         if ext:
             files.append(RemoteFile(lay.db_ca(sn), _read_local(ext.ca, f"homeservers.{sn}.postgres.external.ca", read),
                                     trigger=restart))
