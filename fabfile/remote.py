@@ -74,6 +74,14 @@ class _AcceptNewPolicy(paramiko.MissingHostKeyPolicy):
             fh.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
 
 
+def _runtime_errors(out: str) -> str:
+    """Docker's own errors that reach stdout, not stderr: a `docker exec -i` whose
+    process could not start (exit 126) gets the daemon's reason on its stream. Only
+    those lines, never the rest of stdout, which may carry data."""
+    return "\n".join(line.strip() for line in out.splitlines()
+                     if "OCI runtime" in line or line.startswith("Error response from daemon"))[-2000:]
+
+
 class Remote:
     """One SSH connection to one inventory host; commands run as root."""
 
@@ -200,7 +208,7 @@ class Remote:
                 time.sleep(0.005)
 
     def _failure(self, what: str, result: Result) -> str:
-        tail = "\n".join(result.err.strip().splitlines()[-15:]) or "(no error output)"
+        tail = "\n".join(result.err.strip().splitlines()[-15:]) or _runtime_errors(result.out) or "(no error output)"
         hint = ""
         if "sudo" in result.err and "password" in result.err:
             hint = f"\n  hint: user {self.host.user!r} needs passwordless sudo on {self.name}"

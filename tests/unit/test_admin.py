@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 
-from fabfile.admin import ADMIN, ROOM_RE, _before_ms, _seconds, format_users
-from fabfile.errors import TaskError
+from fabfile.admin import ADMIN, ROOM_RE, _before_ms, _seconds, call, format_users
+from fabfile.errors import RemoteError, TaskError
+from fabfile.inventory import parse
 
 
 def test_durations():
@@ -42,3 +44,31 @@ def test_users_are_listed_with_their_state_and_ours_is_marked():
         f"@{ADMIN}:s  admin               (synapse-fabric's own)",
         "3 user(s) on s",
     ]
+
+
+class _Flaky:
+    """A host whose first command fails as `docker exec` does when the process cannot
+    start in the container: exit 126, the daemon's reason on stdout."""
+
+    def __init__(self, inv):
+        self.inv, self.calls = inv, 0
+
+    def run(self, script, stdin=b"", what=""):
+        self.calls += 1
+        if self.calls == 1:
+            from fabfile.remote import Remote, Result
+            failed = Result(126, b"OCI runtime exec failed: exec failed: unable to start container process\r\n", b"")
+            raise RemoteError(Remote._failure(SimpleNamespace(name="web", host=None), what, failed), 126)
+        return SimpleNamespace(out='200\n{"users": []}')
+
+
+def test_a_read_is_asked_again_after_docker_could_not_start_it_and_a_change_is_not(monkeypatch):
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    inv = parse("hosts: {web: {address: 203.0.113.10}}\nhomeservers: {one.example: {host: web}}\n")
+    hs = inv.homeservers["one.example"]
+    remote = _Flaky(inv)
+    assert call(remote, hs, "GET", "/_synapse/admin/v2/users") == {"users": []} and remote.calls == 2
+    remote = _Flaky(inv)
+    with pytest.raises(RemoteError, match="OCI runtime exec failed") as exc:
+        call(remote, hs, "POST", "/_synapse/admin/v1/deactivate/@a:one.example", {})
+    assert exc.value.code == 126 and remote.calls == 1
