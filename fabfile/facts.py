@@ -30,6 +30,8 @@ The script prints one tab-separated record a line:
                                    directories under it
     Q  server_name                 a stack of another host's homeserver's workers here
                                    (synapse-workers/<sn>/docker-compose.yml)
+    A  held                        a certificate run (a renewal from cron or the timer) holds
+                                   the certificates lock now: its certbot container is live
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 
-from .layout import BASE_RECORD, CRON_DIR, FIREWALL_DIR, SYNAPSE_UID, SYSTEMD_DIR
+from .layout import BASE_RECORD, CERTIFICATES_LOCK, CRON_DIR, FIREWALL_DIR, SYNAPSE_UID, SYSTEMD_DIR
 from .render import DesiredState
 from .shell import program
 from .workers import SECRETS as WORKER_SECRETS
@@ -74,6 +76,7 @@ class Facts:
     pid1: str = ""
     managed: set[str] = field(default_factory=set)
     pending: set[str] = field(default_factory=set)
+    certificates_busy: bool = False  # the certificates lock is held (A)
     element: dict[str, str] = field(default_factory=dict)  # site dir -> current's target
     digests: dict[str, str] = field(default_factory=dict)  # repo@sha256:... -> image ID
     timers: dict[str, tuple[str, str]] = field(default_factory=dict)  # unit -> (enabled, active)
@@ -235,6 +238,9 @@ def script(state: DesiredState) -> str:
           for d in element_sites(state)),
         f"stat -c 'S\t%n\t%F\t%a\t%u:%g' -- {q(stat_paths)} 2>/dev/null",
         "c=; { read -r c </proc/1/comm; } 2>/dev/null; printf '1\\t%s\\n' \"$c\"",
+        # a renewal running now (its certbot container is no leftover); no lock file, no run
+        *([f"[ -e {CERTIFICATES_LOCK} ] && ! flock -n {CERTIFICATES_LOCK} true 2>/dev/null && printf 'A\\theld\\n'"]
+          if state.acme and state.certificates else []),
         *(f"v=; {{ read -r v <{shlex.quote(state.layout.pg_version(hs.server_name))}; }} 2>/dev/null; "
           f"printf 'V\\t%s\\t%s\\n' {shlex.quote(hs.server_name)} \"$v\""
           for hs in state.homeservers),
@@ -333,6 +339,8 @@ def parse(output: str, state: DesiredState | None = None) -> Facts:
             facts.wrong_owner.setdefault(homeserver_of.get(parts[0].rstrip("/"), parts[0]), parts[1])
         elif kind == "L" and len(parts) == 2:
             facts.element[parts[0]] = parts[1]
+        elif kind == "A":
+            facts.certificates_busy = True
         elif kind == "P" and parts[0]:
             facts.pending.add(parts[0])
         elif kind == "M" and parts[0]:

@@ -21,6 +21,8 @@ BACKUP_ENV = f"{BACKUP_ETC}/env"
 FIREWALL_DIR = "/etc/synapse-fabric/firewall"
 # Root-only (/run/lock is writable by every user, who could hold a lock there).
 LOCK_DIR = "/run/synapse-fabric"
+# Held by every run of renew-certificates (the timer's or cron's, or a deploy's).
+CERTIFICATES_LOCK = f"{LOCK_DIR}/certificates.lock"
 
 ROOT = "0:0"
 SYNAPSE_UID = "991:991"

@@ -242,8 +242,9 @@ def make(state: DesiredState, facts: Facts, local_images: dict[str, str], push: 
         for hs in state.homeservers:
             trigger(f"synapse:{hs.server_name}:restart", "a new TURN shared secret")
 
-    if state.acme and state.certificates and any(c.project == PROXY_PROJECT and c.service == "certbot"
-                                                 for c in facts.containers):
+    # a certbot container while the lock is held is a renewal at work, not a leftover
+    if state.acme and state.certificates and not facts.certificates_busy and any(
+            c.project == PROXY_PROJECT and c.service == "certbot" for c in facts.containers):
         plan.certbot_leftovers = True
         plan.changes.append(Change("remove", "certbot container", "left by a certificate run that died"))
     if state.acme:

@@ -33,8 +33,8 @@ import yaml
 from . import shell, workers as workers_mod
 from .errors import InventoryError
 from .inventory import Homeserver, Host, Inventory
-from .layout import (BASE_RECORD, CRON_DIR, FIREWALL_DIR, POSTGRES_UID, ROOT, SYNAPSE_UID,  # noqa: F401
-                     SYSTEMD_DIR, Layout)
+from .layout import (BASE_RECORD, CERTIFICATES_LOCK, CRON_DIR, FIREWALL_DIR, LOCK_DIR, POSTGRES_UID, ROOT,  # noqa: F401
+                     SYNAPSE_UID, SYSTEMD_DIR, Layout)
 
 from .workers import REDIS_SERVICE
 
@@ -253,7 +253,7 @@ def _periodic(name: str, **ctx) -> list[RemoteFile]:
     ]
 
 
-ELEMENT_LOCK = "/run/synapse-fabric/element.lock"  # a root-only directory: /run/lock is everyone's
+ELEMENT_LOCK = f"{LOCK_DIR}/element.lock"  # a root-only directory: /run/lock is everyone's
 ELEMENT_UNPACKED_MAX_BYTES = 1_000_000_000  # a release's tar stream (a gzip bomb is refused unread)
 
 
@@ -499,7 +499,8 @@ def render_host(
         )
     if inv.acme.enabled and certificates:
         add(lay.bin("renew-certificates"), "reverse_proxy/bin/renew-certificates.j2", mode=0o755, project=PROXY_PROJECT,
-            proxy_dir=lay.proxy, cert_names=sorted(certificates), turn=turn)
+            proxy_dir=lay.proxy, cert_names=sorted(certificates), turn=turn, lock_dir=LOCK_DIR,
+            lock=CERTIFICATES_LOCK)
         files += _periodic("synapse-fabric-certificates", proxy_dir=lay.proxy)
     if host.firewall.enabled:
         from . import firewall  # (firewall.py imports the inventory, not this module)

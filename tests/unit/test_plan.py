@@ -397,3 +397,7 @@ def test_a_certbot_container_left_by_a_run_that_died_is_removed():
     plan = make(state, facts, LOCAL(state), push=True)
     assert plan.certbot_leftovers and any(a.what.startswith("remove certbot containers") for a in plan.actions)
     assert "--leftovers" in state.file("/opt/matrix/reverse_proxy/bin/renew-certificates").content.decode()
+    # found in CI: the same container while cron's renewal holds the certificates lock
+    # is that renewal at work; the deploy leaves it alone and says nothing changed
+    facts.certificates_busy = True
+    assert make(state, facts, LOCAL(state), push=True).empty

@@ -94,10 +94,12 @@ def test_facts_script_passes_shellcheck_and_reads_a_host(tmp_path):
     dash on a small tree it reports what is there: files and their hashes (a section
     of sha256sum's output), managed files (grep's), compose stacks, data not owned
     by 991:991 (one find for every homeserver), the recorded pg major."""
+    import fcntl
     import hashlib
     import os
 
     from fabfile import facts as facts_mod
+    from fabfile.layout import CERTIFICATES_LOCK
 
     inv = parse(textwrap.dedent("""
         acme: {email: ops@example.org}
@@ -111,7 +113,7 @@ def test_facts_script_passes_shellcheck_and_reads_a_host(tmp_path):
     # the host's tree lives under tmp_path: its paths in the script, and back in the output
     root = str(tmp_path / "root")
     script = facts_mod.script(state).replace("/opt/matrix", root + "/opt/matrix").replace(
-        "/etc/synapse-fabric", root + "/etc/synapse-fabric")
+        "/etc/synapse-fabric", root + "/etc/synapse-fabric").replace("/run/synapse-fabric", root + "/run/synapse-fabric")
     at = lambda p: Path(root + p)  # noqa: E731
     path = tmp_path / "facts"
     path.write_text(script)
@@ -133,14 +135,26 @@ def test_facts_script_passes_shellcheck_and_reads_a_host(tmp_path):
     at(lay.pg_version("one.example")).write_text("16\n")
     tools = tmp_path / "bin"  # the helpers the script may use, and no docker
     tools.mkdir()
-    for tool in ("grep", "find", "sed", "stat", "sha256sum", "mktemp", "cat", "rm", "readlink", "tr"):
+    for tool in ("grep", "find", "sed", "stat", "sha256sum", "mktemp", "cat", "rm", "readlink", "tr", "flock", "true"):
         os.symlink(shutil.which(tool), tools / tool)
-    run = subprocess.run([shutil.which("dash"), "-c", script], capture_output=True, text=True, env={"PATH": str(tools)})
-    assert run.returncode == 0, run.stderr
-    facts = facts_mod.parse(run.stdout.replace(root, ""), state)
+
+    def gather():
+        run = subprocess.run([shutil.which("dash"), "-c", script], capture_output=True, text=True,
+                             env={"PATH": str(tools)})
+        assert run.returncode == 0, run.stderr
+        return facts_mod.parse(run.stdout.replace(root, ""), state)
+
+    facts = gather()
     assert facts.hashes[conf.path] == hashlib.sha256(conf.content).hexdigest()
     assert managed in facts.managed and facts.stats[conf.path].kind == "regular file"
     assert facts.hosted == {"two.example"} and facts.pg_major == {"one.example": 16}
     if os.getuid() != 991:
         assert facts.wrong_owner == {"two.example": lay.data("two.example")}
     assert not facts.docker and facts.pid1
+    # a certificate run holds the lock (cron's renewal): its certbot container is live
+    assert not facts.certificates_busy
+    at(CERTIFICATES_LOCK).parent.mkdir(parents=True)
+    with open(at(CERTIFICATES_LOCK), "w") as lock:
+        assert not gather().certificates_busy  # the file alone is no run
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert gather().certificates_busy
