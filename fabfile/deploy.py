@@ -12,15 +12,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
-from .converge import HostResult, converge
-from .docker import local_image_ids
+from typing import TYPE_CHECKING
+
 from .errors import InventoryError, LockHeld, SfabError
-from .facts import script as facts_script
 from .inventory import Inventory
-from .remote import Remote, open_remote
-from .render import render_host
+from .remote import Connections, Remote
 from .workers import hosts_of
-from .report import Reporter
+
+if TYPE_CHECKING:
+    from .converge import HostResult
+    from .report import Reporter
 
 
 def exit_code(results: list[HostResult]) -> int:
@@ -79,6 +80,20 @@ def deploy(
 ) -> list[HostResult]:
     """Converge `host_names` in parallel. `install` (bootstrap) installs Docker first;
     `pull`: hosts that pull images ask their registry again for every tag."""
+    # SSH first: the hosts do their part of the handshakes while this process loads
+    # the code below and renders (a no-op's time is mostly this process's and SSH's)
+    connections = Connections(inv, host_names)
+    try:
+        return _deploy(inv, host_names, connections, dry_run, install, report, pull)
+    finally:
+        connections.close()
+
+
+def _deploy(inv, host_names, connections, dry_run, install, report, pull) -> list[HostResult]:
+    from .converge import HostResult
+    from .render import render_host
+    from .report import Reporter
+
     report = report or Reporter()
     states = {name: render_host(inv, name) for name in host_names}  # render errors stop all
     local = local_images(inv, list(states.values()))
@@ -95,7 +110,8 @@ def deploy(
                     results[n] = HostResult(n, error=f"{n}: not deployed: {needs[failed[0]]} "
                                                      f"{', '.join(failed)}, which failed", exit_code=1)
                 else:
-                    futures[n] = pool.submit(_converge_host, inv, states[n], local, dry_run, install, report, pull)
+                    futures[n] = pool.submit(_converge_host, inv, states[n], local, dry_run, install, report, pull,
+                                             connections)
             results |= {n: f.result() for n, f in futures.items()}
     ordered = [results[n] for n in host_names]
     report.summary(ordered, dry_run)
@@ -110,6 +126,8 @@ def local_images(inv: Inventory, states) -> dict[str, str]:
         raise InventoryError(
             f"{inv.path}: {', '.join(pinned)}: a digest pin needs a registry; hosts with "
             "`images: push` receive images by ID over SSH (use a tag for them, or `images: pull`)")
+    from .docker import local_image_ids
+
     local = local_image_ids(wanted) if wanted else {}
     missing = [ref for ref in wanted if ref not in local]
     if missing:
@@ -117,13 +135,16 @@ def local_images(inv: Inventory, states) -> dict[str, str]:
     return local
 
 
-def _converge_host(inv, state, local_images, dry_run, install, report, pull=False) -> HostResult:
+def _converge_host(inv, state, local_images, dry_run, install, report, pull, connections) -> HostResult:
+    from .converge import HostResult, converge
+    from .facts import script as facts_script
+
     name = state.host.name
     result = HostResult(name)
     started = time.monotonic()
     remote: Optional[Remote] = None
     try:
-        remote = open_remote(inv, state.host)
+        remote = connections.take(state.host)
         # the facts come with the lock, on its channel (bootstrap asks after installing Docker)
         facts_out = remote.lock(inv.ssh.lock_timeout, then="" if install else facts_script(state))
         converge(remote, state, local_images, report, result, dry_run=dry_run, install=install, pull=pull,

@@ -20,6 +20,7 @@ import socket
 import tarfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
@@ -393,3 +394,26 @@ def open_remote(inv: Inventory, host: Host) -> Remote:
     except OSError as exc:
         raise RemoteError(f"{where}: unreachable ({exc.strerror or exc})") from None
     return remote
+
+
+class Connections:
+    """SSH connections opened ahead, one thread each, as soon as a run knows its
+    hosts: the handshakes (the hosts' work, not this machine's) go on while the run
+    loads the rest of its code and renders. `take` hands one over, raising what
+    opening it raised; `close` closes those no one took."""
+
+    def __init__(self, inv: Inventory, names: Iterable[str]):
+        names = list(names)
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(names)), thread_name_prefix="ssh-open")
+        self._opening = {n: self._pool.submit(open_remote, inv, inv.hosts[n]) for n in names}
+        self._inv = inv
+
+    def take(self, host: Host) -> Remote:
+        opening = self._opening.pop(host.name, None)
+        return opening.result() if opening is not None else open_remote(self._inv, host)
+
+    def close(self) -> None:
+        for opening in self._opening.values():
+            opening.add_done_callback(lambda f: f.exception() is None and f.result().close())
+        self._opening.clear()
+        self._pool.shutdown(wait=False)
