@@ -221,6 +221,7 @@ _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(TEMPLATES)),
     undefined=jinja2.StrictUndefined,
     keep_trailing_newline=True,
+    auto_reload=False,  # one run, one set of templates: no stat of each per use
     autoescape=False,
     bytecode_cache=_bytecode_cache(),
 )
