@@ -93,6 +93,26 @@ def test_noop_deploy_changes_and_restarts_nothing(deployed):
         assert on_host(h, SNAPSHOT) == before[h], f"{h} changed during a no-op deploy"
 
 
+def test_a_renewal_at_work_is_left_alone_by_a_deploy(deployed):
+    """cron's or the timer's renewal (03:17, 15:17) holds the certificates lock while
+    its certbot container runs: a deploy then sees a renewal at work, not a container
+    a dead run left, and changes nothing (CI once saw "1 changed" at 15:17)."""
+    lock = "/run/synapse-fabric/certificates.lock"
+    start = ("cd /opt/matrix/reverse_proxy && docker compose run -d --entrypoint sleep certbot 600 >/dev/null && "
+             f"(setsid flock -o {lock} sleep 613 </dev/null >/dev/null 2>&1 &) && sleep 0.5 && "
+             f"! flock -n {lock} true && echo held")
+    stop = ("pkill -f 'sleep 61[3]'; "  # the lock's holder and its child (not this shell)
+            "docker rm -f $(docker ps -aq --filter label=com.docker.compose.project=synapse-fabric-proxy "
+            "--filter label=com.docker.compose.service=certbot) >/dev/null 2>&1; true")
+    try:
+        assert on_host("vps1", start).strip() == "held"
+        res = run(["inv", "deploy", "--host", "vps1"])
+        assert res.returncode == 0 and "vps1: 0 changed" in res.stdout and "certbot" not in res.stdout, res.stdout
+    finally:
+        on_host("vps1", stop)
+    assert on_host("vps1", f"flock -n {lock} true && echo free").strip() == "free"
+
+
 def test_changed_setting_restarts_only_that_homeserver(deployed):
     def change(doc):
         doc["homeservers"]["three.test"]["synapse_settings"] = {"presence": {"enabled": False}}
