@@ -238,9 +238,6 @@ def script(state: DesiredState) -> str:
           for d in element_sites(state)),
         f"stat -c 'S\t%n\t%F\t%a\t%u:%g' -- {q(stat_paths)} 2>/dev/null",
         "c=; { read -r c </proc/1/comm; } 2>/dev/null; printf '1\\t%s\\n' \"$c\"",
-        # a renewal running now (its certbot container is no leftover); no lock file, no run
-        *([f"[ -e {CERTIFICATES_LOCK} ] && ! flock -n {CERTIFICATES_LOCK} true 2>/dev/null && printf 'A\\theld\\n'"]
-          if state.acme and state.certificates else []),
         *(f"v=; {{ read -r v <{shlex.quote(state.layout.pg_version(hs.server_name))}; }} 2>/dev/null; "
           f"printf 'V\\t%s\\t%s\\n' {shlex.quote(hs.server_name)} \"$v\""
           for hs in state.homeservers),
@@ -279,7 +276,14 @@ def script(state: DesiredState) -> str:
     out = ['t=$(mktemp -d) || exit 1']
     for i, part in enumerate(parts):
         out += ["(", *part, f") >\"$t/{i}\" &"]
-    out += ["wait", "cat " + " ".join(f'"$t/{i}"' for i in range(len(parts))), 'rm -rf "$t"', "exit 0"]
+    out += ["wait"]
+    if state.acme and state.certificates:
+        # A renewal at work holds the lock from before its certbot container exists until
+        # after it is gone: asked once every container was listed, a container seen then
+        # is no leftover while the lock is held (75: held; no lock file: no run yet)
+        out += [f"if [ -e {CERTIFICATES_LOCK} ]; then flock -n -E 75 {CERTIFICATES_LOCK} true 2>/dev/null; "
+                "[ $? -ne 75 ] || printf 'A\\theld\\n'; fi"]
+    out += ["cat " + " ".join(f'"$t/{i}"' for i in range(len(parts))), 'rm -rf "$t"', "exit 0"]
     return "\n".join(out) + "\n"
 
 

@@ -20,7 +20,7 @@ import socket
 import tarfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
@@ -400,13 +400,28 @@ class Connections:
     """SSH connections opened ahead, one thread each, as soon as a run knows its
     hosts: the handshakes (the hosts' work, not this machine's) go on while the run
     loads the rest of its code and renders. `take` hands one over, raising what
-    opening it raised; `close` closes those no one took."""
+    opening it raised; `close` closes those no one took. The threads are daemons: a
+    run that fails before it needs them (a render error) exits at once, without
+    waiting for a slow host's connect timeout."""
 
     def __init__(self, inv: Inventory, names: Iterable[str]):
-        names = list(names)
-        self._pool = ThreadPoolExecutor(max_workers=max(1, len(names)), thread_name_prefix="ssh-open")
-        self._opening = {n: self._pool.submit(open_remote, inv, inv.hosts[n]) for n in names}
         self._inv = inv
+        self._opening: dict[str, Future] = {}
+        try:
+            for name in names:
+                opening = self._opening[name] = Future()
+                threading.Thread(target=self._open, args=(opening, inv.hosts[name]), name=f"ssh-open-{name}",
+                                 daemon=True).start()
+        except BaseException:
+            self._opening.pop(name, None)  # (its thread never started)
+            self.close()
+            raise
+
+    def _open(self, opening: Future, host: Host) -> None:
+        try:
+            opening.set_result(open_remote(self._inv, host))
+        except BaseException as exc:  # handed to whoever takes it
+            opening.set_exception(exc)
 
     def take(self, host: Host) -> Remote:
         opening = self._opening.pop(host.name, None)
@@ -416,4 +431,3 @@ class Connections:
         for opening in self._opening.values():
             opening.add_done_callback(lambda f: f.exception() is None and f.result().close())
         self._opening.clear()
-        self._pool.shutdown(wait=False)

@@ -99,8 +99,9 @@ def test_a_renewal_at_work_is_left_alone_by_a_deploy(deployed):
     a dead run left, and changes nothing (CI once saw "1 changed" at 15:17)."""
     lock = "/run/synapse-fabric/certificates.lock"
     start = ("cd /opt/matrix/reverse_proxy && docker compose run -d --entrypoint sleep certbot 600 >/dev/null && "
-             f"(setsid flock -o {lock} sleep 613 </dev/null >/dev/null 2>&1 &) && sleep 0.5 && "
-             f"! flock -n {lock} true && echo held")
+             f"(setsid flock -o {lock} sleep 613 </dev/null >/dev/null 2>&1 &) && "
+             f"for i in $(seq 100); do flock -n -E 75 {lock} true; [ $? -eq 75 ] && echo held && break; "
+             "sleep 0.1; done")
     stop = ("pkill -f 'sleep 61[3]'; "  # the lock's holder and its child (not this shell)
             "docker rm -f $(docker ps -aq --filter label=com.docker.compose.project=synapse-fabric-proxy "
             "--filter label=com.docker.compose.service=certbot) >/dev/null 2>&1; true")
