@@ -12,6 +12,7 @@ Paths inside the inventory (SSH keys, CA bundles) are relative to the file itsel
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -38,6 +39,29 @@ from .schema import (  # noqa: F401  (re-exported: the rest of fabfile imports t
 # Loading and error reporting
 
 
+# libyaml's parser where PyYAML has it (a no-op deploy of 20 hosts spent 35 ms in
+# the pure-Python one); the same documents, the same errors
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Lines:
+    """Key path -> line number, worked out when a message needs one: a valid
+    inventory never pays for the second reading of its file."""
+
+    def __init__(self, text: str):
+        self._text = text
+
+    @functools.cached_property
+    def _map(self) -> dict[tuple, int]:
+        return _line_map(self._text)
+
+    def __contains__(self, loc: tuple) -> bool:
+        return loc in self._map
+
+    def __getitem__(self, loc: tuple) -> int:
+        return self._map[loc]
+
+
 def _line_map(text: str) -> dict[tuple, int]:
     """Map each key path in the YAML document to its 1-based line number."""
     lines: dict[tuple, int] = {}
@@ -54,13 +78,13 @@ def _line_map(text: str) -> dict[tuple, int]:
                 walk(item, (*path, i))
 
     try:
-        walk(yaml.compose(text, Loader=yaml.SafeLoader), ())
+        walk(yaml.compose(text, Loader=_LOADER), ())
     except yaml.YAMLError:
         pass
     return lines
 
 
-def _where(path: Path, lines: dict[tuple, int], loc: tuple) -> str:
+def _where(path: Path, lines: _Lines | dict[tuple, int], loc: tuple) -> str:
     loc = tuple(str(p) if not isinstance(p, int) else p for p in loc)
     while loc and loc not in lines:
         loc = loc[:-1]
@@ -116,13 +140,13 @@ def load(path: str | Path) -> Inventory:
 def parse(text: str, path: Path = Path("hosts.yaml")) -> Inventory:
     """Validate inventory text (as read from `path`); raise InventoryError."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc)
         raise InventoryError(f"{where}: YAML syntax error: {problem}") from None
-    lines = _line_map(text)
+    lines = _Lines(text)
     if not isinstance(data, dict):
         raise InventoryError(f"{path}: the inventory must be a mapping with a 'hosts' key")
     for key in ("hosts", "homeservers"):
@@ -194,7 +218,7 @@ def check(inv: Inventory) -> None:
     _cross_check(inv, inv.path, {})
 
 
-def _cross_check(inv: Inventory, path: Path, lines: dict) -> None:
+def _cross_check(inv: Inventory, path: Path, lines: _Lines | dict) -> None:
     """Rules that span several entries."""
 
     def fail(loc: tuple, msg: str):
