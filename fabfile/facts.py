@@ -267,7 +267,7 @@ def script(state: DesiredState) -> str:
            "-printf 'O\\t%H\\t%p\\n' 2>/dev/null"] if data_dirs else []),
     ]
     # one systemctl for every timer: its enabled and active states, a T record each
-    systemd = ([f"[ \"$(cat /proc/1/comm)\" = systemd ] && systemctl show -p Id -p UnitFileState -p ActiveState "
+    systemd = ([f"p=; {{ read -r p </proc/1/comm; }} 2>/dev/null; [ \"$p\" = systemd ] && systemctl show -p Id -p UnitFileState -p ActiveState "
                 f"{' '.join(timers(state))} 2>/dev/null | awk -F= 'NF == 0 {{ t() }} $1 == \"Id\" {{ id = $2 }} "
                 "$1 == \"UnitFileState\" { en = $2 } $1 == \"ActiveState\" { ac = $2 } END { t() } "
                 "function t() { if (id != \"\") printf \"T\\t%s\\t%s\\t%s\\n\", id, en, ac; id = en = ac = \"\" }'"]
