@@ -13,9 +13,18 @@ For 2 and 3 the hosts are light stand-ins started here on the sandbox network
 (sfab-bench-NN: Debian, sshd, nothing else). They hold exactly what render says
 for a bench inventory (written here from render's own output), and a stand-in
 `docker` command answers the read-only questions a deploy's facts ask (engine
-version, compose flavour, `ps`, `images`) with what a converged host would say.
+version, `ps`, `images`) with what a converged host would say; like a converged
+host, they have the compose v2 plugin where the Docker CLI looks for it.
 So the figures measure the deploy's own work (render, SSH, lock, facts, plan) at
 that size; no container runs there, and nothing but a no-op is measured on them.
+
+The stand-ins share this machine's two cores with the deploy they answer, which
+real hosts do not. A stock sshd spends about 50 ms of CPU on each new connection
+(it executes itself again, then runs the PAM session stack), and twenty of them
+are a second of the CPU the deploy also needs. So ratio 2 is measured against an
+sshd on port 2222 that skips both (`sshd -r -o UsePAM=no`, about 28 ms), and
+once more, for comparison, against the stock sshd on port 22
+(`noop_20_hosts_vs_1_host_stock_sshd`). Both runs of each pair use the same sshd.
 """
 
 from __future__ import annotations
@@ -39,15 +48,20 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PAIRS = int(os.environ.get("SFAB_BENCH_PAIRS", "10"))
 PREFIX = "sfab-bench-"
+LIGHT_SSHD_PORT = 2222  # the stand-ins' second sshd: no re-exec, no PAM (see above)
+COMPOSE_PLUGIN = "/usr/libexec/docker/cli-plugins/docker-compose"  # where Debian's docker-compose puts it
 
 DOCKER_STUB = r"""#!/bin/sh
 # synapse-fabric benchmark: stands in for the Docker CLI on a light host. It answers
 # only what a no-op deploy's facts ask, as a converged host would; anything else fails.
+# Builtins only (a real host's facts ask the engine with one curl and one jq; this
+# stand-in is asked four times, and its own cost is not the deploy's).
+show() { while IFS= read -r line; do printf '%s\n' "$line"; done < "$1"; }
 case "$1 $2" in
   "compose version") echo "Docker Compose version v2.26.1" ;;
   "version --format") echo 26.1.5 ;;
-  "ps -a") cat /etc/sfab-bench/ps ;;
-  "images --no-trunc") cat /etc/sfab-bench/images ;;
+  "ps -a") show /etc/sfab-bench/ps ;;
+  "images --no-trunc") show /etc/sfab-bench/images ;;
   "images --digests") ;;
   *) echo "benchmark stand-in for docker: not answered: $*" >&2; exit 1 ;;
 esac
@@ -99,11 +113,12 @@ def hosts_cpu_seconds(containers: list[str]) -> float:
     return total
 
 
-def light_inventory(hosts: dict[str, str], per_host: dict[str, int], key: Path, known_hosts: Path) -> dict:
+def light_inventory(hosts: dict[str, str], per_host: dict[str, int], key: Path, known_hosts: Path,
+                    port: int = 22) -> dict:
     doc = {"ssh": {"known_hosts": str(known_hosts)}, "acme": {"enabled": False},
            "hosts": {}, "homeservers": {}}
     for name, ip in hosts.items():
-        doc["hosts"][name] = {"address": ip, "user": "root", "key": str(key), "images": "pull"}
+        doc["hosts"][name] = {"address": ip, "port": port, "user": "root", "key": str(key), "images": "pull"}
         for i in range(per_host.get(name, 1)):
             doc["homeservers"][f"hs{i}.{name}.bench"] = {"host": name}
     return doc
@@ -170,8 +185,8 @@ def main() -> int:
             keydir.mkdir()
             _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keydir / "ssh_host_ed25519_key")],
                  check=True)
-            lines.append(f"{ip} {(keydir / 'ssh_host_ed25519_key.pub').read_text().split(' ')[0]} "
-                         f"{(keydir / 'ssh_host_ed25519_key.pub').read_text().split(' ')[1]}\n")
+            kind, b64 = (keydir / "ssh_host_ed25519_key.pub").read_text().split(" ")[:2]
+            lines += [f"{ip} {kind} {b64}\n", f"[{ip}]:{LIGHT_SSHD_PORT} {kind} {b64}\n"]
             _run(["docker", "rm", "-f", PREFIX + name])
             _run(["docker", "run", "-d", "--name", PREFIX + name, "--hostname", name, "--network", sb.NETWORK,
                   "--ip", ip, "-v", f"{keydir}/ssh_host_ed25519_key:/etc/sfab-seed/ssh_host_ed25519_key:ro",
@@ -186,29 +201,37 @@ def main() -> int:
             c = PREFIX + name
             subprocess.run(["docker", "exec", "-i", c, "tar", "-x", "-p", "--same-owner", "--numeric-owner",
                             "-C", "/"], input=tree, check=True)
-            script = ("mkdir -p /etc/sfab-bench && cat > /usr/local/bin/docker && chmod 755 /usr/local/bin/docker")
+            script = ("mkdir -p /etc/sfab-bench && cat > /usr/local/bin/docker && chmod 755 /usr/local/bin/docker"
+                      f" && mkdir -p {COMPOSE_PLUGIN.rsplit('/', 1)[0]} && ln -sf /usr/local/bin/docker {COMPOSE_PLUGIN}")
             subprocess.run(["docker", "exec", "-i", c, "sh", "-c", script], input=DOCKER_STUB.encode(), check=True)
             for fname, text in (("ps", ps), ("images", images)):
                 subprocess.run(["docker", "exec", "-i", c, "sh", "-c", f"cat > /etc/sfab-bench/{fname}"],
                                input=text.encode(), check=True)
         deadline = time.monotonic() + 30
-        for ip in names.values():  # sshd up everywhere
-            while _run(["ssh", "-i", str(info.key), "-o", f"UserKnownHostsFile={known}", "-o", "BatchMode=yes",
-                        "-o", "ConnectTimeout=2", f"root@{ip}", "true"]).returncode != 0:
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"{ip}: no SSH")
-                time.sleep(0.5)
+        for name, ip in names.items():  # sshd up everywhere, then the light one beside it
+            for port in (22, LIGHT_SSHD_PORT):
+                while _run(["ssh", "-i", str(info.key), "-o", f"UserKnownHostsFile={known}", "-o", "BatchMode=yes",
+                            "-o", "ConnectTimeout=2", "-p", str(port), f"root@{ip}", "true"]).returncode != 0:
+                    if time.monotonic() > deadline:
+                        raise SystemExit(f"{ip}:{port}: no SSH")
+                    time.sleep(0.5)
+                if port == 22:
+                    _run(["docker", "exec", PREFIX + name, "/usr/sbin/sshd", "-r", "-p", str(LIGHT_SSHD_PORT),
+                          "-o", "UsePAM=no"], check=True)
 
-        def inventory(hosts: list[str], per: dict[str, int], label: str) -> dict:
+        def inventory(hosts: list[str], per: dict[str, int], label: str, port: int = LIGHT_SSHD_PORT) -> dict:
             path = work / f"{label}.yaml"
-            path.write_text(yaml.safe_dump(light_inventory({h: names[h] for h in hosts}, per, info.key, known)))
+            path.write_text(yaml.safe_dump(light_inventory({h: names[h] for h in hosts}, per, info.key, known,
+                                                           port)))
             return {**os.environ, "INVOKE_INVENTORY": str(path)}
 
         deploy_all = [str(BIN / "inv"), "deploy"]
         twenty = inventory([f"light{i:02d}" for i in range(20)], {}, "twenty")
         one = inventory(["light00"], {}, "one")
         ten_hs = inventory(["light20"], per_host, "ten-homeservers")
-        for e in (twenty, one, ten_hs):  # each must be a no-op already: the light hosts are converged
+        twenty_stock = inventory([f"light{i:02d}" for i in range(20)], {}, "twenty-stock-sshd", 22)
+        one_stock = inventory(["light00"], {}, "one-stock-sshd", 22)
+        for e in (twenty, one, ten_hs, twenty_stock, one_stock):  # each a no-op already: the hosts are converged
             out = subprocess.run(deploy_all, cwd=REPO, env=e, capture_output=True, text=True)
             if out.returncode != 0 or " 0 changed" not in out.stdout or "changed," in out.stdout.replace(" 0 changed,", ""):
                 raise SystemExit(f"a light host is not converged:\n{out.stdout[-3000:]}{out.stderr[-2000:]}")
@@ -220,6 +243,10 @@ def main() -> int:
         figures["noop_20_hosts_vs_1_host"]["hosts_cpu_s_per_pair"] = round(
             (hosts_cpu_seconds(light) - before) / (PAIRS + 1), 3)
         figures["noop_10_homeservers_vs_1_on_one_host"] = paired(deploy_all, deploy_all, ten_hs, one)
+        before = hosts_cpu_seconds(light)
+        figures["noop_20_hosts_vs_1_host_stock_sshd"] = paired(deploy_all, deploy_all, twenty_stock, one_stock)
+        figures["noop_20_hosts_vs_1_host_stock_sshd"]["hosts_cpu_s_per_pair"] = round(
+            (hosts_cpu_seconds(light) - before) / (PAIRS + 1), 3)
     finally:
         if os.environ.get("SFAB_BENCH_KEEP"):  # for a look (profiling): `docker rm -f` them after
             print(f"kept: {PREFIX}* and the inventories in {work}")

@@ -233,7 +233,7 @@ def script(state: DesiredState) -> str:
         f"sha256sum -- {q(files + certs)} 2>/dev/null",
         f"printf '{SECTION}\\n'",
         f"find {q(owned_dirs(state))} -maxdepth 1 -type f -printf 'M\\t%p\\n' 2>/dev/null",
-        f"sed 's/^/P\t/' {shlex.quote(state.layout.pending)} 2>/dev/null",
+        f"[ ! -f {shlex.quote(state.layout.pending)} ] || sed 's/^/P\t/' {shlex.quote(state.layout.pending)} 2>/dev/null",
         *(f"printf 'L\t%s\t%s\n' {shlex.quote(d)} \"$(readlink {shlex.quote(d + '/current')})\""
           for d in element_sites(state)),
         f"stat -c 'S\t%n\t%F\t%a\t%u:%g' -- {q(stat_paths)} 2>/dev/null",
