@@ -18,7 +18,7 @@ import urllib.parse
 from dataclasses import dataclass
 
 from . import database
-from .errors import RemoteError, TaskError
+from .errors import TaskError
 from .inventory import Homeserver, Inventory
 from .remote import Remote, locked
 from .render import synapse_project
@@ -26,7 +26,6 @@ from .shell import program
 from .users import UserId, parse_user, register_program
 
 ADMIN = "synapse-fabric-admin"  # its localpart on every homeserver
-EXEC_FAILED = 126  # docker exec: the process could not start in the container
 
 _CALL_PY = r"""
 import sys, urllib.request, urllib.error
@@ -54,15 +53,8 @@ def call(remote: Remote, hs: Homeserver, method: str, path: str, body: dict | No
                      register_python=register_program(ADMIN, admin=True), call_python=_CALL_PY)
     stdin = json.dumps(body).encode() if body is not None else b""
     what = f"{method} {path.split('?')[0]}"
-    try:
-        out = remote.run(script, stdin=stdin, what=what).out
-    except RemoteError as exc:
-        # 126: Docker could not start a process in a container (a runtime hiccup
-        # under load); a read is asked once more, a change never is
-        if exc.code != EXEC_FAILED or method != "GET":
-            raise
-        time.sleep(2)
-        out = remote.run(script, stdin=stdin, what=what).out
+    # a read is asked again if Docker could not start it; a change never is
+    out = (remote.read if method == "GET" else remote.run)(script, stdin=stdin, what=what).out
     status_line, _, text = out.partition("\n")
     try:
         data = json.loads(text) if text.strip() else {}

@@ -45,6 +45,10 @@ KEEPALIVE_SECONDS = 15
 LOCK_FILE = f"{LOCK_DIR}/deploy.lock"
 LOCK_OWNER = f"{LOCK_DIR}/deploy.owner"
 
+# `docker exec`'s exit when the runtime could not start the process in the
+# container (runc's "read init-p: connection reset by peer" under load): nothing ran.
+EXEC_NOT_STARTED = 126
+
 
 @dataclass
 class Result:
@@ -149,6 +153,17 @@ class Remote:
         if check and code != 0:
             raise RemoteError(self._failure(what or script.splitlines()[0], result), result.code)
         return result
+
+    def read(self, script: str, stdin: bytes = b"", what: str = "") -> Result:
+        """Run a command that changes nothing. When Docker could not start one of
+        its processes (exit 126, a runtime hiccup under load), it is asked once more."""
+        try:
+            return self.run(script, stdin=stdin, what=what)
+        except RemoteError as exc:
+            if exc.code != EXEC_NOT_STARTED:
+                raise
+        time.sleep(2)
+        return self.run(script, stdin=stdin, what=what)
 
     def stream(self, script: str, what: str, idle_timeout: float = STREAM_IDLE_TIMEOUT) -> Iterator[bytes]:
         """Run `script` as root and yield its stdout as it comes (to feed another

@@ -60,7 +60,7 @@ def _users(inv: Inventory, hs: Homeserver, uid: UserId, action: str, **inputs) -
 
 
 def user_exists(remote: Remote, hs: Homeserver, uid: UserId) -> bool:
-    return remote.run(_users(remote.inv, hs, uid, "exists"), what=f"look up {uid}").out.strip() == "1"
+    return remote.read(_users(remote.inv, hs, uid, "exists"), what=f"look up {uid}").out.strip() == "1"
 
 
 _REGISTER_PY = """\

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 
 import pytest
 
 from fabfile.admin import ADMIN, ROOM_RE, _before_ms, _seconds, call, format_users
 from fabfile.errors import RemoteError, TaskError
 from fabfile.inventory import parse
+from fabfile.remote import Remote, Result
+from fabfile.users import parse_user, user_exists
 
 
 def test_durations():
@@ -46,20 +47,21 @@ def test_users_are_listed_with_their_state_and_ours_is_marked():
     ]
 
 
-class _Flaky:
-    """A host whose first command fails as `docker exec` does when the process cannot
-    start in the container: exit 126, the daemon's reason on stdout."""
+class _Flaky(Remote):
+    """A host whose first command fails as `docker exec` does when the runtime cannot
+    start the process in the container: exit 126, the daemon's reason on stdout. Only
+    the channel is stood in for; `Remote.run` and `Remote.read` are the real ones."""
 
     def __init__(self, inv):
-        self.inv, self.calls = inv, 0
+        super().__init__(inv, inv.hosts["web"], connection=None)
+        self.calls = 0
 
-    def run(self, script, stdin=b"", what=""):
+    def run(self, script, stdin=None, check=True, what="", **kw):
         self.calls += 1
         if self.calls == 1:
-            from fabfile.remote import Remote, Result
             failed = Result(126, b"OCI runtime exec failed: exec failed: unable to start container process\r\n", b"")
-            raise RemoteError(Remote._failure(SimpleNamespace(name="web", host=None), what, failed), 126)
-        return SimpleNamespace(out='200\n{"users": []}')
+            raise RemoteError(self._failure(what, failed), failed.code)
+        return Result(0, b'200\n{"users": []}', b"")
 
 
 def test_a_read_is_asked_again_after_docker_could_not_start_it_and_a_change_is_not(monkeypatch):
@@ -68,6 +70,8 @@ def test_a_read_is_asked_again_after_docker_could_not_start_it_and_a_change_is_n
     hs = inv.homeservers["one.example"]
     remote = _Flaky(inv)
     assert call(remote, hs, "GET", "/_synapse/admin/v2/users") == {"users": []} and remote.calls == 2
+    remote = _Flaky(inv)
+    assert user_exists(remote, hs, parse_user("alice", hs)) is False and remote.calls == 2
     remote = _Flaky(inv)
     with pytest.raises(RemoteError, match="OCI runtime exec failed") as exc:
         call(remote, hs, "POST", "/_synapse/admin/v1/deactivate/@a:one.example", {})
