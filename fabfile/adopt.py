@@ -405,7 +405,7 @@ class Adoption:
                       "stream the database (pg_dump | pg_restore)")
         else:
             self.port_sqlite(found, config_text, final=True)
-        schema = self.dst.run(find_pg + f'docker exec "$pg" psql -X -At -U {pg.user} -d {pg.database} -c '
+        schema = self.dst.read(find_pg + f'docker exec "$pg" psql -X -At -U {pg.user} -d {pg.database} -c '
                               '"SELECT version FROM schema_version"', what="schema version").out.strip()
         if found.schema and schema != found.schema:
             raise TaskError(f"the new database has schema version {schema}, the old one {found.schema}")

@@ -76,7 +76,7 @@ def _record(remote: Remote, root: str) -> dict[str, str]:
 def _counts(remote: Remote, hs: Homeserver, **which: str) -> dict[str, str]:
     """{table: row count} of the homeserver's database, in the container `name=` or
     in its compose project's PostgreSQL (`project=`)."""
-    out = remote.run(program("pg-counts.sh", **which, pg_user=hs.postgres.user, pg_db=hs.postgres.database),
+    out = remote.read(program("pg-counts.sh", **which, pg_user=hs.postgres.user, pg_db=hs.postgres.database),
                      what="row counts", timeout=3600).out
     return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
 

@@ -154,16 +154,16 @@ class Remote:
             raise RemoteError(self._failure(what or script.splitlines()[0], result), result.code)
         return result
 
-    def read(self, script: str, stdin: bytes = b"", what: str = "") -> Result:
+    def read(self, script: str, stdin: bytes = b"", what: str = "", timeout: Optional[float] = None) -> Result:
         """Run a command that changes nothing. When Docker could not start one of
         its processes (exit 126, a runtime hiccup under load), it is asked once more."""
         try:
-            return self.run(script, stdin=stdin, what=what)
+            return self.run(script, stdin=stdin, what=what, timeout=timeout)
         except RemoteError as exc:
             if exc.code != EXEC_NOT_STARTED:
                 raise
         time.sleep(2)
-        return self.run(script, stdin=stdin, what=what)
+        return self.run(script, stdin=stdin, what=what, timeout=timeout)
 
     def stream(self, script: str, what: str, idle_timeout: float = STREAM_IDLE_TIMEOUT) -> Iterator[bytes]:
         """Run `script` as root and yield its stdout as it comes (to feed another

@@ -56,7 +56,7 @@ class _Flaky(Remote):
         super().__init__(inv, inv.hosts["web"], connection=None)
         self.calls = 0
 
-    def run(self, script, stdin=None, check=True, what="", **kw):
+    def run(self, script, stdin=None, check=True, what="", timeout=None):
         self.calls += 1
         if self.calls == 1:
             failed = Result(126, b"OCI runtime exec failed: exec failed: unable to start container process\r\n", b"")
