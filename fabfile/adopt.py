@@ -569,11 +569,11 @@ def undo(a: Adoption, record: dict, phase: str) -> None:
     if record.get("entry_added") and sn in inv.homeservers:
         rewrite(inv.path, lambda doc: doc["homeservers"].pop(sn, None))
         servers = {k: v for k, v in inv.homeservers.items() if k != sn}
-        inv = inv.model_copy(update={"homeservers": servers})
+        inv = inv.replace(homeservers=servers)
         a.log(f"{inv.path}: homeservers.{sn} removed (the adoption added it)")
     elif sn in inv.homeservers:
         servers = {k: v for k, v in inv.homeservers.items() if k != sn}
-        inv = inv.model_copy(update={"homeservers": servers})
+        inv = inv.replace(homeservers=servers)
         a.dst.run(f"mkdir -p {q(a.lay.uninstalled_dir)} && printf 'at=%s reason=adoption-aborted\\n' "
                   f"\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\" > {q(a.lay.uninstalled(sn))}", what="guard record")
         a.log(f"{inv.path} still places {sn} on {a.target.name}: a deploy there is refused until you remove that "

@@ -15,10 +15,9 @@ import difflib
 import functools
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import yaml
-from pydantic import BaseModel, ValidationError
 
 from .schema import (  # noqa: F401  (re-exported: the rest of fabfile imports them from here)
     ACME_DIRECTORIES,
@@ -31,8 +30,10 @@ from .schema import (  # noqa: F401  (re-exported: the rest of fabfile imports t
     Host,
     Inventory,
     InventoryError,
+    build,
     check_domain,
 )
+from .structs import ModelError, field_types
 
 
 # ---------------------------------------------------------------------------
@@ -91,38 +92,13 @@ def _where(path: Path, lines: _Lines | dict[tuple, int], loc: tuple) -> str:
     return f"{path}:{lines[loc]}" if loc in lines else str(path)
 
 
-def _model_for(loc: tuple) -> Optional[type[BaseModel]]:
-    """The model class that holds the last key of `loc` (for 'did you mean')."""
-    model: Any = Inventory
-    parts = list(loc[:-1])
-    while parts:
-        field = model.model_fields.get(str(parts.pop(0))) if model else None
-        if field is None:
-            return None
-        ann = field.annotation
-        if getattr(ann, "__origin__", None) is dict:
-            ann = ann.__args__[1]
-            if parts:
-                parts.pop(0)  # the mapping key (a host or homeserver name)
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-    return model
-
-
-def _describe(err: dict) -> str:
-    loc = err["loc"]
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        model = _model_for(loc)
-        known = [f for f in (model.model_fields if model else {}) if f not in ("name", "server_name", "path")]
-        guess = difflib.get_close_matches(str(loc[-1]), known, n=1)
+def _describe(err: ModelError) -> str:
+    if err.unknown:
+        known = [f for f in (field_types(err.model) if err.model else {}) if f not in ("name", "server_name", "path")]
+        guess = difflib.get_close_matches(str(err.loc[-1]), known, n=1)
         hint = f"; did you mean {guess[0]!r}?" if guess else ""
         return f"unknown key{hint} (known keys here: {', '.join(known)})"
-    if kind == "missing":
-        return "this key is required"
-    msg = err["msg"]
-    return msg.removeprefix("Value error, ")
-
-
+    return str(err)
 
 
 def load(path: str | Path) -> Inventory:
@@ -150,6 +126,9 @@ def parse(text: str, path: Path = Path("hosts.yaml")) -> Inventory:
     if not isinstance(data, dict):
         raise InventoryError(f"{path}: the inventory must be a mapping with a 'hosts' key")
     for key in ("hosts", "homeservers"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise InventoryError(f"{_where(path, lines, (key,))}: {key}: must be a mapping of names to "
+                                 f"{'hosts' if key == 'hosts' else 'homeservers'}")
         if isinstance(data.get(key), dict):
             for name, item in data[key].items():
                 if item is not None and not isinstance(item, dict):
@@ -158,16 +137,10 @@ def parse(text: str, path: Path = Path("hosts.yaml")) -> Inventory:
                     )
     base = path.parent
     try:
-        data = _with_names_and_paths(data, base)
-        inv = Inventory(path=path, **data)
-    except ValidationError as exc:
-        # An unknown key usually explains a "missing" one next to it: report it first.
-        err = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
-        loc = tuple(err["loc"])
-        dotted = ".".join(str(p) for p in loc) or "(top level)"
-        raise InventoryError(f"{_where(path, lines, loc)}: {dotted}: {_describe(err)}") from None
-    except TypeError as exc:
-        raise InventoryError(f"{path}: {exc}") from None
+        inv = build(_with_names_and_paths(data, base), path)
+    except ModelError as err:
+        dotted = ".".join(str(p) for p in err.loc) or "(top level)"
+        raise InventoryError(f"{_where(path, lines, err.loc)}: {dotted}: {_describe(err)}") from None
     _cross_check(inv, path, lines)
     return inv
 

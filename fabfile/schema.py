@@ -1,5 +1,6 @@
 """What hosts.yaml may say: the typed models, their defaults and per-field checks.
 
+The models are frozen msgspec Structs with checks of their own (fabfile/structs.py).
 Loading a file, reporting its errors and the rules that span entries are in
 fabfile/inventory.py.
 """
@@ -7,18 +8,14 @@ fabfile/inventory.py.
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
-# This CLI uses no pydantic plugins: without this, the first model scans every
-# installed package's entry points for them (a few ms of every run).
-os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
-
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from msgspec import Meta
 
 from .errors import InventoryError  # noqa: F401  (re-exported for fabfile.inventory)
+from .structs import Model as _Model, checked, convert, field_check, model_check
 
 
 # base_dir may not be one of these (it holds secrets and is removed from in places)
@@ -123,11 +120,7 @@ def check_domain(value: str) -> str:
     return value
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Firewall(_Model):
+class Firewall(_Model, kw_only=True):
     """What a host lets in from outside (fabfile/firewall.py). Only SSH, HTTP(S),
     federation on 8448 when a homeserver serves it, TURN when the host runs it, and
     what is listed here; Docker's published ports obey it too."""
@@ -145,7 +138,7 @@ class Firewall(_Model):
     open_tcp: list[int] = []
     open_udp: list[int] = []
 
-    @field_validator("ssh_ports", "open_tcp", "open_udp")
+    @field_check("ssh_ports", "open_tcp", "open_udp")
     @classmethod
     def _ports(cls, v: list[int]) -> list[int]:
         bad = [p for p in v if not 1 <= p <= 65535]
@@ -153,7 +146,7 @@ class Firewall(_Model):
             raise ValueError(f"{bad[0]} is not a port (1-65535)")
         return sorted(set(v))
 
-    @field_validator("allow_from")
+    @field_check("allow_from")
     @classmethod
     def _allow(cls, v):
         nets = check_cidrs(v, "firewall.allow_from")
@@ -162,7 +155,7 @@ class Firewall(_Model):
         return nets
 
 
-class Turn(_Model):
+class Turn(_Model, kw_only=True):
     """coturn on this host, for the calls of the homeservers it runs (fabfile/turn.py)."""
 
     enabled: bool = False
@@ -173,12 +166,12 @@ class Turn(_Model):
     # UDP ports coturn relays media through (both ends included).
     relay_ports: str = "49152-49251"
 
-    @field_validator("hostname")
+    @field_check("hostname")
     @classmethod
     def _hostname(cls, v):
         return None if v is None else check_domain(v)
 
-    @field_validator("relay_ports")
+    @field_check("relay_ports")
     @classmethod
     def _relay(cls, v: str) -> str:
         m = re.match(r"^([0-9]+)-([0-9]+)$", str(v).strip())
@@ -186,7 +179,7 @@ class Turn(_Model):
             raise ValueError(f"{v!r} must be a port range like 49152-49251 (1024-65535, low-high)")
         return f"{int(m[1])}-{int(m[2])}"
 
-    @model_validator(mode="after")
+    @model_check
     def _named(self):
         if self.enabled and not self.hostname:
             raise ValueError("turn.hostname is required when turn.enabled is true: the name clients reach TURN "
@@ -199,13 +192,13 @@ class Turn(_Model):
         return int(low), int(high)
 
 
-class Host(_Model):
+class Host(_Model, kw_only=True):
     """A machine reached over SSH."""
 
     name: str = ""
     address: str
     user: str = "root"
-    port: int = Field(22, ge=1, le=65535)
+    port: Annotated[int, Meta(ge=1, le=65535)] = 22
     key: Optional[Path] = None
     sudo: Optional[bool] = None  # default: True unless user is root
     images: Literal["pull", "push"] = "pull"
@@ -216,7 +209,7 @@ class Host(_Model):
     # the ports one homeserver's processes share across hosts are published here only.
     private_address: Optional[str] = None
 
-    @field_validator("address")
+    @field_check("address")
     @classmethod
     def _address(cls, v: str) -> str:
         try:
@@ -224,7 +217,7 @@ class Host(_Model):
         except ValueError:
             return check_domain(v)
 
-    @field_validator("private_address")
+    @field_check("private_address")
     @classmethod
     def _private_address(cls, v):
         if v is None:
@@ -234,14 +227,14 @@ class Host(_Model):
             raise ValueError(f"{v!r} is not an address of a private network (10/8, 172.16/12, 192.168/16, fc00::/7)")
         return str(addr)
 
-    @field_validator("user")
+    @field_check("user")
     @classmethod
     def _user(cls, v: str) -> str:
         if not re.match(r"^[a-z_][a-z0-9_-]{0,31}$", v):
             raise ValueError(f"{v!r} is not a valid Unix user name")
         return v
 
-    @field_validator("base_dir")
+    @field_check("base_dir")
     @classmethod
     def _base_dir(cls, v: str) -> str:
         if not re.match(r"^/[A-Za-z0-9._/-]+$", v) or ".." in v.split("/") or "." in v.split("/"):
@@ -259,7 +252,7 @@ class Host(_Model):
         return self.user != "root" if self.sudo is None else self.sudo
 
 
-class Federation(_Model):
+class Federation(_Model, kw_only=True):
     enabled: bool = True
     # Also serve federation on 8448 (besides 443 through delegation).
     port_8448: bool = False
@@ -284,42 +277,42 @@ class Federation(_Model):
     # Notary servers for signing keys (None: Synapse's default, matrix.org).
     trusted_key_servers: Optional[list[dict[str, Any]]] = None
 
-    @field_validator("allow_domains")
+    @field_check("allow_domains")
     @classmethod
     def _domains(cls, v):
         return None if v is None else [check_domain(d) for d in v]
 
-    @field_validator("allow_ip_ranges")
+    @field_check("allow_ip_ranges")
     @classmethod
     def _ranges(cls, v):
         return check_cidrs(v, "federation.allow_ip_ranges")
 
 
-class Element(_Model):
+class Element(_Model, kw_only=True):
     enabled: bool = False
     hostname: Optional[str] = None
     version: str = "latest"
     brand: str = "Element"
-    keep: int = Field(3, ge=1, le=20)
+    keep: Annotated[int, Meta(ge=1, le=20)] = 3
     feed: str = "https://api.github.com/repos/element-hq/element-web/releases"
     # Binary OpenPGP keyring (gpg --export) that must have signed each release.
     signing_key: Optional[Path] = None
     # CA bundle for the feed and downloads (a private feed); default: system roots.
     feed_ca: Optional[Path] = None
 
-    @field_validator("feed")
+    @field_check("feed")
     @classmethod
     def _feed(cls, v: str) -> str:
         if not re.match(r"^https://[A-Za-z0-9.-]+(:[0-9]+)?/[A-Za-z0-9._~/%-]*$", v):
             raise ValueError(f"{v!r} must be an https:// URL")
         return v
 
-    @field_validator("hostname")
+    @field_check("hostname")
     @classmethod
     def _hostname(cls, v):
         return None if v is None else check_domain(v)
 
-    @field_validator("version")
+    @field_check("version")
     @classmethod
     def _version(cls, v: str) -> str:
         v = v.removeprefix("v")
@@ -328,39 +321,39 @@ class Element(_Model):
         return v
 
 
-class AdminUI(_Model):
+class AdminUI(_Model, kw_only=True):
     """An admin web UI (Ketesa) on its own name, served only to admin_api_allow."""
 
     enabled: bool = False
     hostname: Optional[str] = None
 
-    @field_validator("hostname")
+    @field_check("hostname")
     @classmethod
     def _hostname(cls, v):
         return None if v is None else check_domain(v)
 
 
-class Workers(_Model):
+class Workers(_Model, kw_only=True):
     """Synapse workers (fabfile/workers.py): a preset, and/or how many of each kind
     (a count replaces the preset's for that kind; 0 removes it)."""
 
     preset: Literal["none", "federation-helper", "balanced"] = "none"
-    sync: Optional[int] = Field(None, ge=0, le=16)
-    client: Optional[int] = Field(None, ge=0, le=16)
-    federation_reader: Optional[int] = Field(None, ge=0, le=16)
-    federation_sender: Optional[int] = Field(None, ge=0, le=16)
-    event_persister: Optional[int] = Field(None, ge=0, le=16)
-    media: Optional[int] = Field(None, ge=0, le=4)  # on the homeserver's host: media_store is one directory
-    stream_writer: Optional[int] = Field(None, ge=0, le=1)  # typing and presence allow one writer
-    pusher: Optional[int] = Field(None, ge=0, le=16)
-    background: Optional[int] = Field(None, ge=0, le=1)  # Synapse runs background tasks on one process
+    sync: Optional[Annotated[int, Meta(ge=0, le=16)]] = None
+    client: Optional[Annotated[int, Meta(ge=0, le=16)]] = None
+    federation_reader: Optional[Annotated[int, Meta(ge=0, le=16)]] = None
+    federation_sender: Optional[Annotated[int, Meta(ge=0, le=16)]] = None
+    event_persister: Optional[Annotated[int, Meta(ge=0, le=16)]] = None
+    media: Optional[Annotated[int, Meta(ge=0, le=4)]] = None  # on the homeserver's host: media_store is one directory
+    stream_writer: Optional[Annotated[int, Meta(ge=0, le=1)]] = None  # typing and presence allow one writer
+    pusher: Optional[Annotated[int, Meta(ge=0, le=16)]] = None
+    background: Optional[Annotated[int, Meta(ge=0, le=1)]] = None  # Synapse runs background tasks on one process
     # kind -> the inventory host its workers run on (default: the homeserver's host)
     hosts: dict[str, str] = {}
     # the first of the ports (port_base .. port_base+299) published on private
     # addresses when some workers run on another host (fabfile/workers.py PORTS)
-    port_base: int = Field(7100, ge=1024, le=65000)
+    port_base: Annotated[int, Meta(ge=1024, le=65000)] = 7100
 
-    @field_validator("hosts")
+    @field_check("hosts")
     @classmethod
     def _hosts(cls, v: dict[str, str]) -> dict[str, str]:
         from .workers import KINDS  # (workers.py imports nothing of this module)
@@ -372,15 +365,15 @@ class Workers(_Model):
         return v
 
 
-class ExternalPostgres(_Model):
+class ExternalPostgres(_Model, kw_only=True):
     """A PostgreSQL server the operator runs (a provider's, a cluster of their own):
     reached over TLS that checks its name against `ca` (libpq's verify-full)."""
     host: str
-    port: int = Field(5432, ge=1, le=65535)
+    port: Annotated[int, Meta(ge=1, le=65535)] = 5432
     # PEM file of the CA that signed the server's certificate (a local path)
     ca: Path
 
-    @field_validator("host")
+    @field_check("host")
     @classmethod
     def _host(cls, v: str) -> str:
         try:
@@ -390,7 +383,7 @@ class ExternalPostgres(_Model):
             return check_domain(v)
 
 
-class Postgres(_Model):
+class Postgres(_Model, kw_only=True):
     database: str = "synapse"
     user: str = "synapse"
     # This homeserver's PostgreSQL image (default: images.postgres); its major
@@ -414,14 +407,14 @@ class Postgres(_Model):
         """Where a database elsewhere runs, for messages."""
         return self.external.host if self.external is not None else f"host {self.host}"
 
-    @field_validator("image")
+    @field_check("image")
     @classmethod
     def _image(cls, v):
         if v is not None:
             postgres_major(check_image(v))
         return v
 
-    @field_validator("database", "user")
+    @field_check("database", "user")
     @classmethod
     def _ident(cls, v: str) -> str:
         if not re.match(r"^[a-z_][a-z0-9_]{0,62}$", v):
@@ -429,7 +422,7 @@ class Postgres(_Model):
         return v
 
 
-class Homeserver(_Model):
+class Homeserver(_Model, kw_only=True):
     """One Synapse homeserver: its Matrix domain and where it runs."""
 
     server_name: str = ""
@@ -449,12 +442,12 @@ class Homeserver(_Model):
     # Extra Synapse settings, merged into the managed override file.
     synapse_settings: dict[str, Any] = {}
 
-    @field_validator("public_hostname")
+    @field_check("public_hostname")
     @classmethod
     def _hostname(cls, v):
         return None if v is None else check_domain(v)
 
-    @field_validator("admin_api_allow")
+    @field_check("admin_api_allow")
     @classmethod
     def _cidrs(cls, v):
         nets = check_cidrs(v, "admin_api_allow")
@@ -463,14 +456,14 @@ class Homeserver(_Model):
                              "that need it (anyone who can reach it can try admin tokens)")
         return nets
 
-    @field_validator("max_upload_size")
+    @field_check("max_upload_size")
     @classmethod
     def _size(cls, v: str) -> str:
         if not SIZE_RE.match(str(v)):
             raise ValueError(f"{v!r} must be a size like 50M (K, M or G)")
         return v
 
-    @model_validator(mode="after")
+    @model_check
     def _element_hostname(self):
         if self.element.enabled and not self.element.hostname:
             raise ValueError("element.hostname is required when element.enabled is true")
@@ -492,7 +485,7 @@ class Homeserver(_Model):
         return self.server_name.replace(".", "-")
 
 
-class Acme(_Model):
+class Acme(_Model, kw_only=True):
     # false: certificates are the operator's business (put them in certs/<server_name>/)
     enabled: bool = True
     email: Optional[str] = None
@@ -500,14 +493,14 @@ class Acme(_Model):
     # PEM bundle that verifies the ACME server itself (a private CA).
     ca_bundle: Optional[Path] = None
 
-    @field_validator("email")
+    @field_check("email")
     @classmethod
     def _email(cls, v):
         if v is not None and not re.match(r"^[^@\s]+@[^@\s]+\.[^@\s]+$", v):
             raise ValueError(f"{v!r} is not an e-mail address")
         return v
 
-    @field_validator("directory")
+    @field_check("directory")
     @classmethod
     def _directory(cls, v: str) -> str:
         if v in ACME_DIRECTORIES or v.startswith("https://"):
@@ -519,21 +512,21 @@ class Acme(_Model):
         return ACME_DIRECTORIES.get(self.directory, self.directory)
 
 
-class Keep(_Model):
+class Keep(_Model, kw_only=True):
     """How many snapshots restic's `forget` keeps (the newest of each day, week, month)."""
 
-    daily: int = Field(7, ge=0, le=3650)
-    weekly: int = Field(4, ge=0, le=520)
-    monthly: int = Field(12, ge=0, le=1200)
+    daily: Annotated[int, Meta(ge=0, le=3650)] = 7
+    weekly: Annotated[int, Meta(ge=0, le=520)] = 4
+    monthly: Annotated[int, Meta(ge=0, le=1200)] = 12
 
-    @model_validator(mode="after")
+    @model_check
     def _something(self):
         if not (self.daily or self.weekly or self.monthly):
             raise ValueError("keeping no snapshot at all would delete every backup: keep at least one")
         return self
 
 
-class Backup(_Model):
+class Backup(_Model, kw_only=True):
     """Where restic keeps the homeservers' snapshots (fabfile/backup.py)."""
 
     # Any restic repository: a directory on the host (the default: it survives an
@@ -543,12 +536,13 @@ class Backup(_Model):
     keep: Keep = Keep()
     # A snapshot of every homeserver each day at this time (HH:MM, the host's clock),
     # then the retention; none: only `inv backup` makes snapshots.
-    schedule: Optional[str] = None
+    # (an int only as YAML 1.1 reads an unquoted 03:30: refused by its check, with a hint)
+    schedule: Union[str, int, None] = None
     # `inv check` fails when a homeserver's newest snapshot is older than this
     # (with a schedule, or once a snapshot exists).
-    stale_after_hours: int = Field(26, ge=1, le=24 * 365)
+    stale_after_hours: Annotated[int, Meta(ge=1, le=24 * 365)] = 26
 
-    @field_validator("schedule", mode="before")
+    @field_check("schedule")
     @classmethod
     def _schedule(cls, v):
         if isinstance(v, int):  # YAML 1.1 reads an unquoted 03:30 as the number 210
@@ -557,7 +551,7 @@ class Backup(_Model):
             raise ValueError(f"{v!r} must be a time of day like 03:30 (the host's clock)")
         return v
 
-    @field_validator("repository")
+    @field_check("repository")
     @classmethod
     def _repository(cls, v: str) -> str:
         if not v or any(c.isspace() or ord(c) < 32 for c in v):
@@ -571,28 +565,28 @@ class Backup(_Model):
         return v
 
 
-class Ssh(_Model):
+class Ssh(_Model, kw_only=True):
     # known_hosts file to check host keys against (default: ~/.ssh/known_hosts).
     known_hosts: Optional[Path] = None
     # Accept and record the key of a host never seen before (like OpenSSH's
     # StrictHostKeyChecking=accept-new). A CHANGED key is always refused.
     accept_new_hosts: bool = False
-    connect_timeout: int = Field(10, ge=1, le=300)
+    connect_timeout: Annotated[int, Meta(ge=1, le=300)] = 10
     # How long a run waits for another run on the same host to finish.
-    lock_timeout: int = Field(60, ge=0, le=3600)
+    lock_timeout: Annotated[int, Meta(ge=0, le=3600)] = 60
 
 
-class Check(_Model):
+class Check(_Model, kw_only=True):
     # DNS server `inv check` asks (default: this machine's resolver).
     resolver: Optional[str] = None
 
-    @field_validator("resolver")
+    @field_check("resolver")
     @classmethod
     def _resolver(cls, v):
         return None if v is None else str(ipaddress.ip_address(v))
 
 
-class Inventory(_Model):
+class Inventory(_Model, kw_only=True):
     """The whole hosts.yaml."""
 
     path: Path = Path("hosts.yaml")
@@ -604,7 +598,7 @@ class Inventory(_Model):
     hosts: dict[str, Host]
     homeservers: dict[str, Homeserver] = {}
 
-    @field_validator("images")
+    @field_check("images")
     @classmethod
     def _images(cls, v: dict[str, str]) -> dict[str, str]:
         unknown = set(v) - set(DEFAULT_IMAGES)
@@ -634,8 +628,8 @@ class Inventory(_Model):
     def with_homeserver(self, hs: Homeserver, **changes) -> "Inventory":
         """A copy with one homeserver changed (e.g. moved to another host)."""
         servers = dict(self.homeservers)
-        servers[hs.server_name] = hs.model_copy(update=changes)
-        return self.model_copy(update={"homeservers": servers})
+        servers[hs.server_name] = hs.replace(**changes)
+        return self.replace(homeservers=servers)
 
     def host_by_name_or_address(self, wanted: str) -> Host:
         for host in self.hosts.values():
@@ -654,3 +648,17 @@ class Inventory(_Model):
                 f"{self.path}: no homeserver {wanted!r} "
                 f"(known: {', '.join(self.homeservers) or 'none'})"
             ) from None
+
+
+
+def build(data: dict, path: Path) -> Inventory:
+    """The Inventory that hosts.yaml's mapping (names and paths filled in) describes:
+    msgspec's checks of shape and types, host by host and homeserver by homeserver
+    (its messages name no mapping key), then every model's own. Raises ModelError
+    for the first problem."""
+    top = {k: v for k, v in data.items() if k not in ("hosts", "homeservers")}
+    inv = convert({**top, "path": path, "hosts": {}}, Inventory, ())
+    hosts = {name: convert(raw, Host, ("hosts", name)) for name, raw in data.get("hosts", {}).items()}
+    servers = {name: convert(raw, Homeserver, ("homeservers", name))
+               for name, raw in data.get("homeservers", {}).items()}
+    return checked(inv.replace(hosts=hosts, homeservers=servers), {**data, "path": path}, ())

@@ -38,7 +38,7 @@ Confirm = Callable[[str, str], bool]  # (question, the answer to type) -> typed 
 
 
 def _without(inv: Inventory, names: set[str]) -> Inventory:
-    return inv.model_copy(update={"homeservers": {k: v for k, v in inv.homeservers.items() if k not in names}})
+    return inv.replace(homeservers={k: v for k, v in inv.homeservers.items() if k not in names})
 
 
 def _refuse_migrations(inv: Inventory, servers: list[Homeserver]) -> None:
@@ -218,7 +218,7 @@ def uninstall_host(inv: Inventory, host_name: str, backup: bool, confirm: Confir
         if backup and servers:
             kept = backup_mod.keep_password(remote, host)
     after = _without(inv, {hs.server_name for hs in servers})
-    _release_proxies(inv, after.model_copy(update={"hosts": {k: v for k, v in after.hosts.items() if k != host.name}}),
+    _release_proxies(inv, after.replace(hosts={k: v for k, v in after.hosts.items() if k != host.name}),
                      servers, log)
     _release_databases(inv, after, servers, log)
 

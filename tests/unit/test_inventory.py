@@ -187,6 +187,7 @@ def test_bad_values():
 
 def test_not_a_mapping_and_missing_file(tmp_path):
     assert "must be a mapping" in bad("- just\n- a list\n")
+    assert bad("hosts:\n  - web\n") == "inv/hosts.yaml:1: hosts: must be a mapping of names to hosts"
     with pytest.raises(InventoryError, match="inventory file not found"):
         load(tmp_path / "nope.yaml")
 
@@ -303,3 +304,16 @@ def test_backup_defaults_and_remote_repositories():
         """))
     assert inv.backup.repository.startswith("sftp:") and inv.backup.keep.daily == 3 and inv.backup.keep.monthly == 12
     assert parse("hosts: {web: {address: 203.0.113.10}}").backup.repository == "/var/backups/synapse-fabric/restic"
+
+
+def test_type_errors_name_the_key_its_line_and_what_it_may_be():
+    assert bad("hosts:\n  web:\n    address: 1.2.3.4\n    images: bogus\n") == (
+        "inv/hosts.yaml:4: hosts.web.images: 'bogus' is not one of: pull, push")
+    assert bad("hosts:\n  web:\n    address: 1.2.3.4\n    port: 70000\n") == (
+        "inv/hosts.yaml:4: hosts.web.port: Expected int <= 65535")
+    assert bad("hosts: {web: {address: 1.2.3.4}}\nacme: 5\n") == "inv/hosts.yaml:2: acme: Expected a mapping, got int"
+    # an unknown key inside an optional model gets its hint too
+    assert bad("hosts: {web: {address: 1.2.3.4}}\nhomeservers:\n  a.org:\n    host: web\n"
+               "    postgres: {external: {host: db.a.org, ca: ca.pem, prt: 5}}\n") == (
+        "inv/hosts.yaml:5: homeservers.a.org.postgres.external.prt: unknown key; did you mean 'port'? "
+        "(known keys here: host, port, ca)")

@@ -81,7 +81,7 @@ def test_element_update_is_shipped_as_it_is_and_passes_shellcheck():
 
 
 def test_rendered_backup_program_passes_shellcheck(tmp_path):
-    inv = INV.model_copy(update={"backup": INV.backup.model_copy(update={"schedule": "03:30"})})
+    inv = INV.replace(backup=INV.backup.replace(schedule="03:30"))
     state = render_host(inv, "web")
     path = tmp_path / "backup"
     path.write_bytes(state.file("/opt/matrix/reverse_proxy/bin/backup").content)
