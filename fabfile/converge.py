@@ -46,8 +46,8 @@ def converge(remote: Remote, state, local_images, report: Reporter, result: Host
     if install:
         docker.install(remote, log)
         docker.start_engine(remote)
-    script = facts_mod.script(state)
-    facts = facts_mod.parse(facts_out if facts_out is not None else remote.run(script, what="gather facts").out, state)
+    gather = lambda: remote.run(facts_mod.script(state), what="gather facts").out  # noqa: E731
+    facts = facts_mod.parse(facts_out if facts_out is not None else gather(), state)
     engine_started = False
     if facts.docker and not facts.engine and not dry_run:
         # e.g. after a reboot of a host without systemd: nothing started Docker
@@ -55,7 +55,7 @@ def converge(remote: Remote, state, local_images, report: Reporter, result: Host
         docker.start_engine(remote)
         engine_started = True
         result.restarted.append("Docker engine (start)")
-        facts = facts_mod.parse(remote.run(script, what="gather facts").out, state)
+        facts = facts_mod.parse(gather(), state)
     if not facts.docker:
         raise RemoteError(f"{name}: Docker is not installed; run `fab -H {name} bootstrap` first")
     if not facts.compose:

@@ -39,7 +39,8 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 
-from .layout import BASE_RECORD, CERTIFICATES_LOCK, CRON_DIR, FIREWALL_DIR, SYNAPSE_UID, SYSTEMD_DIR
+from .errors import RemoteError
+from .layout import BASE_RECORD, CERTIFICATES_LOCK, CRON_DIR, FIREWALL_DIR, LOCK_DIR, SYNAPSE_UID, SYSTEMD_DIR
 from .render import DesiredState
 from .shell import program
 from .workers import SECRETS as WORKER_SECRETS
@@ -210,11 +211,16 @@ def firewall_script(state: DesiredState) -> list[str]:
     return [program("firewall-facts.sh", dir=FIREWALL_DIR, wanted=int(state.host.firewall.enabled))]
 
 
+FACTS_SCRATCH = f"{LOCK_DIR}/facts"  # .0, .1, ...: one file per part of the script
+END = ".\tend"  # the script's last line: facts without it are not the host's whole answer
+
+
 def script(state: DesiredState) -> str:
-    """The facts script for this desired state. Its parts ask independent things
-    (files, systemd, the firewall, Docker), so they run side by side, each into its
-    own file, printed in order at the end: the host's answer takes the slowest
-    part's time, not their sum (a no-op deploy waits for nothing else)."""
+    """The facts script for this desired state, for a run that holds the host's lock.
+    Its parts ask independent things (files, systemd, the firewall, Docker), so they
+    run side by side, each into its own file, printed in order at the end: the host's
+    answer takes the slowest part's time, not their sum (a no-op deploy waits for
+    nothing else)."""
     files = [f.path for f in state.files]
     certs = [p for p in cert_paths(state) if p.endswith("fullchain.pem")]
     extra = secret_paths(state) + generated_paths(state) + cert_paths(state) + optional_paths(state)
@@ -273,9 +279,12 @@ def script(state: DesiredState) -> str:
                 "function t() { if (id != \"\") printf \"T\\t%s\\t%s\\t%s\\n\", id, en, ac; id = en = ac = \"\" }'"]
                if timers(state) else [])
     parts = [p for p in (on_disk, systemd, firewall_script(state), [program("docker-facts.sh")]) if p]
-    out = ['t=$(mktemp -d) || exit 1']
+    # Each part's answer goes to a scratch file of a fixed name in the run lock's
+    # root-only directory (no mktemp, no rm on every host): the facts are asked only
+    # by a run that holds the host's lock, so no other run writes there meanwhile.
+    out = [f"[ -d {LOCK_DIR} ] || exit 3"]
     for i, part in enumerate(parts):
-        out += ["(", *part, f") >\"$t/{i}\" &"]
+        out += ["(", *part, f") >{FACTS_SCRATCH}.{i} &"]
     out += ["wait"]
     if state.acme and state.certificates:
         # A renewal at work holds the lock from before its certbot container exists until
@@ -283,13 +292,17 @@ def script(state: DesiredState) -> str:
         # is no leftover while the lock is held (75: held; no lock file: no run yet)
         out += [f"if [ -e {CERTIFICATES_LOCK} ]; then flock -n -E 75 {CERTIFICATES_LOCK} true 2>/dev/null; "
                 "[ $? -ne 75 ] || printf 'A\\theld\\n'; fi"]
-    out += ["cat " + " ".join(f'"$t/{i}"' for i in range(len(parts))), 'rm -rf "$t"', "exit 0"]
+    out += ["cat " + " ".join(f"{FACTS_SCRATCH}.{i}" for i in range(len(parts))), "printf '.\\tend\\n'", "exit 0"]  # END
     return "\n".join(out) + "\n"
 
 
 def parse(output: str, state: DesiredState | None = None) -> Facts:
     """The facts script's records. `state` (the one the script was made for) maps
-    the O records' data directories to homeservers."""
+    the O records' data directories to homeservers. An answer the script did not
+    finish raises RemoteError: planning from it would redo (or undo) what is there."""
+    if END not in output.splitlines():
+        raise RemoteError(f"{state.host.name if state else 'the host'}: the facts script did not finish "
+                          "(nothing was changed)")
     facts = Facts()
     homeserver_of = {state.layout.data(hs.server_name): hs.server_name for hs in state.homeservers} if state else {}
     section = ""

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import getpass
 import io
 import os
@@ -26,8 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 import paramiko
-from fabric import Connection
-from invoke import Config
+from fabric import Config, Connection
 
 from .errors import HostKeyError, LockHeld, RemoteError  # noqa: F401  (RemoteError: re-exported)
 from .inventory import Host, Inventory
@@ -334,17 +334,46 @@ def _known_hosts(path: Path) -> paramiko.HostKeys:
         return _known_cache[cache_key]
 
 
+@functools.cache
+def _config() -> Config:
+    """fabric's settings for every connection of a run (read, never changed): ~/.ssh/config
+    is not read, the inventory says how to reach each host."""
+    return Config(overrides={"load_ssh_configs": False})
+
+
+def _private_key(path: str) -> Optional[paramiko.PKey]:
+    """The key in `path`, read once per run however many hosts use it (and again
+    when the file changes); None when paramiko must try it itself (a passphrase,
+    a missing file: its own errors)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return _key_file(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.cache
+def _key_file(path: str, mtime_ns: int, size: int) -> Optional[paramiko.PKey]:
+    try:
+        return paramiko.PKey.from_path(path)
+    except (paramiko.SSHException, OSError, ValueError):
+        return None
+
+
 def connect(inv: Inventory, host: Host) -> Remote:
     """A Remote for `host` with strict host-key checking (see inventory `ssh`)."""
-    config = Config(overrides={"load_ssh_configs": False})
     kwargs = {"allow_agent": True, "look_for_keys": host.key is None}
     if host.key is not None:
-        kwargs["key_filename"] = [str(host.key)]
+        key = _private_key(str(host.key))
+        if key is not None:
+            kwargs["pkey"] = key
+        else:
+            kwargs["key_filename"] = [str(host.key)]
     conn = Connection(
         host=host.address,
         user=host.user,
         port=host.port,
-        config=config,
+        config=_config(),
         connect_timeout=inv.ssh.connect_timeout,
         connect_kwargs=kwargs,
     )

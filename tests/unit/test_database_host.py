@@ -168,9 +168,9 @@ def test_a_new_major_in_the_inventory_keeps_the_database_host_s_running_image():
     assert keep == {"far.example": "postgres:16-trixie"} and "keeping postgres:16-trixie" in notes[0]
     assert render_host(i, "db", keep_postgres=keep).databases["far.example"].image == "postgres:16-trixie"
     # and the facts script asks for it
-    from fabfile.facts import parse, script
+    from fabfile.facts import END, parse, script
     assert f"{DB}/postgres/PG_VERSION" in script(st)
-    assert parse("Y\tfar.example\t16\n", st).database_major == {"far.example": 16}
+    assert parse(f"Y\tfar.example\t16\n{END}\n", st).database_major == {"far.example": 16}
 
 
 def test_databases_on_one_host_need_their_own_projects_and_free_ports():
@@ -204,10 +204,10 @@ def test_a_passfile_is_never_pointed_at_another_database():
 
 
 def test_a_database_stack_no_homeserver_names_is_reported_not_removed():
-    from fabfile.facts import parse, script
+    from fabfile.facts import END, parse, script
     st = render_host(inv(), "db")
     assert "/opt/matrix/synapse-db/*/docker-compose.yml" in script(st)
-    facts = parse("Z\tfar.example\nZ\tgone.example\n", st)
+    facts = parse(f"Z\tfar.example\nZ\tgone.example\n{END}\n", st)
     assert facts.databases == {"far.example", "gone.example"}
     plan = make(st, facts, LOCAL(st), push=True)
     assert not any("gone.example" in c.path for c in plan.changes)

@@ -5,6 +5,7 @@ import textwrap
 import pytest
 
 from fabfile import facts as facts_mod, steps
+from fabfile.errors import RemoteError
 from fabfile.facts import Container, Facts, Stat
 from fabfile.inventory import parse
 from fabfile.plan import applicable, make, sha256
@@ -145,6 +146,7 @@ def test_facts_parser_reads_every_record():
         "S\t/opt/matrix\tdirectory\t755\t0:0", "H\tabc\t/opt/matrix/x", "B\tdocker", "K\tv2",
         "E\t24.0.7", "C\tp\tnginx\trunning\tUp 1 minute (healthy)\tid1", "I\tnginx:1.22\tsha256:9",
         "O\tone.example\t/opt/matrix/synapse/one.example/data/x", "1\tsystemd", "M\t/opt/matrix/a.conf",
+        facts_mod.END,
     ])
     f = facts_mod.parse(out)
     assert f.stats["/opt/matrix"].mode == 0o755 and f.hashes["/opt/matrix/x"] == "abc"
@@ -152,6 +154,8 @@ def test_facts_parser_reads_every_record():
     assert f.running("p", "nginx") and f.images["nginx:1.22"] == "sha256:9"
     assert f.wrong_owner == {"one.example": "/opt/matrix/synapse/one.example/data/x"}
     assert f.managed == {"/opt/matrix/a.conf"}
+    with pytest.raises(RemoteError, match="did not finish"):
+        facts_mod.parse(out.replace(facts_mod.END, ""))
 
 
 def test_diffs_mask_secrets():

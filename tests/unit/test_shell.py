@@ -99,7 +99,7 @@ def test_facts_script_passes_shellcheck_and_reads_a_host(tmp_path):
     import os
 
     from fabfile import facts as facts_mod
-    from fabfile.layout import CERTIFICATES_LOCK
+    from fabfile.layout import CERTIFICATES_LOCK, LOCK_DIR
 
     inv = parse(textwrap.dedent("""
         acme: {email: ops@example.org}
@@ -135,8 +135,10 @@ def test_facts_script_passes_shellcheck_and_reads_a_host(tmp_path):
     at(lay.pg_version("one.example")).write_text("16\n")
     tools = tmp_path / "bin"  # the helpers the script may use, and no docker
     tools.mkdir()
-    for tool in ("grep", "find", "sed", "stat", "sha256sum", "mktemp", "cat", "rm", "readlink", "tr", "flock", "true"):
+    for tool in ("grep", "find", "sed", "stat", "sha256sum", "cat", "readlink", "tr", "flock", "true"):
         os.symlink(shutil.which(tool), tools / tool)
+
+    at(LOCK_DIR).mkdir(parents=True)  # made by the run lock the facts are asked under
 
     def gather():
         run = subprocess.run([shutil.which("dash"), "-c", script], capture_output=True, text=True,
@@ -153,7 +155,6 @@ def test_facts_script_passes_shellcheck_and_reads_a_host(tmp_path):
     assert not facts.docker and facts.pid1
     # a certificate run holds the lock (cron's renewal): its certbot container is live
     assert not facts.certificates_busy
-    at(CERTIFICATES_LOCK).parent.mkdir(parents=True)
     with open(at(CERTIFICATES_LOCK), "w") as lock:
         assert not gather().certificates_busy  # the file alone is no run
         fcntl.flock(lock, fcntl.LOCK_EX)
