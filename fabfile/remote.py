@@ -334,13 +334,6 @@ def _known_hosts(path: Path) -> paramiko.HostKeys:
         return _known_cache[cache_key]
 
 
-@functools.cache
-def _config() -> Config:
-    """fabric's settings for every connection of a run (read, never changed): ~/.ssh/config
-    is not read, the inventory says how to reach each host."""
-    return Config(overrides={"load_ssh_configs": False})
-
-
 def _private_key(path: str) -> Optional[paramiko.PKey]:
     """The key in `path`, read once per run however many hosts use it (and again
     when the file changes); None when paramiko must try it itself (a passphrase,
@@ -373,7 +366,10 @@ def connect(inv: Inventory, host: Host) -> Remote:
         host=host.address,
         user=host.user,
         port=host.port,
-        config=_config(),
+        # fabric's own Config (an invoke one is cloned into one), one per connection:
+        # a Config shared by connections opening side by side loses keys. ~/.ssh/config
+        # is not read: the inventory says how to reach each host.
+        config=Config(overrides={"load_ssh_configs": False}),
         connect_timeout=inv.ssh.connect_timeout,
         connect_kwargs=kwargs,
     )
