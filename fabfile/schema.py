@@ -650,7 +650,6 @@ class Inventory(_Model, kw_only=True):
             ) from None
 
 
-
 def build(data: dict, path: Path) -> Inventory:
     """The Inventory that hosts.yaml's mapping (names and paths filled in) describes:
     msgspec's checks of shape and types, host by host and homeserver by homeserver

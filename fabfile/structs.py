@@ -109,15 +109,14 @@ def convert(raw: Any, cls: type, loc: tuple) -> Any:
         return msgspec.convert(raw, cls, strict=False, dec_hook=_as_path)
     except msgspec.ValidationError as exc:
         message, _, at = str(exc).partition(" - at `$")
-        where = loc + _key_path(at.rstrip("`"))
+        inner = _key_path(at.rstrip("`"))  # inside `raw`
+        where = loc + inner
         unknown = re.match(r"^Object contains unknown field `(.*)`$", message, re.S)
         if unknown:
-            raise ModelError(where + (unknown[1],), "unknown key", unknown=True,
-                             model=model_at(cls, where[len(loc):])) from None
+            raise ModelError(where + (unknown[1],), "unknown key", unknown=True, model=model_at(cls, inner)) from None
         missing = re.match(r"^Object missing required field `(.*)`$", message, re.S)
         if missing:
             raise ModelError(where + (missing[1],), "this key is required") from None
-        inner = where[len(loc):]
         if message.startswith("Invalid enum value") and inner:
             model = model_at(cls, inner[:-1])
             kind = field_types(model).get(inner[-1]) if model else None
@@ -158,9 +157,3 @@ def checked(obj: Any, raw: Any, loc: tuple) -> Any:
         except ValueError as exc:
             raise ModelError(loc, str(exc)) from None
     return obj
-
-
-class _Model(Struct, frozen=True, forbid_unknown_fields=True):
-    def replace(self, **changes):
-        """A copy with these fields changed (no check runs again)."""
-        return msgspec.structs.replace(self, **changes)
