@@ -11,10 +11,11 @@ processes as an operator starts them:
 
 For 2 and 3 the hosts are light stand-ins started here on the sandbox network
 (sfab-bench-NN: Debian, sshd, nothing else). They hold exactly what render says
-for a bench inventory (written here from render's own output), and a stand-in
-`docker` command answers the read-only questions a deploy's facts ask (engine
-version, `ps`, `images`) with what a converged host would say; like a converged
-host, they have the compose v2 plugin where the Docker CLI looks for it.
+for a bench inventory (written here from render's own output). A converged
+host's facts ask Docker's API once (curl, read with jq); on the stand-ins, curl
+and jq are stand-in commands that answer as a converged host's engine would
+(its version, containers and images); like a converged host, they have the
+compose v2 plugin where the Docker CLI looks for it, and a docker command.
 So the figures measure the deploy's own work (render, SSH, lock, facts, plan) at
 that size; no container runs there, and nothing but a no-op is measured on them.
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 import io
 import os
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -53,9 +55,8 @@ COMPOSE_PLUGIN = "/usr/libexec/docker/cli-plugins/docker-compose"  # where Debia
 
 DOCKER_STUB = r"""#!/bin/sh
 # synapse-fabric benchmark: stands in for the Docker CLI on a light host. It answers
-# only what a no-op deploy's facts ask, as a converged host would; anything else fails.
-# Builtins only (a real host's facts ask the engine with one curl and one jq; this
-# stand-in is asked four times, and its own cost is not the deploy's).
+# only what a no-op deploy's facts would ask it, as a converged host would, were curl
+# or jq missing; anything else fails.
 show() { while IFS= read -r line; do printf '%s\n' "$line"; done < "$1"; }
 case "$1 $2" in
   "compose version") echo "Docker Compose version v2.26.1" ;;
@@ -65,6 +66,22 @@ case "$1 $2" in
   "images --digests") ;;
   *) echo "benchmark stand-in for docker: not answered: $*" >&2; exit 1 ;;
 esac
+"""
+# A converged host's facts ask the engine's API once (curl) and read the answer
+# with jq; the stand-ins take that same path. Their curl answers every URL with an
+# empty object, and their jq prints what jq makes of a converged host's answer.
+# Shell builtins only: the stand-ins' own cost is not the deploy's.
+CURL_STUB = r"""#!/bin/sh
+# synapse-fabric benchmark: stands in for curl on a light host (the Docker API)
+echo '{}'
+"""
+JQ_STUB = r"""#!/bin/sh
+# synapse-fabric benchmark: stands in for jq on a light host: the records a
+# converged host's Docker API answer gives
+show() { while IFS= read -r line; do printf '%s\n' "$line"; done < "$1"; }
+printf 'E\t26.1.5\n'
+show /etc/sfab-bench/ps
+show /etc/sfab-bench/images
 """
 
 
@@ -187,11 +204,14 @@ def main() -> int:
                  check=True)
             kind, b64 = (keydir / "ssh_host_ed25519_key.pub").read_text().split(" ")[:2]
             lines += [f"{ip} {kind} {b64}\n", f"[{ip}]:{LIGHT_SSHD_PORT} {kind} {b64}\n"]
+            with socket.socket(socket.AF_UNIX) as sock:  # where the facts look for the engine
+                sock.bind(str(keydir / "docker.sock"))
             _run(["docker", "rm", "-f", PREFIX + name])
             _run(["docker", "run", "-d", "--name", PREFIX + name, "--hostname", name, "--network", sb.NETWORK,
                   "--ip", ip, "-v", f"{keydir}/ssh_host_ed25519_key:/etc/sfab-seed/ssh_host_ed25519_key:ro",
                   "-v", f"{keydir}/ssh_host_ed25519_key.pub:/etc/sfab-seed/ssh_host_ed25519_key.pub:ro",
-                  "-v", f"{info.key}.pub:/etc/sfab-seed/authorized_keys:ro", tags["host"]], check=True)
+                  "-v", f"{info.key}.pub:/etc/sfab-seed/authorized_keys:ro",
+                  "-v", f"{keydir}/docker.sock:/var/run/docker.sock", tags["host"]], check=True)
         known.write_text("".join(lines))
         per_host = {"light20": 10}
         doc = light_inventory(names, per_host, info.key, known)
@@ -201,9 +221,11 @@ def main() -> int:
             c = PREFIX + name
             subprocess.run(["docker", "exec", "-i", c, "tar", "-x", "-p", "--same-owner", "--numeric-owner",
                             "-C", "/"], input=tree, check=True)
-            script = ("mkdir -p /etc/sfab-bench && cat > /usr/local/bin/docker && chmod 755 /usr/local/bin/docker"
-                      f" && mkdir -p {COMPOSE_PLUGIN.rsplit('/', 1)[0]} && ln -sf /usr/local/bin/docker {COMPOSE_PLUGIN}")
-            subprocess.run(["docker", "exec", "-i", c, "sh", "-c", script], input=DOCKER_STUB.encode(), check=True)
+            for program, text in (("docker", DOCKER_STUB), ("curl", CURL_STUB), ("jq", JQ_STUB)):
+                subprocess.run(["docker", "exec", "-i", c, "sh", "-c", f"cat > /usr/local/bin/{program} && "
+                                f"chmod 755 /usr/local/bin/{program}"], input=text.encode(), check=True)
+            subprocess.run(["docker", "exec", c, "sh", "-c", f"mkdir -p /etc/sfab-bench {COMPOSE_PLUGIN.rsplit('/', 1)[0]}"
+                            f" && ln -sf /usr/local/bin/docker {COMPOSE_PLUGIN}"], check=True)
             for fname, text in (("ps", ps), ("images", images)):
                 subprocess.run(["docker", "exec", "-i", c, "sh", "-c", f"cat > /etc/sfab-bench/{fname}"],
                                input=text.encode(), check=True)

@@ -2,7 +2,8 @@
 
 The script prints one tab-separated record a line:
 
-    S  path type mode uid:gid      stat of every managed path that exists
+    S  path type mode uid:gid      stat of every managed path that exists, and of what the
+                                   directories wholly ours hold
     H  path sha256                 content hash of every managed file that exists
     B  docker                      the docker client is installed
     E  version                     the engine answers
@@ -14,7 +15,8 @@ The script prints one tab-separated record a line:
     I  repo:tag id                 every local image
     O  server_name path            a path under data/ not owned by 991:991
     1  comm                        what runs as PID 1 (systemd or not)
-    M  path                        a file in a managed conf.d carrying our marker, or in a dir wholly ours
+    M  path                        a file in a managed conf.d carrying our marker (a file in a
+                                   dir wholly ours is one too: parse finds those in the S records)
     P  trigger                     a service action an interrupted run left undone
     L  site_dir target             the Element release a site serves (its `current` link)
     T  unit enabled active         a systemd timer of ours (systemd hosts only)
@@ -238,11 +240,14 @@ def script(state: DesiredState) -> str:
         f"printf '{SECTION}H\\n'",
         f"sha256sum -- {q(files + certs)} 2>/dev/null",
         f"printf '{SECTION}\\n'",
-        f"find {q(owned_dirs(state))} -maxdepth 1 -type f -printf 'M\\t%p\\n' 2>/dev/null",
         f"[ ! -f {shlex.quote(state.layout.pending)} ] || sed 's/^/P\t/' {shlex.quote(state.layout.pending)} 2>/dev/null",
         *(f"printf 'L\t%s\t%s\n' {shlex.quote(d)} \"$(readlink {shlex.quote(d + '/current')})\""
           for d in element_sites(state)),
-        f"stat -c 'S\t%n\t%F\t%a\t%u:%g' -- {q(stat_paths)} 2>/dev/null",
+        # what is in the directories wholly ours comes with them (globs: no find; parse
+        # makes their files M records)
+        f"stat -c 'S\t%n\t%F\t%a\t%u:%g' -- {q(stat_paths)} "
+        + " ".join(f"{shlex.quote(d)}/{g}" for d in owned_dirs(state) for g in ("*", ".[!.]*", "..?*"))
+        + " 2>/dev/null",
         "c=; { read -r c </proc/1/comm; } 2>/dev/null; printf '1\\t%s\\n' \"$c\"",
         *(f"v=; {{ read -r v <{shlex.quote(state.layout.pg_version(hs.server_name))}; }} 2>/dev/null; "
           f"printf 'V\\t%s\\t%s\\n' {shlex.quote(hs.server_name)} \"$v\""
@@ -367,6 +372,10 @@ def parse(output: str, state: DesiredState | None = None) -> Facts:
             facts.sshd_ports = [int(p) for p in parts[1].split() if p.isdigit()]
         elif kind == "1":
             facts.pid1 = parts[0]
+    if state is not None:  # the files in directories wholly ours (stat-ed by their globs)
+        owned = set(owned_dirs(state))
+        facts.managed.update(path for path, st in facts.stats.items()
+                             if st.kind.startswith("regular") and path.rsplit("/", 1)[0] in owned)
     return facts
 
 

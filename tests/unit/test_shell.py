@@ -92,7 +92,8 @@ def test_rendered_backup_program_passes_shellcheck(tmp_path):
 def test_facts_script_passes_shellcheck_and_reads_a_host(tmp_path):
     """The facts script (fabfile/facts.py builds it per host) is POSIX sh, and run by
     dash on a small tree it reports what is there: files and their hashes (a section
-    of sha256sum's output), managed files (grep's), compose stacks, data not owned
+    of sha256sum's output), managed files (grep's, and every file in a directory
+    wholly ours, a dot file too: stat's by globs), compose stacks, data not owned
     by 991:991 (one find for every homeserver), the recorded pg major."""
     import fcntl
     import hashlib
@@ -127,6 +128,11 @@ def test_facts_script_passes_shellcheck_and_reads_a_host(tmp_path):
     managed = f"{lay.synapse('one.example')}/conf.d/99-old.yaml"
     at(managed).parent.mkdir(parents=True, exist_ok=True)
     at(managed).write_text(f"# {facts_mod.MARKER}\n")
+    owned = [f"{lay.well_known('one.example')}/matrix/{name}" for name in ("support", ".old")]
+    for stray in owned:  # files in a directory wholly ours, a dot file too
+        at(stray).parent.mkdir(parents=True, exist_ok=True)
+        at(stray).write_text("{}")
+    at(owned[0] + "-dir").mkdir()  # a directory there is not a file of ours
     at(lay.synapse("two.example")).mkdir(parents=True, exist_ok=True)
     at(lay.synapse("two.example") + "/docker-compose.yml").write_text("services: {}\n")
     at(lay.data("two.example")).mkdir(parents=True)
@@ -149,6 +155,7 @@ def test_facts_script_passes_shellcheck_and_reads_a_host(tmp_path):
     facts = gather()
     assert facts.hashes[conf.path] == hashlib.sha256(conf.content).hexdigest()
     assert managed in facts.managed and facts.stats[conf.path].kind == "regular file"
+    assert set(owned) <= facts.managed and owned[0] + "-dir" not in facts.managed
     assert facts.hosted == {"two.example"} and facts.pg_major == {"one.example": 16}
     if os.getuid() != 991:
         assert facts.wrong_owner == {"two.example": lay.data("two.example")}
