@@ -258,10 +258,12 @@ class Remote:
         me = f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
         end = f"sfab-end-{os.urandom(8).hex()}".encode()
         after = f"( {then}\n) </dev/null 2>/dev/null; echo; echo {end.decode()}; " if then else ""
-        script = (  # builtins where they do (read, printf): each process is a fork on every host
+        # builtins where they do (read, printf): each process is a fork on every host.
+        # The shell holds the lock (fd 9) until its stdin ends: our close, or a lost connection.
+        script = (
             f"{{ [ -d {LOCK_DIR} ] || mkdir -p -m 0700 {LOCK_DIR}; }} && exec 9>{LOCK_FILE} && "
             f"if flock -w {int(wait)} 9; then IFS= read -r me; printf '%s\\n' \"$me\" > {LOCK_OWNER}.new "
-            f"&& mv {LOCK_OWNER}.new {LOCK_OWNER} && echo locked && {after}exec cat >/dev/null; "
+            f"&& mv {LOCK_OWNER}.new {LOCK_OWNER} && echo locked && {after}while read -r _; do :; done; "
             f"else echo busy; cat {LOCK_OWNER} 2>/dev/null; exit 75; fi"
         )
         chan = self.conn.transport.open_session()
