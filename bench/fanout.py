@@ -69,17 +69,22 @@ esac
 """
 # A converged host's facts ask the engine's API once (curl) and read the answer
 # with jq; the stand-ins take that same path. Their curl answers every URL with an
-# empty object, and their jq prints what jq makes of a converged host's answer.
+# empty list (and the engine's version in a header), and their jq prints what jq
+# makes of a converged host's answer.
 # Shell builtins only: the stand-ins' own cost is not the deploy's.
 CURL_STUB = r"""#!/bin/sh
-# synapse-fabric benchmark: stands in for curl on a light host (the Docker API)
-echo '{}'
+# synapse-fabric benchmark: stands in for curl on a light host (the Docker API):
+# the engine's headers where -D asks for them, and an empty list
+while [ $# -gt 0 ]; do
+  case $1 in -D) printf 'HTTP/1.1 200 OK\r\nServer: Docker/26.1.5 (linux)\r\n\r\n' > "$2"; shift ;; esac
+  shift
+done
+echo '[]'
 """
 JQ_STUB = r"""#!/bin/sh
 # synapse-fabric benchmark: stands in for jq on a light host: the records a
 # converged host's Docker API answer gives
 show() { while IFS= read -r line; do printf '%s\n' "$line"; done < "$1"; }
-printf 'E\t26.1.5\n'
 show /etc/sfab-bench/ps
 show /etc/sfab-bench/images
 """

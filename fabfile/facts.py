@@ -283,7 +283,7 @@ def script(state: DesiredState) -> str:
                 "$1 == \"UnitFileState\" { en = $2 } $1 == \"ActiveState\" { ac = $2 } END { t() } "
                 "function t() { if (id != \"\") printf \"T\\t%s\\t%s\\t%s\\n\", id, en, ac; id = en = ac = \"\" }'"]
                if timers(state) else [])
-    parts = [p for p in (on_disk, systemd, firewall_script(state), [program("docker-facts.sh")]) if p]
+    parts = [p for p in (on_disk, systemd, firewall_script(state), [program("docker-facts.sh", headers=f"{FACTS_SCRATCH}.headers")]) if p]
     # Each part's answer goes to a scratch file of a fixed name in the run lock's
     # root-only directory (no mktemp, no rm on every host): the facts are asked only
     # by a run that holds the host's lock, so no other run writes there meanwhile.

@@ -166,3 +166,60 @@ def test_facts_script_passes_shellcheck_and_reads_a_host(tmp_path):
         assert not gather().certificates_busy  # the file alone is no run
         fcntl.flock(lock, fcntl.LOCK_EX)
         assert gather().certificates_busy
+
+
+def test_docker_facts_ask_the_engine_once_and_take_its_version_from_a_header(tmp_path):
+    """A converged host's Docker facts are one curl (containers and images, no
+    /version: the engine would start runc and docker-init to answer it) and one jq;
+    the engine's version is the Server header of those answers."""
+    import json
+    import socket
+
+    from fabfile import facts as facts_mod
+    from fabfile.shell import program
+
+    if shutil.which("jq") is None or shutil.which("dash") is None:
+        raise RuntimeError("jq and dash are needed: scripts/setup installs them")
+    sock = tmp_path / "docker.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(sock))
+    containers = [{"Names": ["/web-synapse-1"], "Id": "0123456789abcdef", "Image": "matrixdotorg/synapse:v1.140.0",
+                   "State": "running", "Status": "Up 2 hours (healthy)",
+                   "Labels": {"com.docker.compose.project": "one", "com.docker.compose.service": "synapse",
+                              "com.docker.compose.project.working_dir": "/opt/matrix/synapse/one.example"}},
+                  {"Names": ["/other"], "Id": "fedcba9876543210", "Image": "busybox", "State": "exited",
+                   "Status": "Exited (0)", "Labels": {}}]
+    images = [{"Id": "sha256:aa", "RepoTags": ["nginx:1.30"], "RepoDigests": ["nginx@sha256:bb"]},
+              {"Id": "sha256:cc", "RepoTags": ["<none>:<none>"], "RepoDigests": None}]
+    answers = {"http://docker/containers/json?all=1": containers, "http://docker/images/json": images}
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tmp_path / "answers").mkdir()
+    for url, body in answers.items():
+        (tmp_path / "answers" / url.split("/")[3]).write_text(json.dumps(body) + "\n")
+    asked = tmp_path / "asked"
+    (tools / "curl").write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        while [ $# -gt 0 ]; do
+          case $1 in
+            -D) shift; printf 'HTTP/1.1 200 OK\\r\\nApi-Version: 1.45\\r\\nServer: Docker/26.1.5+dfsg1 (linux)\\r\\n\\r\\n' >> "$1" ;;
+            http://*) echo "$1" >> {asked}; u=${{1#http://docker/}}; cat "{tmp_path}/answers/${{u%%/*}}" ;;
+          esac
+          shift
+        done
+        """))
+    (tools / "docker").write_text("#!/bin/sh\nexit 1\n")  # installed; the facts never run it here
+    for tool in ("curl", "docker"):
+        (tools / tool).chmod(0o755)
+    for tool in ("jq", "cat"):
+        (tools / tool).symlink_to(shutil.which(tool))
+    text = program("docker-facts.sh", headers=str(tmp_path / "headers")).replace("/var/run/docker.sock", str(sock))
+    run = subprocess.run([shutil.which("dash"), "-c", text], capture_output=True, text=True,
+                         env={"PATH": str(tools), "HOME": str(tmp_path)})
+    assert run.returncode == 0, run.stderr
+    facts = facts_mod.parse(run.stdout + facts_mod.END + "\n")
+    assert asked.read_text().split() == list(answers)  # one curl, and no /version
+    assert facts.docker and facts.engine == "26.1.5+dfsg1"
+    assert [(c.project, c.service, c.state, c.id, c.image) for c in facts.containers] == [
+        ("one", "synapse", "running", "0123456789ab", "matrixdotorg/synapse:v1.140.0")]
+    assert facts.images == {"nginx:1.30": "sha256:aa"} and facts.digests == {"nginx@sha256:bb": "sha256:aa"}
