@@ -3,7 +3,7 @@ homeservers. Writes bench/results/fanout.json and prints it. Not a test.
 
     .venv/bin/python -m bench.fanout        # the sandbox up, vps1 deployed
 
-Three ratios, each the median of paired runs (A then B, alternately), whole
+Three ratios, each the median of 20 paired runs (A then B, alternately), whole
 processes as an operator starts them:
   1. `inv deploy --host vps1` (a real Debian 13 host, 2 homeservers) / `ssh vps1 true`
   2. a no-op deploy of 20 hosts / of 1 host
@@ -48,7 +48,7 @@ from bench import write_figures
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PAIRS = int(os.environ.get("SFAB_BENCH_PAIRS", "10"))
+PAIRS = int(os.environ.get("SFAB_BENCH_PAIRS", "20"))  # one pair moves by +-10% on shared cores
 PREFIX = "sfab-bench-"
 LIGHT_SSHD_PORT = 2222  # the stand-ins' second sshd: no re-exec, no PAM (see above)
 COMPOSE_PLUGIN = "/usr/libexec/docker/cli-plugins/docker-compose"  # where Debian's docker-compose puts it

@@ -213,16 +213,21 @@ def firewall_script(state: DesiredState) -> list[str]:
     return [program("firewall-facts.sh", dir=FIREWALL_DIR, wanted=int(state.host.firewall.enabled))]
 
 
-FACTS_SCRATCH = f"{LOCK_DIR}/facts"  # .0, .1, ...: one file per part of the script
+# The facts' find names the paths it only looks at (S records) from here ("/./opt/...",
+# the same files), so it tells them from the data directories it walks.
+STAT_ROOT = "/."
+# find's %y -> the names plan.py and its messages use
+KINDS = {"f": "regular file", "d": "directory", "l": "symbolic link", "p": "fifo", "s": "socket",
+         "b": "block special file", "c": "character special file"}
+FACTS_SCRATCH = f"{LOCK_DIR}/facts"  # .0, .1: the small parts' answers; .headers: the engine's
 END = ".\tend"  # the script's last line: facts without it are not the host's whole answer
 
 
 def script(state: DesiredState) -> str:
     """The facts script for this desired state, for a run that holds the host's lock.
     Its parts ask independent things (files, systemd, the firewall, Docker), so they
-    run side by side, each into its own file, printed in order at the end: the host's
-    answer takes the slowest part's time, not their sum (a no-op deploy waits for
-    nothing else)."""
+    run side by side: the host's answer takes the slowest part's time, not their sum
+    (a no-op deploy waits for nothing else)."""
     files = [f.path for f in state.files]
     certs = [p for p in cert_paths(state) if p.endswith("fullchain.pem")]
     extra = secret_paths(state) + generated_paths(state) + cert_paths(state) + optional_paths(state)
@@ -243,11 +248,6 @@ def script(state: DesiredState) -> str:
         f"[ ! -f {shlex.quote(state.layout.pending)} ] || sed 's/^/P\t/' {shlex.quote(state.layout.pending)} 2>/dev/null",
         *(f"printf 'L\t%s\t%s\n' {shlex.quote(d)} \"$(readlink {shlex.quote(d + '/current')})\""
           for d in element_sites(state)),
-        # what is in the directories wholly ours comes with them (globs: no find; parse
-        # makes their files M records)
-        f"stat -c 'S\t%n\t%F\t%a\t%u:%g' -- {q(stat_paths)} "
-        + " ".join(f"{shlex.quote(d)}/{g}" for d in owned_dirs(state) for g in ("*", ".[!.]*", "..?*"))
-        + " 2>/dev/null",
         "c=; { read -r c </proc/1/comm; } 2>/dev/null; printf '1\\t%s\\n' \"$c\"",
         *(f"v=; {{ read -r v <{shlex.quote(state.layout.pg_version(hs.server_name))}; }} 2>/dev/null; "
           f"printf 'V\\t%s\\t%s\\n' {shlex.quote(hs.server_name)} \"$v\""
@@ -273,9 +273,14 @@ def script(state: DesiredState) -> str:
         "for e in \"$b\"/synapse/* \"$b\"/synapse/.[!.]* \"$b\"/synapse/..?*; do "
         "if [ -e \"$e\" ] || [ -L \"$e\" ]; then l=\"$l ${e##*/}\"; fi; done; "
         "printf 'W\\t%s\\t%s\\n' \"$b\" \"$l\"; }",
-        # data not owned by 991:991: one find for every homeserver (%H: which one)
-        *([f"find {q(data_dirs)} -maxdepth 2 \\( ! -uid {uid} -o ! -gid {gid} \\) "
-           "-printf 'O\\t%H\\t%p\\n' 2>/dev/null"] if data_dirs else []),
+        # ONE find: the S records of the paths above, each spelled from STAT_ROOT and
+        # not descended into, with what the directories wholly ours hold (by globs;
+        # parse makes their files M records); then, from the data directories, what
+        # is not owned by 991:991 down to depth 2 (%H: whose data)
+        f"find {q([STAT_ROOT + p for p in stat_paths])} "
+        + " ".join(f"{shlex.quote(STAT_ROOT + d)}/{g}" for d in owned_dirs(state) for g in ("*", ".[!.]*", "..?*"))
+        + f" {q(data_dirs)} -maxdepth 2 \\( -path {shlex.quote(STAT_ROOT + '/*')} -printf 'S\\t%p\\t%y\\t%m\\t%U:%G\\n' "
+        f"-prune \\) -o \\( ! -uid {uid} -o ! -gid {gid} \\) -printf 'O\\t%H\\t%p\\n' 2>/dev/null",
     ]
     # one systemctl for every timer: its enabled and active states, a T record each
     systemd = ([f"p=; {{ read -r p </proc/1/comm; }} 2>/dev/null; [ \"$p\" = systemd ] && systemctl show -p Id -p UnitFileState -p ActiveState "
@@ -283,13 +288,19 @@ def script(state: DesiredState) -> str:
                 "$1 == \"UnitFileState\" { en = $2 } $1 == \"ActiveState\" { ac = $2 } END { t() } "
                 "function t() { if (id != \"\") printf \"T\\t%s\\t%s\\t%s\\n\", id, en, ac; id = en = ac = \"\" }'"]
                if timers(state) else [])
-    parts = [p for p in (on_disk, systemd, firewall_script(state), [program("docker-facts.sh", headers=f"{FACTS_SCRATCH}.headers")]) if p]
-    # Each part's answer goes to a scratch file of a fixed name in the run lock's
-    # root-only directory (no mktemp, no rm on every host): the facts are asked only
-    # by a run that holds the host's lock, so no other run writes there meanwhile.
+    # The parts run side by side. The files' part writes straight to the output (the
+    # only part that does while the others run); Docker's answer (large on a busy
+    # host) is read into the shell; the small parts (systemd, the firewall) write to
+    # scratch files of fixed names in the run lock's root-only directory (no mktemp,
+    # no rm, no cat on every host: the facts are asked only by a run that holds the
+    # host's lock, so no other run writes there meanwhile), read back by builtins.
+    small = [p for p in (systemd, firewall_script(state)) if p]
     out = [f"[ -d {LOCK_DIR} ] || exit 3"]
-    for i, part in enumerate(parts):
+    for i, part in enumerate(small):
         out += ["(", *part, f") >{FACTS_SCRATCH}.{i} &"]
+    out += ["(", *on_disk, ") &"]
+    out += ["docker_facts() {", program("docker-facts.sh", headers=f"{FACTS_SCRATCH}.headers"), "}",
+            "d=$(docker_facts)"]
     out += ["wait"]
     if state.acme and state.certificates:
         # A renewal at work holds the lock from before its certbot container exists until
@@ -297,7 +308,10 @@ def script(state: DesiredState) -> str:
         # is no leftover while the lock is held (75: held; no lock file: no run yet)
         out += [f"if [ -e {CERTIFICATES_LOCK} ]; then flock -n -E 75 {CERTIFICATES_LOCK} true 2>/dev/null; "
                 "[ $? -ne 75 ] || printf 'A\\theld\\n'; fi"]
-    out += ["cat " + " ".join(f"{FACTS_SCRATCH}.{i}" for i in range(len(parts))), "printf '.\\tend\\n'", "exit 0"]  # END
+    out += ["[ -z \"$d\" ] || printf '%s\\n' \"$d\"",
+            *(f"while IFS= read -r l || [ -n \"$l\" ]; do printf '%s\\n' \"$l\"; done <{FACTS_SCRATCH}.{i}"
+              for i in range(len(small))),
+            "printf '.\\tend\\n'", "exit 0"]  # END
     return "\n".join(out) + "\n"
 
 
@@ -322,7 +336,8 @@ def parse(output: str, state: DesiredState | None = None) -> Facts:
         kind, _, rest = line.partition("\t")
         parts = rest.split("\t")
         if kind == "S" and len(parts) == 4:
-            facts.stats[parts[0]] = Stat(parts[1], int(parts[2], 8), parts[3])
+            path = parts[0][len(STAT_ROOT):] if parts[0].startswith(STAT_ROOT + "/") else parts[0]
+            facts.stats[path] = Stat(KINDS.get(parts[1], parts[1]), int(parts[2], 8), parts[3])
         elif kind == "H" and len(parts) == 2:
             facts.hashes[parts[1]] = parts[0]
         elif kind == "B":
