@@ -232,6 +232,7 @@ def script(state: DesiredState) -> str:
     certs = [p for p in cert_paths(state) if p.endswith("fullchain.pem")]
     extra = secret_paths(state) + generated_paths(state) + cert_paths(state) + optional_paths(state)
     stat_paths = [d.path for d in state.dirs] + files + extra
+    stat_paths += [d for d in owned_dirs(state) if d not in stat_paths]  # parse asks what they are
     q = lambda paths: " ".join(shlex.quote(p) for p in paths)  # noqa: E731
     uid, gid = SYNAPSE_UID.split(":")
     # Few processes: a no-op deploy of many hosts pays each host's fork+exec of every
@@ -387,8 +388,9 @@ def parse(output: str, state: DesiredState | None = None) -> Facts:
             facts.sshd_ports = [int(p) for p in parts[1].split() if p.isdigit()]
         elif kind == "1":
             facts.pid1 = parts[0]
-    if state is not None:  # the files in directories wholly ours (stat-ed by their globs)
-        owned = set(owned_dirs(state))
+    if state is not None:  # the files in directories wholly ours (stat-ed by their globs),
+        # only where the directory is one: a link there leads elsewhere (the plan fixes it)
+        owned = {d for d in owned_dirs(state) if (st := facts.stats.get(d)) and st.kind == "directory"}
         facts.managed.update(path for path, st in facts.stats.items()
                              if st.kind.startswith("regular") and path.rsplit("/", 1)[0] in owned)
     return facts

@@ -133,6 +133,11 @@ def test_facts_script_passes_shellcheck_and_reads_a_host(tmp_path):
         at(stray).parent.mkdir(parents=True, exist_ok=True)
         at(stray).write_text("{}")
     at(owned[0] + "-dir").mkdir()  # a directory there is not a file of ours
+    elsewhere = tmp_path / "elsewhere"  # an owned directory that is a link: what it leads to is not ours
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_text("x")
+    at(lay.well_known("two.example")).mkdir(parents=True)
+    at(lay.well_known("two.example") + "/matrix").symlink_to(elsewhere)
     at(lay.synapse("two.example")).mkdir(parents=True, exist_ok=True)
     at(lay.synapse("two.example") + "/docker-compose.yml").write_text("services: {}\n")
     at(lay.data("two.example")).mkdir(parents=True)
@@ -156,6 +161,8 @@ def test_facts_script_passes_shellcheck_and_reads_a_host(tmp_path):
     assert facts.hashes[conf.path] == hashlib.sha256(conf.content).hexdigest()
     assert managed in facts.managed and facts.stats[conf.path].kind == "regular file"
     assert set(owned) <= facts.managed and owned[0] + "-dir" not in facts.managed
+    assert not [p for p in facts.managed if "two.example/matrix" in p]
+    assert facts.stats[lay.well_known("two.example") + "/matrix"].kind == "symbolic link"
     assert facts.hosted == {"two.example"} and facts.pg_major == {"one.example": 16}
     if os.getuid() != 991:
         assert facts.wrong_owner == {"two.example": lay.data("two.example")}
