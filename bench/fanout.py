@@ -54,18 +54,10 @@ LIGHT_SSHD_PORT = 2222  # the stand-ins' second sshd: no re-exec, no PAM (see ab
 COMPOSE_PLUGIN = "/usr/libexec/docker/cli-plugins/docker-compose"  # where Debian's docker-compose puts it
 
 DOCKER_STUB = r"""#!/bin/sh
-# synapse-fabric benchmark: stands in for the Docker CLI on a light host. It answers
-# only what a no-op deploy's facts would ask it, as a converged host would, were curl
-# or jq missing; anything else fails.
-show() { while IFS= read -r line; do printf '%s\n' "$line"; done < "$1"; }
-case "$1 $2" in
-  "compose version") echo "Docker Compose version v2.26.1" ;;
-  "version --format") echo 26.1.5 ;;
-  "ps -a") show /etc/sfab-bench/ps ;;
-  "images --no-trunc") show /etc/sfab-bench/images ;;
-  "images --digests") ;;
-  *) echo "benchmark stand-in for docker: not answered: $*" >&2; exit 1 ;;
-esac
+# synapse-fabric benchmark: the Docker CLI's place on a light host. The facts only
+# look for it (they ask the engine through curl and jq); anything run through it fails.
+echo "benchmark stand-in for docker: not answered: $*" >&2
+exit 1
 """
 # A converged host's facts ask the engine's API once (curl) and read the answer
 # with jq; the stand-ins take that same path. Their curl answers every URL with an

@@ -93,8 +93,8 @@ def test_facts_script_passes_shellcheck_and_reads_a_host(tmp_path):
     """The facts script (fabfile/facts.py builds it per host) is POSIX sh, and run by
     dash on a small tree it reports what is there: files and their hashes (a section
     of sha256sum's output), managed files (grep's, and every file in a directory
-    wholly ours, a dot file too: stat's by globs), compose stacks, data not owned
-    by 991:991 (one find for every homeserver), the recorded pg major."""
+    wholly ours, a dot file too, but none behind a link there: find's, by globs),
+    compose stacks, data not owned by 991:991 (the same find), the recorded pg major."""
     import fcntl
     import hashlib
     import os
