@@ -193,7 +193,16 @@ def synapse_up(lay, hs, why: str, only_if=None) -> Action:
     return Action(f"start the stack of {sn} (up)", why, how, f"{sn} (up)", only_if)
 
 
-def synapse_restart(hs, why: str, processes: list[str]) -> Action:
+def _restart(run: Run, directory: str, project: str, services: list[str], what: str) -> None:
+    """Restart `services` of the compose project in `directory` (stopped ones start,
+    missing ones are made by `up`: fabfile/scripts/restart-services.sh)."""
+    out = run.remote.run(program("restart-services.sh", project=project, services=" ".join(services),
+                                 directory=directory, compose=run.compose), what=what).out.strip()
+    if out:
+        run.log(f"{what}: {out}")
+
+
+def synapse_restart(lay, hs, why: str, processes: list[str]) -> Action:
     """Restart every Synapse process of `hs` (`processes`: main first, then its
     workers, which reconnect to it): they all load the settings that changed."""
     sn, project = hs.server_name, synapse_project(hs)
@@ -203,8 +212,7 @@ def synapse_restart(hs, why: str, processes: list[str]) -> Action:
         if sn in run.hold:
             return
         run.log(f"{sn}: restarting {what}")
-        ids = " ".join(docker.container(project, p) for p in processes)
-        run.remote.run(f"docker restart {ids} >/dev/null", what=f"{sn}: restart")
+        _restart(run, lay.synapse(sn), project, processes, f"{sn}: restart")
         run.restarted.append(f"{sn} (restart)")
         if project not in run.touched:
             run.touched.append(project)
@@ -263,14 +271,13 @@ def guest_up(lay, guest, why: str, only_if=None) -> Action:
                      f"workers ({', '.join(w.name for w in guest.workers)})", why, only_if)
 
 
-def guest_restart(guest, why: str, names: list[str]) -> Action:
+def guest_restart(lay, guest, why: str, names: list[str]) -> Action:
     """Restart the workers of `guest` named (those that ran before this run)."""
     sn = guest.hs.server_name
 
     def how(run: Run) -> None:
         run.log(f"{sn}: restarting its workers here ({', '.join(names)})")
-        ids = " ".join(docker.container(guest.project, name) for name in names)
-        run.remote.run(f"docker restart {ids} >/dev/null", what=f"{sn}: workers restart")
+        _restart(run, lay.guest(sn), guest.project, names, f"{sn}: workers restart")
         run.restarted.append(f"{sn} workers (restart)")
         if guest.project not in run.touched:
             run.touched.append(guest.project)
@@ -435,7 +442,7 @@ def actions(plan) -> list[Action]:
             out.append(synapse_up(lay, hs, why(f"synapse:{sn}:stack", default)))
         elif if_pulled(f"synapse:{sn}:stack"):
             out.append(synapse_up(lay, hs, "when the pull brings a new image", if_pulled(f"synapse:{sn}:stack")))
-    out += [synapse_restart(by_name[sn], why(f"synapse:{sn}:restart"),
+    out += [synapse_restart(lay, by_name[sn], why(f"synapse:{sn}:restart"),
                             plan.restart_processes.get(sn) or state.synapse_processes(by_name[sn]))
             for sn in plan.synapse_restart]
     out += [guest_remove(lay, sn) for sn in plan.guest_remove]
@@ -444,7 +451,7 @@ def actions(plan) -> list[Action]:
             out.append(guest_up(lay, guest, why(f"workers:{sn}:stack", "they are not running")))
         elif if_pulled(f"workers:{sn}:stack"):
             out.append(guest_up(lay, guest, "when the pull brings a new image", if_pulled(f"workers:{sn}:stack")))
-    out += [guest_restart(state.guests[sn], why(f"workers:{sn}:restart"), plan.restart_processes[f"workers:{sn}"])
+    out += [guest_restart(lay, state.guests[sn], why(f"workers:{sn}:restart"), plan.restart_processes[f"workers:{sn}"])
             for sn in plan.guest_restart]
     if plan.turn_restart:
         out.append(turn_restart(why("turn:restart")))

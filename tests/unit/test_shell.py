@@ -230,3 +230,47 @@ def test_docker_facts_ask_the_engine_once_and_take_its_version_from_a_header(tmp
     assert [(c.project, c.service, c.state, c.id, c.image) for c in facts.containers] == [
         ("one", "synapse", "running", "0123456789ab", "matrixdotorg/synapse:v1.140.0")]
     assert facts.images == {"nginx:1.30": "sha256:aa"} and facts.digests == {"nginx@sha256:bb": "sha256:aa"}
+
+
+def test_restart_starts_stopped_services_and_makes_missing_ones(tmp_path):
+    """The restart of a stack's services (fabfile/steps.py) under dash, with a
+    stand-in docker that knows two containers, one of them stopped (`ps -a`
+    finds it: a run cut short mid-restart leaves that), and no container for the
+    third service: the two are restarted, the third is made by compose's `up`."""
+    import os
+
+    from fabfile.shell import program
+
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    calls = tmp_path / "calls"
+    (tools / "docker").write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        echo "docker $*" >> {calls}
+        case "$*" in
+          "ps -aq "*"project=p "*"service=synapse "*"oneoff=False") echo aaa ;;
+          "ps -aq "*"project=p "*"service=w1 "*"oneoff=False") echo bbb ;;
+          "ps "*) ;;
+          "restart "*) ;;
+          "compose up -d --remove-orphans") echo "up in $(pwd)" >> {calls} ;;
+          *) echo "unexpected: $*" >&2; exit 9 ;;
+        esac
+    """))
+    (tools / "docker").chmod(0o755)
+    stack = tmp_path / "stack"
+    stack.mkdir()
+
+    def restart(services):
+        calls.write_text("")
+        res = subprocess.run(
+            [shutil.which("dash"), "-c", program("restart-services.sh", project="p", services=services,
+                                                   directory=str(stack), compose="docker compose")],
+            capture_output=True, text=True, env={"PATH": f"{tools}:{os.environ['PATH']}"})
+        assert res.returncode == 0, res.stderr
+        return res.stdout, [c for c in calls.read_text().splitlines() if not c.startswith("docker ps")]
+
+    out, done = restart("synapse w1")
+    assert (out, done) == ("", ["docker restart aaa bbb"])
+    out, done = restart("synapse w1 w2")
+    assert out == "no container for: w2 (made by up)\n"
+    assert done == ["docker restart aaa bbb", "docker compose up -d --remove-orphans", f"up in {stack}"]
