@@ -297,12 +297,11 @@ def guest_remove(lay, sn: str) -> Action:
                   f"{sn} workers (removed)")
 
 
-def turn_restart(why: str, only_if=None) -> Action:
+def turn_restart(lay, why: str, only_if=None) -> Action:
     """coturn reads its config, secret and certificate when it starts."""
     def how(run: Run) -> None:
         run.log("restarting coturn")
-        c = docker.container(PROXY_PROJECT, turn.SERVICE)
-        run.remote.run(f'c={c}; [ -z "$c" ] || docker restart $c >/dev/null', what="coturn restart")
+        _restart(run, lay.proxy, PROXY_PROJECT, [turn.SERVICE], "coturn restart")
         run.restarted.append("coturn (restart)")
     return Action("restart coturn", why, how, "coturn (restart)", only_if)
 
@@ -454,7 +453,7 @@ def actions(plan) -> list[Action]:
     out += [guest_restart(lay, state.guests[sn], why(f"workers:{sn}:restart"), plan.restart_processes[f"workers:{sn}"])
             for sn in plan.guest_restart]
     if plan.turn_restart:
-        out.append(turn_restart(why("turn:restart")))
+        out.append(turn_restart(lay, why("turn:restart")))
     out.append(wait_healthy())
     if plan.certbot_leftovers:
         out.append(certbot_leftovers(lay))
@@ -463,7 +462,7 @@ def actions(plan) -> list[Action]:
     if plan.install_cert or plan.issue:
         out.append(reload_for_certificates())
         if state.turn and any(sn == state.turn.cert_name for sn in plan.install_cert + plan.issue):
-            out.append(turn_restart("when its certificate is new", lambda run: run.certificates > 0))
+            out.append(turn_restart(lay, "when its certificate is new", lambda run: run.certificates > 0))
     out += [element_install(lay, site, why(f"element:{site}", "no release installed")) for site in plan.element_install]
     if plan.timers or any(p.startswith(SYSTEMD_DIR) for p in plan.remove):
         out.append(timers(plan.timers))
