@@ -5,7 +5,10 @@
 # starts again; a service with no container at all is made by `up`.
 # Inputs: project, services (names: letters, digits, '-'), directory (the
 # project's), compose (the host's compose command).
+# Any failure (the engine's lookup too: no answer is not "no container") ends it
+# non-zero, so the run reports it and the change stays owed.
 # shellcheck disable=SC2154 # inputs (fabfile/shell.py)
+set -e
 ids=""
 missing=""
 for service in $services; do

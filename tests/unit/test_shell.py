@@ -236,7 +236,8 @@ def test_restart_starts_stopped_services_and_makes_missing_ones(tmp_path):
     """The restart of a stack's services (fabfile/steps.py) under dash, with a
     stand-in docker that knows two containers, one of them stopped (`ps -a`
     finds it: a run cut short mid-restart leaves that), and no container for the
-    third service: the two are restarted, the third is made by compose's `up`."""
+    third service: the two are restarted, the third is made by compose's `up`.
+    A refused restart or an unanswered lookup ends it non-zero, `up` not run."""
     import os
 
     from fabfile.shell import program
@@ -250,7 +251,10 @@ def test_restart_starts_stopped_services_and_makes_missing_ones(tmp_path):
         case "$*" in
           "ps -aq "*"project=p "*"service=synapse "*"oneoff=False") echo aaa ;;
           "ps -aq "*"project=p "*"service=w1 "*"oneoff=False") echo bbb ;;
+          "ps -aq "*"project=p "*"service=w3 "*"oneoff=False") echo ccc ;;
+          "ps -aq "*"project=p "*"service=down "*) echo "engine down" >&2; exit 1 ;;
           "ps "*) ;;
+          "restart "*"ccc"*) echo "cannot restart ccc" >&2; exit 1 ;;
           "restart "*) ;;
           "compose up -d --remove-orphans") echo "up in $(pwd)" >> {calls} ;;
           *) echo "unexpected: $*" >&2; exit 9 ;;
@@ -260,13 +264,13 @@ def test_restart_starts_stopped_services_and_makes_missing_ones(tmp_path):
     stack = tmp_path / "stack"
     stack.mkdir()
 
-    def restart(services):
+    def restart(services, fails=False):
         calls.write_text("")
         res = subprocess.run(
             [shutil.which("dash"), "-c", program("restart-services.sh", project="p", services=services,
                                                    directory=str(stack), compose="docker compose")],
             capture_output=True, text=True, env={"PATH": f"{tools}:{os.environ['PATH']}"})
-        assert res.returncode == 0, res.stderr
+        assert (res.returncode != 0) == fails, res.stderr
         return res.stdout, [c for c in calls.read_text().splitlines() if not c.startswith("docker ps")]
 
     out, done = restart("synapse w1")
@@ -274,3 +278,8 @@ def test_restart_starts_stopped_services_and_makes_missing_ones(tmp_path):
     out, done = restart("synapse w1 w2")
     assert out == "no container for: w2 (made by up)\n"
     assert done == ["docker restart aaa bbb", "docker compose up -d --remove-orphans", f"up in {stack}"]
+    # a failure is one: a restart the engine refuses, a lookup it cannot answer (not "no container")
+    out, done = restart("synapse w3 w2", fails=True)
+    assert done == ["docker restart aaa ccc"]
+    out, done = restart("synapse down w2", fails=True)
+    assert done == []
